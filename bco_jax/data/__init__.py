@@ -1,0 +1,1 @@
+"""Binary-feedback datasets: formats, TRL-identical tokenization, a resumable grain pipeline."""
