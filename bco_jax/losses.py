@@ -1,0 +1,229 @@
+"""Preference losses on sequence log-probabilities, and the BCO reward-shift state.
+
+Everything here is pure `jax.numpy`: jit-able, vmap-able, differentiable, computed in float32 whatever
+the input dtype, and written with softplus so that no finite input gives NaN or inf
+(`-log sigmoid(x) == softplus(-x)`, never `log(sigmoid(x))`).
+
+Inputs are per-example sequence log-probabilities: sums of token log-probs over the completion.
+Labels are booleans (or 0/1): True = thumbs-up (desirable, "chosen"), False = thumbs-down.
+
+References: BCO, Jung et al. 2024 (arXiv 2404.04656); DPO, Rafailov et al. 2023; conservative DPO,
+Mitchell 2023; IPO, Azar et al. 2023; KTO, Ethayarajh et al. 2024; NCA, Chen et al. 2024.
+See docs/losses.md for the math.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+REWARD_SHIFT_MODES = ("ema", "trl", "none")
+DEFAULT_REWARD_SHIFT_DECAY = 0.99
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _bool(labels):
+    return jnp.asarray(labels).astype(bool)
+
+
+def _weights(weights, like):
+    return jnp.ones_like(like) if weights is None else _f32(weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unpaired losses: one example, one label.
+# ----------------------------------------------------------------------------------------------
+
+
+def bco_loss(policy_logps, reference_logps, labels, delta, *, beta=0.1, weights=None):
+    """Binary Classifier Optimization: BCE on the implicit reward, shifted by `delta`.
+
+    rewards = beta * (policy_logps - reference_logps); thumbs-up: -w log sigmoid(r - delta),
+    thumbs-down: -w log sigmoid(-(r - delta)). `delta` is state, not a function of this batch, so no
+    gradient flows into it. BCE (the paper's ablation) is `delta = 0`.
+
+    Returns (losses [B], rewards [B]), both float32.
+    """
+    rewards = beta * (_f32(policy_logps) - _f32(reference_logps))
+    margin = rewards - jax.lax.stop_gradient(_f32(delta))
+    losses = jnp.where(_bool(labels), jax.nn.softplus(-margin), jax.nn.softplus(margin))
+    return _weights(weights, losses) * losses, rewards
+
+
+def kto_kl(policy_kl_logps, reference_kl_logps, mask=None):
+    """KTO's reference point z0: the detached batch mean of policy - reference log-probs on
+    mismatched (prompt, completion) pairs, clamped at zero (in log-ratio units, not times beta)."""
+    logratios = _f32(policy_kl_logps) - _f32(reference_kl_logps)
+    mask = jnp.ones_like(logratios) if mask is None else _f32(mask)
+    kl = jnp.sum(logratios * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+
+
+def kto_loss(policy_logps, reference_logps, labels, kl, *, beta=0.1, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """KTO as in TRL: thumbs-up 1 - sigmoid(beta (logratio - kl)), thumbs-down
+    1 - sigmoid(beta (kl - logratio)), each class scaled by its weight.
+
+    `kl` is the reference point from `kto_kl` (detached here again). Returns (losses [B], rewards [B])
+    with rewards = beta * logratio.
+    """
+    logratios = _f32(policy_logps) - _f32(reference_logps)
+    kl = jax.lax.stop_gradient(_f32(kl))
+    up = _bool(labels)
+    # 1 - sigmoid(x) == sigmoid(-x): exact and free of cancellation.
+    losses = jnp.where(
+        up,
+        desirable_weight * jax.nn.sigmoid(-beta * (logratios - kl)),
+        undesirable_weight * jax.nn.sigmoid(-beta * (kl - logratios)),
+    )
+    return losses, beta * logratios
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired losses: a chosen and a rejected completion for the same prompt.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta):
+    chosen = beta * (_f32(policy_chosen_logps) - _f32(reference_chosen_logps))
+    rejected = beta * (_f32(policy_rejected_logps) - _f32(reference_rejected_logps))
+    return chosen, rejected
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, *, beta=0.1, label_smoothing=0.0):
+    """DPO, and conservative DPO for label_smoothing = eps > 0:
+    h = r_w - r_l, loss = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h).
+
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    """
+    chosen, rejected = _pair_rewards(policy_chosen_logps, policy_rejected_logps,
+                                     reference_chosen_logps, reference_rejected_logps, beta)
+    h = chosen - rejected
+    losses = (1.0 - label_smoothing) * jax.nn.softplus(-h) + label_smoothing * jax.nn.softplus(h)
+    return losses, chosen, rejected
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, *, beta=0.1, label_smoothing=0.0):
+    """IPO: (h / beta - 1 / (2 beta))^2 with h / beta the difference of log-ratios.
+
+    TRL (and our trainer) feed IPO length-averaged log-probs. IPO has no label smoothing; the argument
+    exists so that every paired loss takes the same arguments, and must be 0.
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    """
+    if label_smoothing:
+        raise ValueError("ipo_loss: label_smoothing must be 0 (IPO has no label smoothing)")
+    chosen, rejected = _pair_rewards(policy_chosen_logps, policy_rejected_logps,
+                                     reference_chosen_logps, reference_rejected_logps, beta)
+    logratio_margin = (_f32(policy_chosen_logps) - _f32(reference_chosen_logps)) - (
+        _f32(policy_rejected_logps) - _f32(reference_rejected_logps))
+    losses = (logratio_margin - 1.0 / (2.0 * beta)) ** 2
+    return losses, chosen, rejected
+
+
+def nca_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, *, beta=0.1, label_smoothing=0.0):
+    """NCA, paired form: -log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l).
+
+    `label_smoothing` must be 0 (kept for a uniform paired-loss signature).
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    """
+    if label_smoothing:
+        raise ValueError("nca_loss: label_smoothing must be 0 (NCA has no label smoothing)")
+    chosen, rejected = _pair_rewards(policy_chosen_logps, policy_rejected_logps,
+                                     reference_chosen_logps, reference_rejected_logps, beta)
+    losses = (jax.nn.softplus(-chosen) + 0.5 * jax.nn.softplus(chosen)
+              + 0.5 * jax.nn.softplus(rejected))
+    return losses, chosen, rejected
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward shift delta, as functional state.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["class_means", "class_counts", "mean", "count"],
+    meta_fields=["mode", "decay"],
+)
+@dataclasses.dataclass(frozen=True)
+class RewardShiftState:
+    """State of the reward shift. A pytree: it lives in the train state and is checkpointed.
+
+    class_means[0] / [1]: moving averages of thumbs-down / thumbs-up rewards ("ema" mode).
+    class_counts[0] / [1]: examples of each class seen so far (all modes; for logging).
+    mean, count: TRL's RunningMoments mean and count ("trl" mode; count starts at 1e-24 as TRL's).
+    """
+
+    class_means: jax.Array
+    class_counts: jax.Array
+    mean: jax.Array
+    count: jax.Array
+    mode: str = "ema"
+    decay: float = DEFAULT_REWARD_SHIFT_DECAY
+
+
+def reward_shift_init(mode="ema", decay=DEFAULT_REWARD_SHIFT_DECAY):
+    """A fresh reward-shift state: delta = 0, where rewards start when the policy is the reference."""
+    if mode not in REWARD_SHIFT_MODES:
+        raise ValueError(f"reward_shift: unknown mode {mode!r}; expected one of {REWARD_SHIFT_MODES}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"reward_shift_decay: must be in [0, 1), got {decay}")
+    return RewardShiftState(
+        class_means=jnp.zeros(2, jnp.float32),
+        class_counts=jnp.zeros(2, jnp.float32),
+        mean=jnp.zeros((), jnp.float32),
+        count=jnp.full((), 1e-24, jnp.float32),
+        mode=mode,
+        decay=float(decay),
+    )
+
+
+def reward_shift_delta(state):
+    """The current delta (a float32 scalar)."""
+    if state.mode == "ema":
+        return 0.5 * (state.class_means[0] + state.class_means[1])
+    if state.mode == "trl":
+        return state.mean
+    return jnp.zeros((), jnp.float32)
+
+
+def reward_shift_update(state, rewards, labels, mask=None):
+    """Fold a batch of rewards into the state. Rewards are detached; `mask` False rows are ignored.
+
+    "ema": each class mean moves towards that class's batch mean by (1 - decay); a class absent from
+    the batch keeps its mean. "trl": TRL's RunningMoments, the pooled cumulative mean of every
+    reward seen. "none": only the counts change. Reductions run over the whole (global) array, so
+    under jit on a mesh delta is global over all devices and hosts.
+    """
+    rewards = jax.lax.stop_gradient(_f32(rewards))
+    up = _bool(labels)
+    mask = jnp.ones(rewards.shape, bool) if mask is None else _bool(mask)
+    # Masked rows may hold garbage (even NaN from padding): select, never multiply.
+    rewards = jnp.where(mask, rewards, 0.0)
+    members = jnp.stack([mask & ~up, mask & up])  # [2, B]: thumbs-down, thumbs-up
+    n_class = jnp.sum(members, axis=1).astype(jnp.float32)
+    sum_class = jnp.sum(jnp.where(members, rewards[None, :], 0.0), axis=1)
+    class_counts = state.class_counts + n_class
+    class_means, mean, count = state.class_means, state.mean, state.count
+
+    if state.mode == "ema":
+        batch_means = sum_class / jnp.maximum(n_class, 1.0)
+        moved = state.decay * class_means + (1.0 - state.decay) * batch_means
+        class_means = jnp.where(n_class > 0, moved, class_means)
+    elif state.mode == "trl":
+        # RunningMoments.update: mean += (batch_mean - mean) * n / (count + n); count += n.
+        n = jnp.sum(n_class)
+        batch_mean = jnp.sum(sum_class) / jnp.maximum(n, 1.0)
+        total = count + n
+        mean = jnp.where(n > 0, mean + (batch_mean - mean) * n / total, mean)
+        count = total
+    return dataclasses.replace(state, class_means=class_means, class_counts=class_counts,
+                               mean=mean, count=count)
