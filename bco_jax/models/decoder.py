@@ -1,0 +1,277 @@
+"""One Flax NNX decoder for Llama 2/3/3.x, Mistral and Qwen2, chosen by `ModelConfig`.
+
+Layers are stored stacked (leading "layers" axis) and run with `jax.lax.scan`, so compile time does
+not grow with depth. Every parameter carries logical axis names (`out_sharding` metadata) which
+`bco_jax.sharding` maps to mesh axes; the model itself never names a mesh axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder. Built from an HF config.json by `read_config`; frozen and hashable
+    so it can live in an NNX graphdef that is a static jit argument."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # Mistral: a query sees keys with q - k < window
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False  # Llama attention_bias also biases o_proj
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # all ids that end a generation (Llama 3 has several)
+    pad_token_id: int | None = None
+    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
+    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None | xla | cudnn
+    hf_config_json: str = ""  # the source config.json, written back by save_hf
+    generation_config_json: str = ""  # the source generation_config.json, if any
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+def default_compute_dtype():
+    """bfloat16 on accelerators, float32 on CPU (where bfloat16 matmuls are slow and tests compare
+    against float32 references)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2], float32 as transformers computes them."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_type == "default":
+        return inv_freq
+    if cfg.rope_type == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_type == "llama3":
+        return _llama3_inv_freq(cfg, inv_freq)
+    raise ValueError(f"unsupported rope_type {cfg.rope_type!r}")
+
+
+def _llama3_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend in between.
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_positions
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxT: jax.Array):
+    """cos, sin [B, T, head_dim] in float32, HF "rotate half" layout (frequencies repeated twice)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTxH = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
+    return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+    half = x_BxTxNxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+    out = x_BxTxNxH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def rms_norm(x_BxTxD, weight_D, eps: float, dtype):
+    x32 = x_BxTxD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight_D.astype(jnp.float32)).astype(dtype)
+
+
+def attention_mask(kv_valid_BxS, q_index_T, window: int | None):
+    """[B, 1, T, S] bool: causal by index, padding keys hidden, Mistral window `q - k < window`
+    (transformers 5 masking_utils.sliding_window_overlay). Indices, not positions: padding is
+    contiguous at one end, so index distances between real tokens equal position distances."""
+    k_index_S = jnp.arange(kv_valid_BxS.shape[1])
+    q_TxS, k_TxS = q_index_T[:, None], k_index_S[None, :]
+    allowed_TxS = k_TxS <= q_TxS
+    if window is not None:
+        allowed_TxS &= k_TxS > q_TxS - window
+    allowed_BxTxS = allowed_TxS[None] & kv_valid_BxS[:, None, :].astype(bool)
+    # A padding query would see no key at all; letting it see itself avoids NaN rows in fused kernels.
+    allowed_BxTxS |= (k_TxS == q_TxS)[None]
+    return allowed_BxTxS[:, None]
+
+
+def _linear(x, w, b, spec: str, dtype):
+    y = jnp.einsum(spec, x, w.astype(dtype))
+    return y if b is None else y + b.astype(dtype)
+
+
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask_Bx1xTxS, cache_kv, cache_index):
+    """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
+    `cache_index` and attention runs over the whole cache."""
+    x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
+    q_BxTxNxH = _linear(x, p["wq"], p.get("bq"), "btd,dnh->btnh", dtype)
+    k_BxTxKxH = _linear(x, p["wk"], p.get("bk"), "btd,dkh->btkh", dtype)
+    v_BxTxKxH = _linear(x, p["wv"], p.get("bv"), "btd,dkh->btkh", dtype)
+    q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
+    if cache_kv is not None:
+        k_cache, v_cache = cache_kv
+        start = (0, cache_index, 0, 0)
+        k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
+        v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
+    attn_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask=mask_Bx1xTxS,
+        implementation=cfg.attention_impl)
+    h_BxTxD = h_BxTxD + _linear(attn_BxTxNxH, p["wo"], p.get("bo"), "btnh,nhd->btd", dtype)
+    x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
+    gate_BxTxF = _linear(x, p["w_gate"], p.get("b_gate"), "btd,df->btf", dtype)
+    up_BxTxF = _linear(x, p["w_up"], p.get("b_up"), "btd,df->btf", dtype)
+    down = _linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, p["w_down"], p.get("b_down"), "btf,fd->btd", dtype)
+    new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
+    return h_BxTxD + down, new_kv
+
+
+def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis."""
+    D, N, K, H, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    shapes = {
+        "attn_norm": ((D,), ("norm",)),
+        "wq": ((D, N, H), ("embed", "q_heads", "head_dim")),
+        "wk": ((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "wv": ((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "wo": ((N, H, D), ("q_heads", "head_dim", "embed")),
+        "mlp_norm": ((D,), ("norm",)),
+        "w_gate": ((D, F), ("embed", "mlp")),
+        "w_up": ((D, F), ("embed", "mlp")),
+        "w_down": ((F, D), ("mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        shapes.update(bq=((N, H), ("q_heads", "head_dim")), bk=((K, H), ("kv_heads", "head_dim")),
+                      bv=((K, H), ("kv_heads", "head_dim")))
+    if cfg.o_bias:
+        shapes["bo"] = ((D,), ("norm",))
+    if cfg.mlp_bias:
+        shapes.update(b_gate=((F,), ("mlp",)), b_up=((F,), ("mlp",)), b_down=((D,), ("norm",)))
+    return shapes
+
+
+def _param(rngs, shape, names, dtype, init):
+    # eager_sharding=False: logical names are not mesh axes; sharding is applied by load_hf / train.
+    value = init(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _init_for(name: str):
+    if name.endswith("norm"):
+        return nnx.initializers.ones
+    if name.startswith("b"):
+        return nnx.initializers.zeros
+    return nnx.initializers.normal(0.02)
+
+
+class Layers(nnx.Module):
+    """All decoder layers, each parameter stacked on a leading "layers" axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+        self.names = tuple(layer_param_shapes(cfg))
+        for name, (shape, axes) in layer_param_shapes(cfg).items():
+            param = _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype, _init_for(name))
+            setattr(self, name, param)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Decoder(nnx.Module):
+    """`model(input_ids_BxT, attention_mask_BxT=None) -> logits_BxTxV` (float32)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype or default_compute_dtype())
+        self.param_dtype = jnp.dtype(param_dtype)
+        V, D = config.vocab_size, config.hidden_size
+        normal = nnx.initializers.normal(0.02)
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype, normal)
+        self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
+        self.final_norm = _param(rngs, (D,), ("norm",), param_dtype, nnx.initializers.ones)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), param_dtype, normal)
+
+    def __call__(self, input_ids_BxT, attention_mask_BxT=None):
+        return self.logits(self.hidden_states(input_ids_BxT, attention_mask_BxT))
+
+    def hidden_states(self, input_ids_BxT, attention_mask_BxT=None):
+        """Final hidden states [B, T, D] (final norm applied, no LM head), compute dtype."""
+        if attention_mask_BxT is None:
+            attention_mask_BxT = jnp.ones_like(input_ids_BxT)
+        positions_BxT = positions_from_mask(attention_mask_BxT)
+        q_index_T = jnp.arange(input_ids_BxT.shape[1])
+        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, attention_mask_BxT, q_index_T)
+        return h_BxTxD
+
+    def lm_head_weight(self):
+        """[D, V] in compute dtype (the transposed embedding when tied)."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def logits(self, h_BxTxD):
+        """LM head with float32 accumulation and output."""
+        return jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight(),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0):
+        """Core pass. Without `cache`, S == T. With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new
+        keys/values go to `cache_index` and the updated cache is returned."""
+        cfg, dtype = self.config, self.dtype
+        h_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dtype)
+        cos, sin = rope_cos_sin(cfg, positions_BxT)
+        mask = attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window)
+
+        def body(h, xs):
+            p, kv = xs
+            return _layer(cfg, dtype, p, h, cos, sin, mask, kv, cache_index)
+
+        body = _remat(body, cfg.remat)
+        h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache))
+        return rms_norm(h_BxTxD, self.final_norm[...], cfg.rms_norm_eps, dtype), new_cache
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    # Keep matmul outputs, recompute the cheap elementwise work (norms, rope, silu).
+    return jax.checkpoint(fn, prevent_cse=False,
+                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def positions_from_mask(attention_mask_BxT):
+    """Positions count real tokens from 0, so left and right padding give the same positions."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)

@@ -1,0 +1,91 @@
+"""Batched sampling with a KV cache: one prefill pass over the (left-aligned) prompts, then one
+token per step inside a `jax.lax.while_loop` that ends when every row has produced an EOS id."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bco_jax.models.decoder import positions_from_mask
+
+
+def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, rng=None, eos_ids=None, pad_id=None):
+    """(tokens_BxN int32, mask_BxN int32) with N = max_new_tokens. mask is 1 on generated tokens up to
+    and including the first EOS; later positions hold `pad_id` and mask 0. temperature 0 is greedy.
+    `eos_ids` defaults to model.config.eos_token_ids (generation_config.json's list when present)."""
+    cfg = model.config
+    eos_ids = tuple(int(i) for i in (cfg.eos_token_ids if eos_ids is None else eos_ids))
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                     rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                     max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, pad_id=int(pad_id),
+                     greedy=temperature == 0)
+
+
+def left_align(ids_BxP, mask_BxP):
+    """Move each row's padding to the left, so every prompt ends at the last column."""
+    P = ids_BxP.shape[1]
+    last_real_B = P - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=1)
+    shift_B = P - 1 - last_real_B
+    src_BxP = (jnp.arange(P)[None, :] - shift_B[:, None]) % P
+    return jnp.take_along_axis(ids_BxP, src_BxP, 1), jnp.take_along_axis(mask_BxP, src_BxP, 1)
+
+
+def sample_token(logits_BxV, rng, temperature, top_p, greedy: bool):
+    if greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / temperature
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Nucleus: keep the smallest prefix whose mass reaches top_p (the top token always survives).
+    keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p
+    threshold_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1)
+    logits_BxV = jnp.where(logits_BxV >= threshold_B[:, None], logits_BxV, -jnp.inf)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("max_new_tokens", "eos_ids", "pad_id", "greedy"))
+def _generate(graphdef, state, ids_BxP, mask_BxP, rng, temperature, top_p, *, max_new_tokens, eos_ids,
+              pad_id, greedy):
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    ids_BxP, mask_BxP = left_align(ids_BxP, mask_BxP)
+    (B, P), N = ids_BxP.shape, max_new_tokens
+    cache_shape = (cfg.num_layers, B, P + N, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
+    kv_valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), jnp.int32)], axis=1)
+    h_BxPxD, cache = model.forward(ids_BxP, positions_from_mask(mask_BxP), kv_valid_BxS, jnp.arange(P),
+                                   cache, 0)
+    next_position_B = jnp.sum(mask_BxP, axis=1)
+    eos_E = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, done_B = carry[0], carry[4]
+        return (step < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, cache, kv_valid_BxS, logits_BxV, done_B, tokens_BxN, out_mask_BxN, rng = carry
+        rng, key = jax.random.split(rng)
+        token_B = sample_token(logits_BxV, key, temperature, top_p, greedy)
+        token_B = jnp.where(done_B, pad_id, token_B)
+        tokens_BxN = tokens_BxN.at[:, step].set(token_B)
+        out_mask_BxN = out_mask_BxN.at[:, step].set((~done_B).astype(jnp.int32))
+        done_B = done_B | jnp.isin(token_B, eos_E)
+        index = P + step
+        kv_valid_BxS = kv_valid_BxS.at[:, index].set(1)
+        h_Bx1xD, cache = model.forward(token_B[:, None], (next_position_B + step)[:, None], kv_valid_BxS,
+                                       index[None], cache, index)
+        logits_BxV = model.logits(h_Bx1xD)[:, 0]
+        return step + 1, cache, kv_valid_BxS, logits_BxV, done_B, tokens_BxN, out_mask_BxN, rng
+
+    carry = (jnp.int32(0), cache, kv_valid_BxS, model.logits(h_BxPxD[:, -1:])[:, 0],
+             jnp.zeros((B,), bool), jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.int32), rng)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[5], carry[6]
