@@ -15,6 +15,7 @@ implementation named by the abstract state's dtype, so the abstract state stays 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -75,11 +76,13 @@ class Checkpointer:
         """
         if step in self._manager.all_steps():
             return False
+        extras = dict(extras or {})
+        json.dumps(extras)  # fail here, with the caller's stack, not later in Orbax's writer thread
         state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
         return self._manager.save(
             int(step), force=force,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    extras=ocp.args.JsonSave(dict(extras or {}))))
+                                    extras=ocp.args.JsonSave(extras)))
 
     def all_steps(self) -> list[int]:
         """Steps of the complete (finalized) checkpoints, ascending."""

@@ -21,6 +21,7 @@ Parameters are a plain dict of arrays (a pytree), so they checkpoint with Orbax 
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,12 @@ def fit_prompt_classifier(emb_up_NxD, emb_down_MxD, *, l2: float = 1e-3, max_ste
     if up.shape[0] == 0 or down.shape[0] == 0:
         raise ValueError(f"UDM needs prompts of both classes, got {up.shape[0]} thumbs-up and "
                          f"{down.shape[0]} thumbs-down")
-    return _fit(up, down, jnp.float32(l2), jnp.float32(tol), max_steps)
+    params, steps, grad_norm = _fit(up, down, jnp.float32(l2), jnp.float32(tol), max_steps)
+    if float(grad_norm) >= tol:
+        # Still usable (L-BFGS only improves the objective), but the caller should know.
+        warnings.warn(f"UDM classifier did not converge in {int(steps)} L-BFGS steps "
+                      f"(gradient norm {float(grad_norm):.2e} >= tol {tol:.0e}); raise max_steps or l2")
+    return params
 
 
 @jax.jit(static_argnames="max_steps")
@@ -153,5 +159,6 @@ def _fit(up_NxD, down_MxD, l2, tol, max_steps):
         return (count == 0) | ((count < max_steps) & (grad_norm >= tol))
 
     theta0 = {"weights": jnp.zeros_like(mean_D), "bias": jnp.zeros((), jnp.float32)}
-    theta, _ = jax.lax.while_loop(keep_going, step, (theta0, opt.init(theta0)))
-    return {"weights": theta["weights"], "bias": theta["bias"], "mean": mean_D, "std": std_D}
+    theta, state = jax.lax.while_loop(keep_going, step, (theta0, opt.init(theta0)))
+    params = {"weights": theta["weights"], "bias": theta["bias"], "mean": mean_D, "std": std_D}
+    return params, otu.tree_get(state, "count"), otu.tree_norm(otu.tree_get(state, "grad"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from bco_jax import udm
 from bco_jax.checkpoint import (REFERENCE_FINGERPRINT, REFERENCE_PATH, Checkpointer, check_reference,
                                 params_fingerprint)
 
@@ -143,6 +144,20 @@ def test_close_waits_for_async_save(tmp_path):
         restored, extras = again.restore(1, _abstract(expected, lambda x: one_device))
     _assert_same(expected, restored)
     assert extras == {"a": 1}
+
+
+def test_udm_params_and_bad_extras(tmp_path):
+    rng = np.random.default_rng(0)
+    params = udm.fit_prompt_classifier(rng.normal(size=(64, 8)) + 1, rng.normal(size=(32, 8)))
+    replicated = NamedSharding(_mesh((8,), ("data",)), P())
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError):
+            ckpt.save(1, {"udm": params}, {"bad": object()})
+        ckpt.save(1, {"udm": params}, {})
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                {"udm": udm.abstract_params(8)})
+        restored, _ = ckpt.restore(1, abstract)
+    _assert_same({"udm": params}, restored)
 
 
 def _hf_folder(path, weight_bytes):

@@ -131,6 +131,12 @@ def test_weights_jit_and_constant_feature():
     assert np.all(np.isfinite(weights)) and np.all(np.isfinite(params["weights"]))
 
 
+def test_warns_when_not_converged():
+    rng = np.random.default_rng(4)
+    with pytest.warns(UserWarning, match="did not converge in 2"):
+        udm.fit_prompt_classifier(rng.normal(size=(100, 4)) + 1, rng.normal(size=(80, 4)), max_steps=2)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="both classes"):
         udm.fit_prompt_classifier(np.zeros((0, 3)), np.ones((4, 3)))
