@@ -68,7 +68,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "extras"))
 
-    def save(self, step: int, state, extras: dict | None = None, *, force: bool = True) -> bool:
+    def save(self, step: int, state, extras: dict | None = None) -> bool:
         """Start saving `state` (pytree of arrays) and `extras` (JSON-able dict) as checkpoint `step`.
 
         Returns whether a save was started (False when `step` is already saved). The arrays are copied
@@ -80,12 +80,13 @@ class Checkpointer:
         json.dumps(extras)  # fail here, with the caller's stack, not later in Orbax's writer thread
         state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
         return self._manager.save(
-            int(step), force=force,
+            int(step), force=True,  # the trainer decides when to save; no Orbax interval policy
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     extras=ocp.args.JsonSave(extras)))
 
     def all_steps(self) -> list[int]:
-        """Steps of the complete (finalized) checkpoints, ascending."""
+        """Steps of the complete (finalized) checkpoints, ascending (after any save in flight ends)."""
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
