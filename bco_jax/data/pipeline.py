@@ -1,0 +1,261 @@
+"""The training stream: a grain pipeline from (seed, global position) to this process's rows of a batch.
+
+The example order is a grain MapDataset over global example ids: shuffled per (leaf, epoch) with
+`MapDataset.shuffle(...).repeat()`, and interleaved with `MapDataset.mix` for dataset mixing
+weights, thumbs-up oversampling and both-classes-per-batch. Position p of that order is a pure
+function of (seed, p), so the iterator state is just p: every process computes the same global
+batch (and its padded length), keeps its own rows, and a run resumes at the next example even
+with another process count or batch size. Partial last batches are padded and masked, never dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from .config import DataConfig
+from .dataset import TokenizedDataset
+
+log = logging.getLogger("bco_jax.data")
+Batch = dict[str, np.ndarray]
+
+
+def _derived_seed(seed: int, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{salt}".encode()).digest()[:4], "little")
+
+
+def _leaf(indices: np.ndarray, shuffle: bool, seed: int, salt: str) -> grain.MapDataset:
+    ds = grain.MapDataset.source(indices)
+    if shuffle:
+        ds = ds.shuffle(seed=_derived_seed(seed, salt))  # grain reseeds it every epoch
+    return ds.repeat()
+
+
+def _mix(parts: list[tuple[grain.MapDataset, float]]) -> grain.MapDataset:
+    if len(parts) == 1:
+        return parts[0][0]
+    return grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
+
+
+def build_order(data: TokenizedDataset, cfg: DataConfig, seed: int, shuffle: bool,
+                sampling: bool = True) -> tuple[grain.MapDataset, int]:
+    """(infinite grain MapDataset of example ids, examples per epoch).
+
+    With `sampling` the config's mixture weights, oversampling and class interleaving apply; an
+    epoch is then the positions until the most-sampled group (relative to its weight) has been
+    seen once, as grain's mix defines it. Without, it is the plain dataset order.
+    """
+    n = len(data)
+    ids = np.arange(n, dtype=np.int64)
+    stratify = sampling and (cfg.thumbs_up_fraction is not None or cfg.both_classes_per_batch)
+    weights = list(cfg.mixture_weights) if sampling else []
+    n_sources = int(data.source_ids.max()) + 1
+    if stratify and data.paired:
+        raise ValueError("thumbs_up_fraction / both_classes_per_batch apply to unpaired data only")
+    if weights and len(weights) != n_sources:
+        raise ValueError(f"mixture_weights has {len(weights)} entries for {n_sources} train_data entries")
+    if not stratify and not weights:
+        return _leaf(ids, shuffle, seed, "all"), n
+    source_w = np.array(weights or [np.sum(data.source_ids == s) for s in range(n_sources)], float)
+    source_w /= source_w.sum()
+    classes = [("up", data.labels), ("down", ~data.labels)] if stratify else [("all", np.ones(n, bool))]
+    class_parts, leaf_sizes = [], []
+    for name, member in classes:
+        parts = []
+        for s in range(n_sources):
+            leaf_ids = ids[member & (data.source_ids == s)]
+            if len(leaf_ids):
+                parts.append((_leaf(leaf_ids, shuffle, seed, f"{name}/{s}"), source_w[s], len(leaf_ids)))
+        total = sum(w for _, w, _ in parts)
+        class_parts.append(([(d, w / total) for d, w, _ in parts], total))
+        leaf_sizes.append([(size, w / total) for _, w, size in parts])
+    class_w = [w for _, w in class_parts]
+    if stratify and cfg.thumbs_up_fraction is not None:
+        class_w = [cfg.thumbs_up_fraction, 1.0 - cfg.thumbs_up_fraction]
+    class_w = [w / sum(class_w) for w in class_w]
+    order = _mix([(_mix(parts), cw) for (parts, _), cw in zip(class_parts, class_w)])
+    epoch = min(size / (w * cw) for sizes, cw in zip(leaf_sizes, class_w) for size, w in sizes)
+    return order, max(int(epoch), 1)
+
+
+class BatchIterator:
+    """This process's rows of consecutive global batches; checkpoint with state() / restore()."""
+
+    def __init__(self, data: TokenizedDataset, cfg: DataConfig, *, seed: int, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                 shuffle: bool | None = None, sampling: bool = True, prefetch: int = 2):
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                             f"process_count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        self.data, self.cfg, self.seed = data, cfg, int(seed)
+        self.global_batch_size, self.process_index, self.process_count = (
+            global_batch_size, process_index, process_count)
+        self.local_batch_size = global_batch_size // process_count
+        self.buckets = cfg.buckets()
+        self._shuffle = cfg.shuffle if shuffle is None else shuffle
+        self._order, self.epoch_length = build_order(data, cfg, self.seed, self._shuffle, sampling)
+        self.num_examples = None if num_epochs is None else num_epochs * self.epoch_length
+        self._prefetch = prefetch
+        self._check_both_classes(sampling)
+        self._start(0)
+
+    def _check_both_classes(self, sampling: bool) -> None:
+        if sampling and self.cfg.both_classes_per_batch and not self.data.paired:
+            frac = self.cfg.thumbs_up_fraction or float(self.data.labels.mean())
+            if self.global_batch_size * min(frac, 1 - frac) < 1:
+                log.warning("both_classes_per_batch: a batch of %d cannot hold both classes at a "
+                            "thumbs-up fraction of %.3f", self.global_batch_size, frac)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.epoch_length // self.global_batch_size)
+
+    def _start(self, position: int) -> None:
+        self.position = position
+        ds = self._order.slice(slice(position, self.num_examples))
+        ds = ds.batch(self.global_batch_size, drop_remainder=False).map(self._assemble)
+        opts = grain.ReadOptions(num_threads=1 if self._prefetch else 0, prefetch_buffer_size=self._prefetch)
+        self._it = iter(ds.to_iter_dataset(opts))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)  # StopIteration at the end of a finite run
+        self.position += int(batch.pop("_global_rows"))
+        return batch
+
+    def state(self) -> dict:
+        """JSON-able position in the global stream; independent of process count and batch size."""
+        return {"position": int(self.position), "seed": self.seed, "examples": len(self.data),
+                "epoch_length": int(self.epoch_length)}
+
+    def restore(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed or int(state["examples"]) != len(self.data):
+            raise ValueError(f"data iterator state {state} was saved for another seed or dataset "
+                             f"(now seed={self.seed}, examples={len(self.data)})")
+        self._start(int(state["position"]))
+
+    def _assemble(self, global_ids: np.ndarray) -> Batch:
+        rows = len(global_ids)
+        ids = np.full(self.global_batch_size, -1, np.int64)
+        ids[:rows] = global_ids
+        batch = assemble(self.data, self.cfg, ids, self.process_index, self.process_count, self.buckets)
+        batch["_global_rows"] = np.int64(rows)
+        return batch
+
+
+def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, process_index: int,
+             process_count: int, buckets: list[int]) -> Batch:
+    """This process's rows of the global batch `global_ids` (-1 = padding row), padded to a bucket."""
+    b = len(global_ids) // process_count
+    local = global_ids[process_index * b:(process_index + 1) * b]
+    kl_partner = _kl_partners(global_ids) if cfg.kl_pairs and not data.paired else None
+    T = _bucket(data, global_ids, kl_partner, buckets)
+    valid = local >= 0
+    batch: Batch = {"example_mask": valid, "example_index": local.copy()}
+    if data.paired:
+        for name in ("chosen", "rejected"):
+            batch.update(_pack(data.seqs[name], local, T, data.pad_id, f"{name}_"))
+        return batch
+    seqs = data.seqs["completion"]
+    batch.update(_pack(seqs, local, T, data.pad_id, ""))
+    batch["labels"] = np.where(valid, data.labels[np.maximum(local, 0)], False)
+    if kl_partner is not None:
+        partner = kl_partner[process_index * b:(process_index + 1) * b]
+        kl = [_kl_ids(seqs, i, j, cfg.max_length) if i >= 0 else None for i, j in zip(local, partner)]
+        batch.update(_pad_rows(kl, T, data.pad_id, "kl_"))
+    return batch
+
+
+def _kl_partners(global_ids: np.ndarray) -> np.ndarray:
+    """Row r's KL completion comes from valid row r-1 of the global batch (cyclically), as in KTO.
+
+    Pairing over the global batch, not the local slice, keeps the KL arrays independent of the
+    process count."""
+    valid = np.flatnonzero(global_ids >= 0)
+    partner = np.full(len(global_ids), -1, np.int64)
+    partner[valid] = global_ids[np.roll(valid, 1)]
+    return partner
+
+
+def _kl_ids(seqs, i: int, j: int, max_length: int) -> tuple[list[int], int]:
+    """Prompt of example i + completion of example j, cut to max_length keeping j's final EOS."""
+    p_i, p_j = seqs.prompt_lens[i], seqs.prompt_lens[j]
+    prompt, answer = seqs.ids(i)[:p_i], seqs.ids(j)[p_j:]
+    room = max_length - len(prompt)
+    if len(answer) > room:
+        answer = np.concatenate([answer[:room - 1], answer[-1:]])
+    return np.concatenate([prompt, answer]).tolist(), int(p_i)
+
+
+def _bucket(data: TokenizedDataset, global_ids: np.ndarray, kl_partner, buckets: list[int]) -> int:
+    """Smallest bucket holding every sequence of the global batch: the same on every process."""
+    ids = global_ids[global_ids >= 0]
+    longest = max(int(lens[ids].max()) for lens in data.lengths().values()) if len(ids) else 1
+    if kl_partner is not None and len(ids):
+        seqs = data.seqs["completion"]
+        lens, plens = seqs.lengths(), seqs.prompt_lens
+        partners = kl_partner[global_ids >= 0]
+        longest = max(longest, int((plens[ids] + lens[partners] - plens[partners]).max()))
+    return next((t for t in buckets if t >= longest), buckets[-1])
+
+
+def _pack(seqs, local: np.ndarray, T: int, pad_id: int, prefix: str) -> Batch:
+    rows = [(seqs.ids(i).tolist(), int(seqs.prompt_lens[i])) if i >= 0 else None for i in local]
+    return _pad_rows(rows, T, pad_id, prefix)
+
+
+def _pad_rows(rows: list, T: int, pad_id: int, prefix: str) -> Batch:
+    """Right-padded input_ids / attention_mask / loss_mask [b, T] from (ids, prompt length) rows."""
+    input_ids = np.full((len(rows), T), pad_id, np.int32)
+    attention = np.zeros((len(rows), T), np.int32)
+    loss = np.zeros((len(rows), T), np.int32)
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        ids, plen = row
+        n = min(len(ids), T)
+        input_ids[r, :n] = ids[:n]
+        attention[r, :n] = 1
+        loss[r, plen:n] = 1
+    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention,
+            f"{prefix}loss_mask": loss}
+
+
+def ordered_batches(data: TokenizedDataset, cfg: DataConfig, batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> BatchIterator:
+    """One pass over the whole dataset in stored order, in fixed-size global batches (last one
+    padded): for precomputing reference log-probs (key them by example_index) and for evaluation."""
+    return BatchIterator(data, cfg, seed=0, global_batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, num_epochs=1, shuffle=False, sampling=False)
+
+
+def class_prompts(data: TokenizedDataset, thumbs_up: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    """(prompt token ids, example indices) of every example of one class, for the UDM classifier."""
+    if data.paired:
+        raise ValueError("class prompts need unpaired data (labels)")
+    seqs = data.seqs["completion"]
+    idx = np.flatnonzero(data.labels == thumbs_up)
+    return [seqs.ids(i)[:seqs.prompt_lens[i]] for i in idx], idx
+
+
+def prompt_batches(data: TokenizedDataset, cfg: DataConfig, thumbs_up: bool,
+                   batch_size: int) -> Iterator[Batch]:
+    """Padded prompt batches of one class: input_ids, attention_mask [b, T], example_index [b]."""
+    prompts, idx = class_prompts(data, thumbs_up)
+    buckets = cfg.buckets()
+    for start in range(0, len(idx), batch_size):
+        chunk = prompts[start:start + batch_size]
+        T = next((t for t in buckets if t >= max(len(p) for p in chunk)), buckets[-1])
+        rows = [(p.tolist(), len(p)) for p in chunk] + [None] * (batch_size - len(chunk))
+        packed = _pad_rows(rows, T, data.pad_id, "")
+        index = np.full(batch_size, -1, np.int64)
+        index[:len(chunk)] = idx[start:start + batch_size]
+        yield {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+               "example_index": index, "example_mask": index >= 0}
