@@ -1,0 +1,141 @@
+"""Decoder logits equal transformers PyTorch float32 for each family, left and right padding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_hf
+from bco_jax.models import load_hf, read_config
+from bco_jax.models.decoder import Decoder, ModelConfig
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(tiny_hf.FAMILIES))
+def family(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(request.param))
+    torch_model = tiny_hf.build(request.param, folder)
+    return request.param, folder, torch_model, load_hf(folder)
+
+
+def jitted_logits(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_transformers(family, side):
+    name, _, torch_model, model = family
+    ids, mask = tiny_hf.padded_batch(seed=1, side=side, length=12)  # 12 > Mistral's window of 4
+    expected = tiny_hf.torch_logits(torch_model, ids, mask)
+    fn, state = jitted_logits(model)
+    got = np.asarray(fn(state, ids, mask))
+    real = mask.astype(bool)
+    diff = np.abs(got - expected)[real].max()
+    assert diff < TOL, f"{name} {side}: max |logit diff| {diff:.2e}"
+
+
+def test_padding_side_does_not_change_real_logits(family):
+    _, _, _, model = family
+    left_ids, left_mask = tiny_hf.padded_batch(seed=2, side="left")
+    right_ids, right_mask = np.zeros_like(left_ids), np.zeros_like(left_mask)
+    for b in range(len(left_ids)):  # the same tokens, moved to the start of the row
+        real = left_ids[b][left_mask[b] == 1]
+        right_ids[b, :len(real)], right_mask[b, :len(real)] = real, 1
+    fn, state = jitted_logits(model)
+    left = np.asarray(fn(state, left_ids, left_mask))[left_mask.astype(bool)]
+    right = np.asarray(fn(state, right_ids, right_mask))[right_mask.astype(bool)]
+    np.testing.assert_allclose(left, right, atol=1e-5)
+
+
+def test_config_fields(family):
+    name, folder, _, model = family
+    cfg = model.config
+    assert cfg.num_kv_heads == (4 if name == "llama_tied" else 2)
+    assert cfg.sliding_window == (4 if name == "mistral" else None)
+    assert cfg.qkv_bias == (name in ("qwen2", "llama_tied"))
+    assert cfg.tie_word_embeddings == (name in ("qwen2", "llama_tied"))
+    assert hasattr(model, "lm_head") != cfg.tie_word_embeddings
+    if name == "llama3":
+        assert cfg.rope_type == "llama3" and cfg.eos_token_ids == (1, 2)
+
+
+def test_transformers4_config_form_reads_the_same(family):
+    """4.x wrote rope_theta + rope_scaling at the top level; 5 writes rope_parameters."""
+    _, folder, _, model = family
+    hf = read_config(folder).hf_config_json
+    import json
+    hf = json.loads(hf)
+    rope = hf.pop("rope_parameters")
+    hf["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        rope["type"] = rope.pop("rope_type")
+        hf["rope_scaling"] = rope
+    old = read_config(hf)
+    new = model.config
+    fields = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+              "rope_original_max_positions", "num_kv_heads", "head_dim", "sliding_window")
+    assert {f: getattr(old, f) for f in fields} == {f: getattr(new, f) for f in fields}
+
+
+def test_hidden_states_and_params_carry_logical_axes(family):
+    _, _, _, model = family
+    ids, mask = tiny_hf.padded_batch(seed=3)
+    h = model.hidden_states(ids, mask)
+    assert h.shape == (*ids.shape, model.config.hidden_size)
+    _, state = nnx.split(model)
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var[...].ndim, path
+        assert all(isinstance(a, str) for a in axes), path
+
+
+def tiny_config(**kw):
+    return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                       num_kv_heads=2, head_dim=8, **kw)
+
+
+def test_remat_policies_give_the_same_gradients():
+    ids = jnp.array([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
+    mask = jnp.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    grads = {}
+    for policy in ("none", "full", "save_dots"):
+        model = Decoder(tiny_config(remat=policy), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        def loss(s):
+            logits = nnx.merge(graphdef, s)(ids, mask)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+        grads[policy] = jax.jit(jax.grad(loss))(state)
+    for policy in ("full", "save_dots"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grads["none"], grads[policy])
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    bf16 = nnx.merge(graphdef, state)
+    bf16.dtype = jnp.dtype(jnp.bfloat16)
+    ids = jnp.array([[1, 2, 3, 4]])
+    assert bf16(ids).dtype == jnp.float32  # logits stay float32
+    np.testing.assert_allclose(bf16(ids), model(ids), atol=5e-2)
+
+
+def test_bad_options_name_the_key():
+    with pytest.raises(ValueError, match="remat"):
+        tiny_config(remat="sometimes")
+
+
+def test_mistral_window_is_exercised(family):
+    """The parity inputs are longer than the window: dropping the window must change the logits."""
+    name, _, torch_model, model = family
+    if name != "mistral":
+        pytest.skip("sliding window is Mistral's")
+    from bco_jax.models.hf import replace_config
+    ids, mask = tiny_hf.padded_batch(seed=1, side="left", length=12)
+    expected = tiny_hf.torch_logits(torch_model, ids, mask)
+    no_window = np.asarray(replace_config(model, sliding_window=None)(ids, mask))
+    assert np.abs(no_window - expected)[mask.astype(bool)].max() > 1e-2
