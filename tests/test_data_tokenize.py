@@ -1,0 +1,149 @@
+"""Tokenization: the same ids and loss mask as TRL 1.13.0's BCOTrainer, and our truncation rules."""
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from bco_jax.data import DataConfig, assemble, pad_token_id
+from bco_jax.data.dataset import TokenizedDataset
+from bco_jax.data.errors import Issues
+from bco_jax.data.formats import Example, extract_prompt
+from bco_jax.data.tokenize import TruncationStats, encode, split_ids, tokenize_examples
+from test_data_fixtures import make_tokenizer
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+TEXT_EXAMPLES = [
+    ("The sky is", " blue.", True),
+    ("The sky is bl", "ue and the sea is blue too.", False),  # "bl" + "ue" merge into "blue"
+    ("What color is the sky?", " It is blue.", True),
+    ("Hello!", " How are you today? I am fine, thank you.", False),
+    ("Grass is green, blood is red,", " the night is black.</s>", True),  # completion already ends in EOS
+]
+
+
+def trl_ids(tok, examples, max_length):
+    """TRL's own functions on the same examples: (ids, loss mask) per example."""
+    from trl.experimental.bco.bco_trainer import _process_tokens, _tokenize
+
+    batch = {"prompt": [e[0] for e in examples], "completion": [e[1] for e in examples]}
+    toks = _tokenize(batch, tok)
+    out = []
+    for i, (prompt, completion, label) in enumerate(examples):
+        # datasets.map stores TRL's intermediate arrays as lists; do the same.
+        ex = {k: [int(x) for x in v[i]] for k, v in toks.items()}
+        ex.update(prompt=prompt, completion=completion, label=label)
+        res = _process_tokens(ex, prefix="", is_encoder_decoder=False, tokenizer=tok,
+                              max_length=max_length, max_completion_length=None)
+        ids = res["completion_input_ids"]
+        out.append((ids, [int(x != -100) for x in res["completion_labels"]]))
+    return out
+
+
+def our_ids(tok, examples, max_length, **cfg_kw):
+    cfg = DataConfig(max_length=max_length, **cfg_kw)
+    records = [Example(p, c, lab, f"ex{i}") for i, (p, c, lab) in enumerate(examples)]
+    stats = TruncationStats()
+    seqs, labels, keep = tokenize_examples(tok, records, cfg, Issues(), stats)
+    data = TokenizedDataset({"completion": seqs}, labels, np.zeros(len(keep), np.int32), pad_token_id(tok))
+    batch = assemble(data, cfg, np.arange(len(keep)), 0, 1, cfg.buckets())
+    out = []
+    for r in range(len(keep)):
+        n = batch["attention_mask"][r].sum()
+        out.append((batch["input_ids"][r, :n].tolist(), batch["loss_mask"][r, :n].tolist()))
+    return out, stats
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_token_ids_match_trl(bos):
+    tok = make_tokenizer(bos=bos)
+    p = tok(TEXT_EXAMPLES[1][0], add_special_tokens=False)["input_ids"]
+    f = tok(TEXT_EXAMPLES[1][0] + TEXT_EXAMPLES[1][1], add_special_tokens=False)["input_ids"]
+    assert f[:len(p)] != p, "the merge case must really merge"
+    ours, _ = our_ids(tok, TEXT_EXAMPLES, 64)
+    assert ours == trl_ids(tok, TEXT_EXAMPLES, 64)
+    if bos:
+        assert all(ids[0] == tok.bos_token_id for ids, _ in ours)
+    assert all(ids[-1] == tok.eos_token_id and mask[-1] == 1 for ids, mask in ours)
+
+
+@pytest.mark.parametrize("max_length", [8, 10, 12])
+def test_completion_truncation_matches_trl_where_trl_is_sane(max_length):
+    tok = make_tokenizer()
+    examples = [e for e in TEXT_EXAMPLES if len(tok(e[0])["input_ids"]) + 2 < max_length]
+    ours, stats = our_ids(tok, examples, max_length)
+    trl = trl_ids(tok, examples, max_length)
+    assert stats.completion_truncated > 0 and stats.prompt_truncated == 0
+    assert all(len(ids) <= max_length for ids, _ in ours)
+    for (p, c, _), mine, theirs in zip(examples, ours, trl):
+        if c.endswith("</s>") and len(theirs[0]) > max_length:
+            # TRL reserves no EOS slot for a completion ending in EOS, cuts it off, then appends
+            # one: max_length + 1 tokens. We keep the slot, so only the last kept token differs.
+            assert mine[0] == theirs[0][:max_length - 1] + [theirs[0][-1]]
+        else:
+            assert mine == theirs
+
+
+def test_long_prompt_keeps_its_end_and_min_completion():
+    tok = make_tokenizer()
+    prompt = "Grass is green, blood is red, the night is black. " * 4 + "What color is the sky?"
+    ex = [(prompt, " It is blue and the sea is blue too.", True)]
+    ours, stats = our_ids(tok, ex, 16, min_completion_length=5)
+    ids, mask = ours[0]
+    assert len(ids) <= 16 and sum(mask) == 5
+    assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    n_prompt = len(ids) - sum(mask) - 1  # minus BOS
+    assert ids[0] == tok.bos_token_id and ids[1:1 + n_prompt] == p_ids[-n_prompt:]
+    capped, _ = our_ids(tok, ex, 16, max_prompt_length=4)
+    assert len(capped[0][0]) - sum(capped[0][1]) == 4
+
+
+def test_unfittable_example_is_dropped_and_counted():
+    tok = make_tokenizer(bos=False)
+    cfg = DataConfig(max_length=3, min_completion_length=2)
+    stats = TruncationStats()
+    out = encode(tok, [("The sky is", " blue.", "f.jsonl:3")], cfg, Issues(), stats)
+    assert out == [None] and stats.dropped_too_long == 1 and stats.dropped[0][0] == "f.jsonl:3"
+
+
+def test_chat_rendering_matches_trl():
+    from trl.data_utils import maybe_apply_chat_template
+
+    tok = make_tokenizer()
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}]
+    completion = [{"role": "assistant", "content": "It is blue."}]
+    trl = maybe_apply_chat_template({"prompt": prompt, "completion": completion, "label": True}, tok)
+    ours = encode(tok, [(prompt, completion, "x")], DataConfig(max_length=128), Issues(), TruncationStats())
+    ids, plen = ours[0]
+    assert ids == trl_ids(tok, [(trl["prompt"], trl["completion"], True)], 128)[0][0]
+    assert tok.decode(ids[plen:]) == "It is blue.<|end|>\n</s>"
+    cont = encode(tok, [(prompt + [{"role": "assistant", "content": "It"}],
+                         [{"role": "assistant", "content": " is"}], "y")],
+                  DataConfig(max_length=128), Issues(), TruncationStats())
+    assert cont[0] is not None
+
+
+def test_extract_prompt_matches_trl():
+    from trl.data_utils import extract_prompt as trl_extract
+
+    cases = [("The sky is blue.", "The sky is green."), ("Same start, then A", "Same start, then B"),
+             ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+              [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}])]
+    for chosen, rejected in cases:
+        t = trl_extract({"chosen": chosen, "rejected": rejected})
+        assert extract_prompt(chosen, rejected) == (t["prompt"], t["chosen"], t["rejected"])
+
+
+def test_split_ids_merge_fixup():
+    assert split_ids([1, 2, 3], [1, 2, 3, 4]) == ([1, 2, 3], [4])
+    assert split_ids([1, 2, 3], [1, 2, 9, 4]) == ([1, 2], [9, 4])
+
+
+def test_pad_token_chosen_once(caplog):
+    tok = make_tokenizer(pad=False)
+    with caplog.at_level(logging.WARNING, logger="bco_jax.data"):
+        assert pad_token_id(tok) == tok.eos_token_id
+        pad_token_id(tok)
+    assert sum("no pad token" in r.message for r in caplog.records) <= 1
