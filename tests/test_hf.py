@@ -1,0 +1,138 @@
+"""Checkpoint import / export: round trips through transformers, sharded files, clear errors."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import tiny_hf
+from bco_jax.models import load_hf, read_config, save_hf
+from bco_jax.models import safetensors_io as st
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def source(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(request.param))
+    torch_model = tiny_hf.build(request.param, folder)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, 2], "bos_token_id": 0, "max_length": 64}, f)
+    return folder, torch_model
+
+
+def max_diff(model, torch_model, ids, mask):
+    expected = tiny_hf.torch_logits(torch_model, ids, mask)
+    return np.abs(np.asarray(model(ids, mask)) - expected)[mask.astype(bool)].max()
+
+
+def test_export_round_trip_through_transformers(source, tmp_path):
+    folder, torch_model = source
+    model = load_hf(folder)
+    save_hf(model, str(tmp_path), tokenizer=folder)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    ids, mask = tiny_hf.padded_batch(seed=4)
+    ours = np.asarray(model(ids, mask))
+    theirs = tiny_hf.torch_logits(reloaded, ids, mask)
+    assert np.abs(ours - theirs)[mask.astype(bool)].max() < 1e-4
+    # same tensors bit for bit, generation config carried over
+    for name, p in torch_model.state_dict().items():
+        np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+    with open(tmp_path / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == [1, 2]
+    assert load_hf(str(tmp_path)).config.eos_token_ids == (1, 2)
+
+
+def test_loads_transformers_sharded_checkpoint(source, tmp_path):
+    folder, torch_model = source
+    torch_model.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    ids, mask = tiny_hf.padded_batch(seed=5)
+    assert max_diff(load_hf(str(tmp_path)), torch_model, ids, mask) < 1e-4
+
+
+def test_writes_sharded_checkpoint_transformers_loads(source, tmp_path):
+    folder, torch_model = source
+    save_hf(load_hf(folder), str(tmp_path), max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    for name, p in torch_model.state_dict().items():
+        np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+    # and back again through our own loader
+    ids, mask = tiny_hf.padded_batch(seed=6)
+    assert max_diff(load_hf(str(tmp_path)), torch_model, ids, mask) < 1e-4
+
+
+def test_bfloat16_checkpoint_loads(source, tmp_path):
+    folder, torch_model = source
+    torch_model.to(torch.bfloat16).save_pretrained(str(tmp_path))
+    torch_model.to(torch.float32)
+    model = load_hf(str(tmp_path))
+    expected = torch_model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), expected)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("llama_err"))
+    tiny_hf.build("llama3", folder)
+    return folder
+
+
+def copy_of(folder, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_pickle_checkpoint_is_refused_unopened(tmp_path, llama_folder):
+    target = copy_of(llama_folder, tmp_path)
+    os.remove(target / "model.safetensors")
+    # not even a valid pickle: if it were opened, the error would be a different one
+    (target / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="pickle.*refusing to unpickle"):
+        load_hf(str(target))
+
+
+def test_missing_tensor_is_named(tmp_path, llama_folder):
+    target = copy_of(llama_folder, tmp_path)
+    f = st.SafetensorsFile(str(target / "model.safetensors"))
+    tensors = {n: np.array(f.tensor(n)) for n in f.names() if n != "model.layers.1.mlp.up_proj.weight"}
+    del f
+    st.write_file(str(target / "model.safetensors"), tensors)
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        load_hf(str(target))
+
+
+def test_shape_mismatch_is_named(tmp_path, llama_folder):
+    target = copy_of(llama_folder, tmp_path)
+    tiny_hf.rewrite_config(str(target), lambda c: {**c, "intermediate_size": 80})
+    with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight.* has shape .*96.*, expected .*80"):
+        load_hf(str(target))
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+])
+def test_unsupported_config_names_the_key(llama_folder, change, key):
+    hf = json.loads(read_config(llama_folder).hf_config_json)
+    with pytest.raises(ValueError, match=key):
+        read_config({**hf, **change})
+
+
+def test_qwen2_sliding_window_flag_is_refused():
+    hf = dict(architectures=["Qwen2ForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=1, num_attention_heads=2, use_sliding_window=True, sliding_window=4)
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        read_config(hf)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_hf(str(tmp_path))
