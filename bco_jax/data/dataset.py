@@ -103,6 +103,7 @@ def _concat(parts: list[TokenizedDataset], pad_id: int) -> TokenizedDataset:
     for key in ("records", "examples", "prompt_truncated", "completion_truncated", "dropped_too_long",
                 "invalid", "invalid_records", "dropped_records"):
         report[key] = sum((p.report[key] for p in parts), [] if key.endswith("_records") else 0)
+    report["from_cache"] = all(p.report.get("from_cache", False) for p in parts)
     if labels is not None:
         report["thumbs_up"], report["thumbs_down"] = int(labels.sum()), int((~labels).sum())
     return TokenizedDataset(seqs, labels, source_ids, pad_id, report)
