@@ -210,3 +210,11 @@ def test_cache_hit_and_invalidation(tmp_path):
     assert not load([path], cache_dir=str(tmp_path / "cache"), max_length=32).report.get("from_cache")
     write_jsonl(tmp_path / "c.jsonl", unpaired_rows(6))
     assert len(load([path], cache_dir=str(tmp_path / "cache"))) == 6
+
+
+def test_json_lines_under_json_name_and_bad_json(tmp_path):
+    path = write_jsonl(tmp_path / "lines.json", unpaired_rows(3))
+    assert len(load([path])) == 3
+    (tmp_path / "bad.json").write_text('[{"prompt": "a",\n "completion": }]')
+    with pytest.raises(DataError, match=r"bad\.json:2: invalid JSON"):
+        load([str(tmp_path / "bad.json")])

@@ -156,3 +156,16 @@ def test_ordered_batches_and_class_prompts(files):
     seq = data.seqs["completion"]
     i = b["example_index"][0]
     np.testing.assert_array_equal(b["input_ids"][0, :b["attention_mask"][0].sum()], seq.ids(i)[:seq.prompt_lens[i]])
+
+
+def test_to_global_shards_batch_over_mesh(files):
+    import jax
+
+    from bco_jax.data import to_global
+    from bco_jax.sharding import make_mesh
+
+    data, cfg = data_for([files["big"]])
+    b = next(BatchIterator(data, cfg, seed=0, global_batch_size=8, prefetch=0))
+    g = to_global(b, make_mesh())
+    assert g["input_ids"].shape == b["input_ids"].shape and len(g["labels"].sharding.device_set) == jax.device_count()
+    np.testing.assert_array_equal(np.asarray(g["input_ids"]), b["input_ids"])

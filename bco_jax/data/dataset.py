@@ -53,6 +53,9 @@ def load_dataset(specs: list[str], tokenizer, cfg: DataConfig, split: str | None
     ds = _concat(parts, pad_token_id(tokenizer))
     _check_usable(ds, specs, require_both_classes)
     log.info("data: %s", format_report(ds.report))
+    if ds.report["dropped_too_long"]:
+        log.warning("data: %d examples do not fit max_length=%d and were dropped, e.g. %s",
+                    ds.report["dropped_too_long"], cfg.max_length, ds.report["dropped_records"][:3])
     return ds
 
 
