@@ -1,0 +1,61 @@
+"""Sampling answers from a model for oracle-task prompts, and scoring them with the oracle.
+
+Prompts are tokenized as the trainer tokenizes them (BOS + characters), padded to one fixed width and
+batched at one fixed batch size, so `generate` compiles once however many prompts there are.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from bco_jax.models import generate
+from bco_jax.oracle import task
+
+PROMPT_WIDTH = 8  # BOS + the longest question ("99+99=" is 6 characters), with room to spare
+MAX_NEW_TOKENS = 5  # the longest answer is 3 digits + EOS; one more lets a runaway answer show
+
+
+def encode_prompts(tokenizer, prompts: list[str], width: int = PROMPT_WIDTH):
+    """(ids, mask) [n, width] int32, left-padded, BOS first as in training."""
+    ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, prompt in enumerate(prompts):
+        row = tokenizer(prompt).input_ids  # the post-processor prepends BOS
+        if len(row) > width:
+            raise ValueError(f"prompt {prompt!r} is longer than {width} tokens")
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return ids, mask
+
+
+def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature: float = 1.0,
+                       top_p: float = 1.0, max_new_tokens: int = MAX_NEW_TOKENS,
+                       batch_size: int = 512) -> list[str]:
+    """One sampled completion per prompt (text without EOS). `rng` is a jax key; the result depends
+    only on it, the model and the prompts' order (batches get keys folded from it)."""
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = encode_prompts(tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)))
+        tokens, out_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p,
+                                    rng=jax.random.fold_in(rng, start),
+                                    eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+        tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
+        for row in range(len(chunk)):
+            kept = [int(t) for t, m in zip(tokens[row], out_mask[row]) if m]
+            completions.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return completions
+
+
+def success_rate(model, tokenizer, prompts: list[str], rng, *, samples_per_prompt: int = 1,
+                 **sampling) -> dict[str, float]:
+    """Oracle success rate of sampled answers, overall and per prompt family, with the number of
+    samples scored (`n`) so a reader can judge the noise."""
+    repeated = [p for _ in range(samples_per_prompt) for p in prompts]
+    completions = sample_completions(model, tokenizer, repeated, rng, **sampling)
+    wins = np.array([task.reward(p, c) for p, c in zip(repeated, completions)])
+    families = np.array([task.prompt_family(p) for p in repeated])
+    result = {"success": float(wins.mean()), "n": len(repeated)}
+    for family in task.FAMILIES:
+        result[f"success_{family}"] = float(wins[families == family].mean())
+    return result
