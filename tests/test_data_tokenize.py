@@ -4,8 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from bco_jax.data import DataConfig, assemble, pad_token_id
+from bco_jax.data import DataConfig, DataError, assemble, pad_token_id
 from bco_jax.data.dataset import TokenizedDataset
 from bco_jax.data.errors import Issues
 from bco_jax.data.formats import Example, extract_prompt
@@ -147,3 +149,28 @@ def test_pad_token_chosen_once(caplog):
         assert pad_token_id(tok) == tok.eos_token_id
         pad_token_id(tok)
     assert sum("no pad token" in r.message for r in caplog.records) <= 1
+
+
+WORDS = "The sky is blue and the sea green. What color? It is bl ue bird berry Hello! ,".split(" ")
+
+
+@given(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8),
+       st.lists(st.sampled_from(WORDS), min_size=1, max_size=12),
+       st.integers(0, 3), st.booleans(), st.booleans(), st.integers(6, 40))
+def test_token_ids_match_trl_property(prompt_words, completion_words, cut, space, bos, max_length):
+    """Random texts, random split points (often mid-word, so tokens merge across the boundary)."""
+    text = " ".join(prompt_words + completion_words)
+    split = max(1, len(" ".join(prompt_words)) - cut)
+    prompt, completion = text[:split], (" " if space else "") + text[split:]
+    tok = make_tokenizer(bos=bos)
+    assume(completion.strip() and len(tok(prompt)["input_ids"]) + 2 < max_length)
+    try:
+        theirs = trl_ids(tok, [(prompt, completion, True)], max_length)
+    except IndexError:  # TRL fails when the whole prompt merges into the completion
+        if bos:
+            assert our_ids(tok, [(prompt, completion, True)], max_length)[0][0][1][0] == 0
+        else:
+            with pytest.raises(DataError, match="empty prompt"):
+                our_ids(tok, [(prompt, completion, True)], max_length)
+        return
+    assert our_ids(tok, [(prompt, completion, True)], max_length)[0] == theirs

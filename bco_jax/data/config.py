@@ -40,9 +40,10 @@ class DataConfig:
 
     # Lengths.
     max_length: int = _opt(1024, "longest prompt + completion in tokens, BOS/EOS included (TRL default)")
-    max_prompt_length: int | None = _opt(None, "cap on prompt tokens when an example is too long (keep end)")
+    max_prompt_length: int | None = _opt(
+        None, "cap on prompt tokens (BOS included) when an example is too long; the end is kept")
     min_completion_length: int = _opt(
-        1, "a too-long example keeps at least this many completion tokens, cutting the prompt's start")
+        1, "a too-long example keeps this many completion tokens (EOS included), cutting the prompt's start")
     length_buckets: list[int] = _opt([], "padded lengths to choose from (empty: powers of 2 from 64, max_length)")
 
     # Sampling.
@@ -81,8 +82,7 @@ class DataConfig:
         """The options that change tokenized examples (part of the cache key)."""
         keys = ("prompt_column", "completion_column", "label_column", "chosen_column", "rejected_column",
                 "rating_column", "rating_threshold", "rating_range", "paired", "skip_invalid",
-                "max_length", "max_prompt_length", "min_completion_length", "split", "eval_split",
-                "tfds_data_dir")
+                "max_length", "max_prompt_length", "min_completion_length", "tfds_data_dir")
         return {k: getattr(self, k) for k in keys}
 
 

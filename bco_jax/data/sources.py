@@ -81,7 +81,7 @@ def _read_file(path: str, issues: Issues) -> Iterator[tuple[Row, str]]:
         yield from _read_parquet(path)
         return
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read file: {e}") from e
