@@ -1,0 +1,291 @@
+"""The training configuration: one typed dataclass per concern, flattened into one namespace of keys.
+
+Keys follow TRL's BCOConfig / transformers' TrainingArguments where a counterpart exists. A YAML file
+gives keys (flat, or grouped under the concern names), and `--key value` flags override it. Every
+option appears once, here or in `bco_jax.data.config.DataConfig`, with its default and one line of doc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bco_jax.data.config import DataConfig
+
+LOSS_TYPES = ("bco", "bce", "dpo", "ipo", "nca", "kto")
+PAIRED_LOSSES = ("dpo", "ipo", "nca")
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names the key."""
+
+
+def _opt(default, help_text: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ModelOptions:
+    model: str = _opt("", "HF folder of the policy to align (empty: the shipped oracle-task SFT model)")
+    ref_model: str | None = _opt(None, "HF folder of the frozen reference (default: the same as model)")
+    dtype: str = _opt("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
+    ref_dtype: str = _opt("float32", "parameter dtype of the frozen reference: float32 or bfloat16")
+    remat: str = _opt("none", "activation rematerialisation: none, full or save_dots")
+    attention_impl: str | None = _opt(None, "jax.nn.dot_product_attention implementation: xla, cudnn (None: auto)")
+
+
+@dataclass
+class LossOptions:
+    loss_type: str = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto")
+    beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref)")
+    reward_shift: str = _opt("ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
+    reward_shift_decay: float = _opt(0.99, "EMA decay of the class means per optimizer step (reward_shift=ema)")
+    label_smoothing: float = _opt(0.0, "conservative-DPO label smoothing (dpo only)")
+    desirable_weight: float = _opt(1.0, "KTO weight of thumbs-up examples")
+    undesirable_weight: float = _opt(1.0, "KTO weight of thumbs-down examples")
+    udm: bool = _opt(False, "weight thumbs-down by the prompt density ratio p(up|x)/p(down|x) (UDM)")
+    prompt_sample_size: int = _opt(1024, "prompts per class used to fit the UDM classifier")
+    min_density_ratio: float = _opt(0.5, "lower clip of UDM density ratios")
+    max_density_ratio: float = _opt(10.0, "upper clip of UDM density ratios")
+
+
+@dataclass
+class OptimOptions:
+    learning_rate: float = _opt(5e-7, "peak learning rate of AdamW (paper: 5e-7)")
+    lr_scheduler_type: str = _opt("linear", "decay after warmup: linear, cosine or constant")
+    warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming up linearly from 0")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
+    max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class RunOptions:
+    output_dir: str | None = _opt(None, "where checkpoints, metrics and the export go (None: outputs/<run name>)")
+    seed: int = _opt(42, "seed of the data order and of sampling")
+    max_steps: int = _opt(-1, "optimizer steps to run (-1: num_train_epochs over the data)")
+    num_train_epochs: float = _opt(1.0, "epochs over the training data when max_steps is -1")
+    batch_size: int = _opt(64, "global batch in examples (pairs for paired losses) per optimizer step")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (scanned inside the step)")
+    eval_batch_size: int | None = _opt(None, "global batch for evaluation and precomputing (None: batch_size)")
+    logging_steps: int = _opt(10, "write metrics every this many steps")
+    save_steps: int = _opt(500, "checkpoint every this many steps (and always at the end)")
+    save_total_limit: int | None = _opt(None, "keep only the newest this many checkpoints (None: all)")
+    eval_steps: int | None = _opt(None, "evaluate on eval_data every this many steps (None: at the end only)")
+    precompute_ref_log_probs: bool = _opt(False, "compute reference log-probs in one pass before training")
+    mesh: str = _opt("-1,1,1", "devices along the data, fsdp and tensor axes; -1 fills the rest")
+    dry_run: bool = _opt(False, "compile the step for the mesh, print per-device memory, and exit")
+    max_nonfinite_steps: int = _opt(10, "stop after this many skipped (non-finite) steps in a row")
+    sigterm_exit_code: int = _opt(0, "exit code after saving on SIGTERM (non-zero makes schedulers requeue)")
+    tensorboard: bool = _opt(True, "also write TensorBoard scalars to output_dir/tensorboard")
+    export_hf: bool = _opt(True, "export the final policy to output_dir/hf as an HF folder")
+    demo_samples: int = _opt(128, "held-out prompts sampled before/after for the oracle table (oracle data only)")
+
+
+SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
+            "data": DataConfig}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def flat(self) -> dict:
+        """Every key -> value, one namespace (what metrics, checkpoints and --help show)."""
+        return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
+
+
+def key_table() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Key -> (section, field). Keys are unique across sections by construction (checked here)."""
+    table = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in table:
+                raise AssertionError(f"config key {f.name!r} defined twice")
+            table[f.name] = (section, f)
+    return table
+
+
+def _field_type(f: dataclasses.Field, cls) -> object:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _parse_value(key: str, raw, annotation):
+    """Turn a CLI string (or a YAML value) into the field's type; errors name the key."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if isinstance(raw, str) and optional and raw.lower() in ("none", "null"):
+        return None
+    if raw is None:
+        if optional:
+            return None
+        raise ConfigError(f"--{key}: a value is required")
+    origin = typing.get_origin(base)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(base)
+            if isinstance(raw, str):
+                raw = [] if raw.strip() in ("", "[]") else [x.strip() for x in raw.split(",")]
+            return [_parse_value(key, x, item) for x in raw]
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if base is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError("expected an integer")
+            return int(raw)
+        if base is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--{key}: cannot read {raw!r} ({err})") from None
+
+
+def _flatten_yaml(doc: dict, path: str) -> dict:
+    flat = {}
+    for key, value in (doc or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def build_config(values: dict) -> TrainConfig:
+    """A validated TrainConfig from key -> value (already typed or strings)."""
+    table = key_table()
+    sections = {name: {} for name in SECTIONS}
+    for key, raw in values.items():
+        if key not in table:
+            close = [k for k in table if k.startswith(key[:4])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        section, f = table[key]
+        sections[section][key] = _parse_value(key, raw, _field_type(f, SECTIONS[section]))
+    try:
+        built = {name: SECTIONS[name](**kw) for name, kw in sections.items()}
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cfg = TrainConfig(**built)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject invalid combinations before anything loads; each message names the key."""
+    m, l, o, r = cfg.model, cfg.loss, cfg.optim, cfg.run
+    checks = [
+        (l.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
+        (l.reward_shift in ("ema", "trl", "none"), "reward_shift", "must be ema, trl or none"),
+        (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
+        (l.beta > 0, "beta", "must be > 0"),
+        (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
+        (l.label_smoothing == 0.0 or l.loss_type == "dpo", "label_smoothing", "applies to loss_type=dpo only"),
+        (not l.udm or l.loss_type in ("bco", "bce"), "udm", "applies to loss_type bco or bce only"),
+        (0 < l.min_density_ratio <= l.max_density_ratio, "min_density_ratio", "must be in (0, max_density_ratio]"),
+        (l.prompt_sample_size > 0, "prompt_sample_size", "must be > 0"),
+        (m.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16"),
+        (m.ref_dtype in ("float32", "bfloat16"), "ref_dtype", "must be float32 or bfloat16"),
+        (m.remat in ("none", "full", "save_dots"), "remat", "must be none, full or save_dots"),
+        (o.lr_scheduler_type in ("linear", "cosine", "constant"), "lr_scheduler_type",
+         "must be linear, cosine or constant"),
+        (0.0 <= o.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)"),
+        (o.learning_rate >= 0, "learning_rate", "must be >= 0"),
+        (o.max_grad_norm >= 0, "max_grad_norm", "must be >= 0"),
+        (r.batch_size > 0, "batch_size", "must be > 0"),
+        (r.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0"),
+        (r.batch_size % r.gradient_accumulation_steps == 0, "batch_size",
+         f"{r.batch_size} is not divisible by gradient_accumulation_steps={r.gradient_accumulation_steps}"),
+        (r.max_steps != 0, "max_steps", "must be > 0, or -1 to use num_train_epochs"),
+        (r.max_steps > 0 or r.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
+        (r.logging_steps > 0, "logging_steps", "must be > 0"),
+        (r.save_steps > 0, "save_steps", "must be > 0"),
+        (r.eval_steps is None or r.eval_steps > 0, "eval_steps", "must be > 0"),
+        (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
+        (re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*){2}", r.mesh) is not None, "mesh",
+         "must be three integers data,fsdp,tensor (one may be -1)"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why} (got {getattr_flat(cfg, key)!r})")
+    if l.loss_type in PAIRED_LOSSES and not cfg.data.paired:
+        # Paired losses read pairs: the data must keep them (checked against the files when they load).
+        cfg.data.paired = True
+    if l.loss_type == "kto":
+        cfg.data.kl_pairs = True
+    if l.loss_type == "bce":
+        l.reward_shift = "none"
+
+
+def getattr_flat(cfg: TrainConfig, key: str):
+    section, _ = key_table()[key]
+    return getattr(getattr(cfg, section), key)
+
+
+def mesh_shape(cfg: TrainConfig) -> tuple[int, int, int]:
+    return tuple(int(x) for x in cfg.run.mesh.split(","))
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A deterministic name from model, data and loss (no timestamps): re-running resumes."""
+    model = Path(cfg.model.model or "oracle-sft").name or "model"
+    data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
+    digest = hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f"{f.metadata['help']} (default: {default})"
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.train") -> TrainConfig:
+    """`[--config FILE.yaml] [--key value ...]`: flags override the file; --help lists every key."""
+    parser = argparse.ArgumentParser(prog=prog, description="Align a causal LM with BCO (or DPO, IPO, NCA, "
+                                     "KTO, BCE) from thumbs-up / thumbs-down feedback.",
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of keys (flat, or grouped under model/loss/optim/run/data)")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{f.name}", metavar="VALUE", help=_help_text(f))
+    args = vars(parser.parse_args(argv))
+    values = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        try:
+            doc = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"--config {config_file}: cannot read ({err})") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of keys")
+        values.update(_flatten_yaml(doc, config_file))
+    values.update(args)
+    return build_config(values)
+
+
+def to_namespace(cfg: TrainConfig) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**cfg.flat())

@@ -1,0 +1,242 @@
+"""The train state, the optimizer, and the pure train / eval steps.
+
+`train_step(state, reference, batch) -> (state, metrics)` is one optimizer step: a scan over the
+micro-batches of the global batch (gradient accumulation inside the step), then one AdamW update.
+It is a pure function of arrays, jitted once per batch shape by the caller with explicit shardings.
+
+Batches arrive as [A, b, ...] arrays: A micro-batches of b rows (the caller reshapes). Delta:
+with `reward_shift=ema` every micro-batch of a step uses the delta from before the step and the state
+is then updated once with all of the step's rewards, so the update does not depend on how the batch
+is split; with `reward_shift=trl` the state moves before each micro-batch's loss, as TRL does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from bco_jax import losses as L
+from bco_jax.models import sequence_logps
+
+PAIR_SIDES = ("chosen", "rejected")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["step", "params", "opt_state", "reward_shift", "rng", "nonfinite_in_row",
+                                "skipped_steps"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # optimizer steps taken (skipped ones included)
+    params: dict  # the policy, float32 master copy (nnx pure dict)
+    opt_state: optax.OptState
+    reward_shift: L.RewardShiftState
+    rng: jax.Array
+    nonfinite_in_row: jax.Array  # consecutive skipped steps; the loop stops past a limit
+    skipped_steps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static part of a step (hashable: a jit static argument)."""
+    loss_type: str = "bco"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precomputed_reference: bool = False
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio)  # as transformers' TrainingArguments
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float, kind: str):
+    """transformers' schedules: linear warmup from 0, then linear to 0 / cosine to 0 / constant."""
+    warm = warmup_steps(total_steps, warmup_ratio)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        ramp = count / max(warm, 1)
+        progress = (count - warm) / max(total_steps - warm, 1)
+        if kind == "linear":
+            after = jnp.maximum(0.0, 1.0 - progress)
+        elif kind == "cosine":
+            after = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        else:
+            after = jnp.ones_like(progress)
+        return peak * jnp.where(count < warm, ramp, after)
+
+    return schedule
+
+
+def _decays(path, _leaf) -> bool:
+    # As transformers: no weight decay on norms and biases.
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name.endswith("norm") or name.startswith("b"))
+
+
+def make_optimizer(optim, total_steps: int):
+    """AdamW with global-norm clipping; returns (optimizer, schedule)."""
+    schedule = learning_rate_schedule(optim.learning_rate, total_steps, optim.warmup_ratio,
+                                      optim.lr_scheduler_type)
+    adamw = optax.adamw(schedule, b1=optim.adam_beta1, b2=optim.adam_beta2, eps=optim.adam_epsilon,
+                        weight_decay=optim.weight_decay,
+                        mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params))
+    clip = optax.clip_by_global_norm(optim.max_grad_norm) if optim.max_grad_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule
+
+
+def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      reward_shift=reward_shift, rng=jax.random.key(seed),
+                      nonfinite_in_row=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------- forward
+
+
+def _logps(graphdef, params, mb, prefix=""):
+    model = nnx.merge(graphdef, params)
+    return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
+                          mb[prefix + "loss_mask"])
+
+
+def _reference_logps(ref_graphdef, reference, mb, prefix=""):
+    if reference is None:  # precomputed: the loop put them in the batch
+        return mb[prefix + "reference_logps"]
+    return jax.lax.stop_gradient(_logps(ref_graphdef, reference, mb, prefix)[0])
+
+
+def _masked_sum(x, mask):
+    return jnp.sum(jnp.where(mask, x, 0.0))
+
+
+def _class_stats(rewards, logps, up, mask):
+    """Sums and counts per class, for TRL's metrics (rewards/chosen ... count/rejected)."""
+    is_up, is_down = mask & up, mask & ~up
+    return {
+        "rewards_sum/chosen": _masked_sum(rewards, is_up), "rewards_sum/rejected": _masked_sum(rewards, is_down),
+        "logps_sum/chosen": _masked_sum(logps, is_up), "logps_sum/rejected": _masked_sum(logps, is_down),
+        "count/chosen": jnp.sum(is_up).astype(jnp.float32), "count/rejected": jnp.sum(is_down).astype(jnp.float32),
+    }
+
+
+def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig, delta):
+    """Sum of per-example losses of one micro-batch, and what the step needs besides.
+
+    Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
+    examples; for paired ones, rows are pairs, expanded to 2 rows (chosen, rejected) in what it returns.
+    """
+    graphdef, ref_graphdef = graphdefs
+    mask = mb["example_mask"].astype(bool)
+    if cfg.loss_type in ("dpo", "ipo", "nca"):
+        (pol_w, n_w), (pol_l, n_l) = (_logps(graphdef, params, mb, f"{s}_") for s in PAIR_SIDES)
+        ref_w, ref_l = (_reference_logps(ref_graphdef, reference, mb, f"{s}_") for s in PAIR_SIDES)
+        if cfg.loss_type == "ipo":  # IPO on length-averaged log-probs, as TRL
+            pol_w, ref_w = pol_w / jnp.maximum(n_w, 1), ref_w / jnp.maximum(n_w, 1)
+            pol_l, ref_l = pol_l / jnp.maximum(n_l, 1), ref_l / jnp.maximum(n_l, 1)
+        fn = {"dpo": L.dpo_loss, "ipo": L.ipo_loss, "nca": L.nca_loss}[cfg.loss_type]
+        losses, chosen, rejected = fn(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta,
+                                      label_smoothing=cfg.label_smoothing)
+        rewards = jnp.concatenate([chosen, rejected])
+        logps = jnp.concatenate([pol_w, pol_l])
+        labels = jnp.concatenate([jnp.ones_like(mask), jnp.zeros_like(mask)])
+        row_mask = jnp.concatenate([mask, mask])
+        used_delta = delta
+    else:
+        logps, _ = _logps(graphdef, params, mb)
+        ref = _reference_logps(ref_graphdef, reference, mb)
+        labels, row_mask = mb["labels"].astype(bool), mask
+        if cfg.loss_type == "kto":
+            pol_kl = jax.lax.stop_gradient(_logps(graphdef, params, mb, "kl_")[0])
+            ref_kl = _reference_logps(ref_graphdef, reference, mb, "kl_")
+            kl = L.kto_kl(pol_kl, ref_kl, mask)
+            losses, rewards = L.kto_loss(logps, ref, labels, kl, beta=cfg.beta,
+                                         desirable_weight=cfg.desirable_weight,
+                                         undesirable_weight=cfg.undesirable_weight)
+            used_delta = kl
+        else:
+            if shift.mode == "trl":  # TRL folds the batch in before its loss (rewards detached inside)
+                shift = L.reward_shift_update(shift, cfg.beta * (logps - ref), labels, mask)
+                used_delta = L.reward_shift_delta(shift)
+            else:
+                used_delta = delta
+            losses, rewards = L.bco_loss(logps, ref, labels, used_delta, beta=cfg.beta,
+                                         weights=mb.get("weights"))
+    stats = _class_stats(jax.lax.stop_gradient(rewards), jax.lax.stop_gradient(logps), labels, row_mask)
+    stats["delta"] = used_delta
+    return _masked_sum(losses, mask), (jax.lax.stop_gradient(rewards), labels, row_mask, shift, stats)
+
+
+def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: StepConfig, optimizer, schedule):
+    """One optimizer step over a global batch of [A, b, ...] arrays. Returns (state, metrics).
+
+    The gradient is that of the mean per-example loss over every real example of the step (TRL's
+    reduction), whatever A is. A non-finite loss or gradient skips the update, the reward-shift update
+    included (one NaN would poison delta for good), and is counted.
+    """
+    n_examples = jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
+    delta = L.reward_shift_delta(state.reward_shift)
+    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+
+    def body(carry, mb):
+        grads, loss_sum, shift = carry
+        (mb_loss, (rewards, labels, mask, shift, stats)), g = grad_fn(
+            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta)
+        grads = jax.tree.map(lambda acc, x: acc + x / n_examples, grads, g)
+        return (grads, loss_sum + mb_loss, shift), (rewards, labels, mask, stats)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), state.reward_shift)
+    (grads, loss_sum, shift), (rewards, labels, mask, stats) = jax.lax.scan(body, init, batch)
+    if shift.mode != "trl":  # once per step, with every reward of the step (TRL's moved per micro-batch)
+        shift = L.reward_shift_update(shift, rewards.reshape(-1), labels.reshape(-1), mask.reshape(-1))
+
+    loss = loss_sum / n_examples
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        reward_shift=keep(shift, state.reward_shift),
+        rng=jax.random.fold_in(state.rng, state.step),
+        nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = {k: jnp.sum(v) for k, v in stats.items() if k != "delta"}
+    # The delta this step's loss used (TRL mode: the one of its last micro-batch, as TRL logs it).
+    metrics["delta"] = stats["delta"][-1]
+    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   skipped=(~finite).astype(jnp.int32), tokens=_tokens(batch))
+    return new_state, metrics
+
+
+def _tokens(batch):
+    keys = [k for k in batch if k.endswith("attention_mask") and not k.startswith("kl_")]
+    return sum(jnp.sum(batch[k]).astype(jnp.float32) for k in keys)
+
+
+def eval_step(params, reference, batch, shift, *, graphdefs, cfg: StepConfig):
+    """Per-row rewards, labels, mask and losses of one [b, ...] batch, for accuracy / AUC on the host.
+    Uses the state's current delta and does not move it."""
+    delta = L.reward_shift_delta(shift)
+    # Any mode but "trl" uses the delta given; evaluation must not move TRL's running mean either.
+    shift = dataclasses.replace(shift, mode="none")
+    loss_sum, (rewards, labels, mask, _, stats) = micro_batch_loss(
+        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta)
+    return {"rewards": rewards, "labels": labels, "mask": mask, "loss_sum": loss_sum, **stats,
+            "delta": delta}
