@@ -1,0 +1,94 @@
+"""generate: greedy equals transformers' greedy generate token for token (where the top-2 gap is
+clear), stops at any EOS id, nucleus sampling degenerates to greedy at tiny top_p."""
+import jax
+import numpy as np
+import pytest
+import torch
+
+import tiny_hf
+from bco_jax.models import generate, load_hf
+
+N_NEW = 8
+GAP_TOL = 1e-3
+
+
+@pytest.fixture(scope="module", params=["llama3", "mistral"])
+def family(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("gen_" + request.param))
+    torch_model = tiny_hf.build(request.param, folder, seed=1)
+    return request.param, torch_model, load_hf(folder)
+
+
+def hf_greedy(torch_model, ids, mask, eos_ids):
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask), max_new_tokens=N_NEW, do_sample=False,
+                                   eos_token_id=list(eos_ids), pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def top2_gap(model, ids, mask, new_tokens, step, row):
+    """Our logit gap between the best two tokens at generation step `step` of `row`."""
+    seq = np.concatenate([ids[row], new_tokens[row, :step]])[None]
+    seq_mask = np.concatenate([mask[row], np.ones(step, np.int32)])[None]
+    logits = np.sort(np.asarray(model(seq, seq_mask))[0, -1])
+    return logits[-1] - logits[-2]
+
+
+def test_greedy_matches_transformers(family):
+    name, torch_model, model = family
+    ids, mask = tiny_hf.padded_batch(seed=7, batch=3, length=6, side="left")
+    eos_ids = (1, 2)
+    tokens, out_mask = generate(model, ids, mask, max_new_tokens=N_NEW, temperature=0.0, eos_ids=eos_ids)
+    tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
+    theirs = hf_greedy(torch_model, ids, mask, eos_ids)
+    compared = 0
+    for b in range(len(ids)):
+        for t in range(N_NEW):
+            if not out_mask[b, t]:
+                break
+            if tokens[b, t] != theirs[b, t]:
+                gap = top2_gap(model, ids, mask, tokens, t, b)
+                assert gap < GAP_TOL, f"{name} row {b} step {t}: {tokens[b, t]} vs {theirs[b, t]}, gap {gap}"
+                break
+            compared += 1
+    assert compared >= 2 * N_NEW, f"only {compared} tokens compared"
+
+
+def test_stops_at_any_eos_id(family):
+    _, _, model = family
+    ids, mask = tiny_hf.padded_batch(seed=8, batch=2, length=5, side="left")
+    free, _ = generate(model, ids, mask, max_new_tokens=N_NEW)
+    free = np.asarray(free)
+    # make row 0's third greedy token an end token, alongside one that never appears
+    eos = (127 if free[0, 2] != 127 else 126, int(free[0, 2]))
+    tokens, out_mask = generate(model, ids, mask, max_new_tokens=N_NEW, eos_ids=eos, pad_id=0)
+    tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
+    first = int(np.argmax(np.isin(free[0], eos)))
+    np.testing.assert_array_equal(tokens[0, :first + 1], free[0, :first + 1])
+    assert out_mask[0, :first + 1].all() and not out_mask[0, first + 1:].any()
+    assert (tokens[0, first + 1:] == 0).all()
+
+
+def test_right_padded_prompts_are_left_aligned(family):
+    _, _, model = family
+    ids, mask = tiny_hf.padded_batch(seed=9, batch=3, length=6, side="left")
+    right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b in range(len(ids)):
+        real = ids[b][mask[b] == 1]
+        right_ids[b, :len(real)], right_mask[b, :len(real)] = real, 1
+    left, _ = generate(model, ids, mask, max_new_tokens=4, eos_ids=())
+    right, _ = generate(model, right_ids, right_mask, max_new_tokens=4, eos_ids=())
+    np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+def test_sampling(family):
+    _, _, model = family
+    ids, mask = tiny_hf.padded_batch(seed=10, batch=2, length=5, side="left")
+    greedy, _ = generate(model, ids, mask, max_new_tokens=4, eos_ids=())
+    nucleus, _ = generate(model, ids, mask, max_new_tokens=4, temperature=1.0, top_p=1e-6,
+                          rng=jax.random.key(3), eos_ids=())
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy))
+    draws = [np.asarray(generate(model, ids, mask, max_new_tokens=4, temperature=2.0, top_p=1.0,
+                                 rng=jax.random.key(k), eos_ids=())[0]) for k in range(2)]
+    assert not np.array_equal(draws[0], draws[1])
