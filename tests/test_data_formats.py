@@ -218,3 +218,10 @@ def test_json_lines_under_json_name_and_bad_json(tmp_path):
     (tmp_path / "bad.json").write_text('[{"prompt": "a",\n "completion": }]')
     with pytest.raises(DataError, match=r"bad\.json:2: invalid JSON"):
         load([str(tmp_path / "bad.json")])
+
+
+def test_paired_mode_needs_pairs_and_fingerprint(tmp_path):
+    path = write_jsonl(tmp_path / "u.jsonl", unpaired_rows(4))
+    with pytest.raises(DataError, match="paired=true needs chosen/rejected"):
+        load([path], paired=True)
+    assert load([path]).fingerprint() == load([path]).fingerprint() != load([path], max_length=8).fingerprint()

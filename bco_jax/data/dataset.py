@@ -6,6 +6,7 @@ mixing) and refuses datasets that cannot train: empty, or a single class for unp
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -41,6 +42,16 @@ class TokenizedDataset:
 
     def lengths(self) -> dict[str, np.ndarray]:
         return {k: s.lengths() for k, s in self.seqs.items()}
+
+    def fingerprint(self) -> str:
+        """Hash of every token, split and label: keys caches derived from it (reference log-probs)."""
+        h = hashlib.sha256()
+        for name, s in sorted(self.seqs.items()):
+            for arr in (s.tokens, s.offsets, s.prompt_lens):
+                h.update(name.encode() + np.ascontiguousarray(arr).tobytes())
+        if self.labels is not None:
+            h.update(self.labels.tobytes())
+        return h.hexdigest()[:32]
 
 
 def load_dataset(specs: list[str], tokenizer, cfg: DataConfig, split: str | None = None,

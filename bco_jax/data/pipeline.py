@@ -59,26 +59,42 @@ def build_order(data: TokenizedDataset, cfg: DataConfig, seed: int, shuffle: boo
         raise ValueError(f"mixture_weights has {len(weights)} entries for {n_sources} train_data entries")
     if not stratify and not weights:
         return _leaf(ids, shuffle, seed, "all"), n
-    source_w = np.array(weights or [np.sum(data.source_ids == s) for s in range(n_sources)], float)
-    source_w /= source_w.sum()
-    classes = [("up", data.labels), ("down", ~data.labels)] if stratify else [("all", np.ones(n, bool))]
-    class_parts, leaf_sizes = [], []
-    for name, member in classes:
-        parts = []
-        for s in range(n_sources):
-            leaf_ids = ids[member & (data.source_ids == s)]
-            if len(leaf_ids):
-                parts.append((_leaf(leaf_ids, shuffle, seed, f"{name}/{s}"), source_w[s], len(leaf_ids)))
-        total = sum(w for _, w, _ in parts)
-        class_parts.append(([(d, w / total) for d, w, _ in parts], total))
-        leaf_sizes.append([(size, w / total) for _, w, size in parts])
-    class_w = [w for _, w in class_parts]
+    if stratify and (data.labels.all() or not data.labels.any()):
+        raise ValueError("thumbs_up_fraction / both_classes_per_batch need both classes in the data")
+    source_w = np.array(weights or np.bincount(data.source_ids, minlength=n_sources), float)
+    groups = _weighted_leaves(data, source_w / source_w.sum(), stratify, shuffle, seed)
+    class_w = [sum(w for _, w, _ in leaves) for leaves in groups]
     if stratify and cfg.thumbs_up_fraction is not None:
         class_w = [cfg.thumbs_up_fraction, 1.0 - cfg.thumbs_up_fraction]
-    class_w = [w / sum(class_w) for w in class_w]
-    order = _mix([(_mix(parts), cw) for (parts, _), cw in zip(class_parts, class_w)])
-    epoch = min(size / (w * cw) for sizes, cw in zip(leaf_sizes, class_w) for size, w in sizes)
+    parts, epoch = [], float("inf")
+    for leaves, cw in zip(groups, class_w):
+        total = sum(w for _, w, _ in leaves)
+        parts.append((_mix([(leaf, w / total) for leaf, w, _ in leaves]), cw))
+        epoch = min([epoch] + [size / (cw * w / total) for _, w, size in leaves])
+    order = _mix(parts)
     return order, max(int(epoch), 1)
+
+
+def _weighted_leaves(data: TokenizedDataset, source_w: np.ndarray, stratify: bool, shuffle: bool,
+                     seed: int) -> list[list[tuple[grain.MapDataset, float, int]]]:
+    """Per class (or one group): [(leaf stream, its weight in the whole stream, its size)].
+
+    A source keeps its share of the stream; within a source the classes keep their natural share.
+    """
+    n = len(data)
+    ids = np.arange(n, dtype=np.int64)
+    sizes = np.bincount(data.source_ids)
+    classes = [("up", data.labels), ("down", ~data.labels)] if stratify else [("all", np.ones(n, bool))]
+    groups = []
+    for name, member in classes:
+        leaves = []
+        for s in range(len(source_w)):
+            leaf_ids = ids[member & (data.source_ids == s)]
+            if len(leaf_ids):
+                leaves.append((_leaf(leaf_ids, shuffle, seed, f"{name}/{s}"),
+                               source_w[s] * len(leaf_ids) / sizes[s], len(leaf_ids)))
+        groups.append(leaves)
+    return groups
 
 
 class BatchIterator:
