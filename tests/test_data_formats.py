@@ -96,28 +96,30 @@ def test_hf_save_to_disk(tmp_path):
 
 
 @functools.lru_cache(maxsize=None)
-def _tfds_builder_class():
+def _tfds_builder_class(chat: bool = False):
     import tensorflow_datasets as tfds
 
-    class FeedbackToy(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    def _info(self):
+        text = tfds.features.Text()
+        if chat:
+            text = tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "prompt": text, "completion": text, "label": np.bool_}))
 
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "prompt": tfds.features.Text(), "completion": tfds.features.Text(), "label": np.bool_}))
+    def _generate_examples(self):
+        for i, r in enumerate(unpaired_rows(6)):
+            if chat:
+                r = dict(r, prompt=[MSG("user", r["prompt"])], completion=[MSG("assistant", r["completion"])])
+            yield i, r
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i, r in enumerate(unpaired_rows(6)):
-                yield i, r
-
-    return FeedbackToy
+    # TFDS registers builders by class name, so each variant gets its own.
+    return type("ChatToy" if chat else "FeedbackToy", (tfds.core.GeneratorBasedBuilder,), {
+        "VERSION": tfds.core.Version("1.0.0"), "_info": _info, "_generate_examples": _generate_examples,
+        "_split_generators": lambda self, dl_manager: {"train": self._generate_examples()}})
 
 
-def _tfds_builder(data_dir, file_format):
-    return _tfds_builder_class()(data_dir=str(data_dir), file_format=file_format)
+def _tfds_builder(data_dir, file_format, chat=False):
+    return _tfds_builder_class(chat)(data_dir=str(data_dir), file_format=file_format)
 
 
 def test_tfds_array_record_by_dir_and_name(tmp_path):
@@ -127,6 +129,10 @@ def test_tfds_array_record_by_dir_and_name(tmp_path):
     by_name = load(["tfds:feedback_toy"], tfds_data_dir=str(tmp_path / "tfds"))
     assert len(by_dir) == len(by_name) == 6
     assert sorted(texts(by_dir)) == sorted(r["completion"] for r in unpaired_rows(6))
+    chat = _tfds_builder(tmp_path / "tfds", "array_record", chat=True)
+    chat.download_and_prepare()
+    assert sorted(texts(load([str(chat.data_dir)]))) == sorted(
+        r["completion"] + "<|end|>\n" for r in unpaired_rows(6))
 
 
 def test_tfds_tfrecord_only_is_a_clear_error(tmp_path):

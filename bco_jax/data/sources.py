@@ -209,6 +209,8 @@ def _from_numpy(value):
         if lists and len(lists) == len(out) and len({len(v) for v in lists}) == 1 and "role" in out:
             return [dict(zip(out, vals)) for vals in zip(*out.values())]
         return out
+    if isinstance(value, (list, tuple)):
+        return [_from_numpy(v) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray):
