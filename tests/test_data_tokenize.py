@@ -174,3 +174,42 @@ def test_token_ids_match_trl_property(prompt_words, completion_words, cut, space
                 our_ids(tok, [(prompt, completion, True)], max_length)
         return
     assert our_ids(tok, [(prompt, completion, True)], max_length)[0] == theirs
+
+
+def trl_pipeline(rows, tok, max_length):
+    """TRL 1.13.0 BCOTrainer's dataset preparation, step by step, with its own functions."""
+    import datasets
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt, maybe_unpair_preference_dataset
+    from trl.experimental.bco.bco_trainer import _process_tokens, _tokenize
+
+    ds = datasets.Dataset.from_list(rows).map(maybe_extract_prompt)
+    ds = maybe_unpair_preference_dataset(ds)
+    ds = ds.map(maybe_apply_chat_template, fn_kwargs={"processing_class": tok})
+    ds = ds.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tok})
+    ds = ds.map(_process_tokens, fn_kwargs={"prefix": "", "is_encoder_decoder": False, "tokenizer": tok,
+                                            "max_length": max_length, "max_completion_length": None})
+    return [(r["completion_input_ids"], [int(x != -100) for x in r["completion_labels"]], r["label"]) for r in ds]
+
+
+@pytest.mark.parametrize("kind", ["text", "implicit_chat"])
+def test_whole_dataset_matches_trl_in_order(tmp_path, kind):
+    from bco_jax.data import load_dataset, ordered_batches
+    from test_data_fixtures import write_jsonl
+
+    user = lambda t: {"role": "user", "content": t}  # noqa: E731
+    bot = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    if kind == "text":
+        rows = [{"prompt": f"What color is the sky {i}? It is bl", "chosen": "ue.", "rejected": " green."}
+                for i in range(5)]
+    else:
+        rows = [{"chosen": [user(f"Sky color {i}?"), bot("Blue.")], "rejected": [user(f"Sky color {i}?"), bot("Red.")]}
+                for i in range(5)]
+    tok = make_tokenizer()
+    cfg = DataConfig(train_data=[write_jsonl(tmp_path / "d.jsonl", rows)], max_length=24)
+    data = load_dataset(cfg.train_data, tok, cfg)
+    ours = []
+    for b in ordered_batches(data, cfg, 4):
+        for r in np.flatnonzero(b["example_mask"]):
+            n = b["attention_mask"][r].sum()
+            ours.append((b["input_ids"][r, :n].tolist(), b["loss_mask"][r, :n].tolist(), bool(b["labels"][r])))
+    assert ours == trl_pipeline(rows, tok, 24)
