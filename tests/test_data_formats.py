@@ -44,7 +44,8 @@ def test_paired_unpairs_in_trl_block_order():
 
 def test_implicit_prompt_pairs():
     rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
-            {"chosen": [MSG("user", "q"), MSG("assistant", "a")], "rejected": [MSG("user", "q"), MSG("assistant", "b")]}]
+            {"chosen": [MSG("user", "q"), MSG("assistant", "a")],
+             "rejected": [MSG("user", "q"), MSG("assistant", "b")]}]
     recs = records_from_rows(rows, DataConfig(paired=True))
     assert recs[0].prompt == "The sky is" and recs[0].chosen == " blue."
     assert recs[1].prompt == [MSG("user", "q")] and recs[1].rejected == [MSG("assistant", "b")]
@@ -156,7 +157,8 @@ BAD_LINES = [
     ({"prompt": "a", "completion": " b", "label": "yes"}, "must be true/false or 0/1"),
     ({"prompt": "a", "completion": " b", "label": 2}, "must be true/false or 0/1"),
     ({"prompt": "a", "completion": "", "label": True}, "empty completion"),
-    ({"prompt": [MSG("wizard", "a")], "completion": [MSG("assistant", "b")], "label": True}, "unknown chat role 'wizard'"),
+    ({"prompt": [MSG("wizard", "a")], "completion": [MSG("assistant", "b")], "label": True},
+     "unknown chat role 'wizard'"),
     ({"prompt": "a", "completion": [MSG("assistant", "b")], "label": True}, "same kind"),
 ]
 
