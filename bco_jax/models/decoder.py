@@ -121,10 +121,27 @@ def attention_mask(kv_valid_BxS, q_index_T, window: int | None):
     allowed_TxS = k_TxS <= q_TxS
     if window is not None:
         allowed_TxS &= k_TxS > q_TxS - window
-    allowed_BxTxS = allowed_TxS[None] & kv_valid_BxS[:, None, :].astype(bool)
-    # A padding query would see no key at all; letting it see itself avoids NaN rows in fused kernels.
-    allowed_BxTxS |= (k_TxS == q_TxS)[None]
-    return allowed_BxTxS[:, None]
+    return (allowed_TxS[None] & padding_mask(kv_valid_BxS, q_index_T)[:, 0])[:, None]
+
+
+def padding_mask(kv_valid_BxS, q_index_T):
+    """[B, 1, T, S] bool: real keys. A padding query would see no key at all; letting it see itself
+    avoids NaN rows in fused kernels (its output is never used)."""
+    self_TxS = q_index_T[:, None] == jnp.arange(kv_valid_BxS.shape[1])[None, :]
+    return (kv_valid_BxS[:, None, :].astype(bool) | self_TxS[None])[:, None]
+
+
+def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
+    """`mask` is ("full", [B,1,T,S]) for cached decoding, or ("causal", padding mask) when queries
+    and keys are the same sequence: then causality and the window go to the kernel as flags, which
+    lets cuDNN skip masked blocks instead of reading a dense mask."""
+    kind, mask_Bx1xTxS = mask
+    if kind == "full":
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+                                            implementation=cfg.attention_impl)
+    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
+                                        local_window_size=window, implementation=cfg.attention_impl)
 
 
 def _linear(x, w, b, spec: str, dtype):
@@ -132,7 +149,7 @@ def _linear(x, w, b, spec: str, dtype):
     return y if b is None else y + b.astype(dtype)
 
 
-def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask_Bx1xTxS, cache_kv, cache_index):
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, cache_kv, cache_index):
     """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
     `cache_index` and attention runs over the whole cache."""
     x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
@@ -145,9 +162,7 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask_Bx1xTxS, cache_kv
         start = (0, cache_index, 0, 0)
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
-    attn_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask=mask_Bx1xTxS,
-        implementation=cfg.attention_impl)
+    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask)
     h_BxTxD = h_BxTxD + _linear(attn_BxTxNxH, p["wo"], p.get("bo"), "btnh,nhd->btd", dtype)
     x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
     gate_BxTxF = _linear(x, p["w_gate"], p.get("b_gate"), "btd,df->btf", dtype)
@@ -251,7 +266,10 @@ class Decoder(nnx.Module):
         cfg, dtype = self.config, self.dtype
         h_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dtype)
         cos, sin = rope_cos_sin(cfg, positions_BxT)
-        mask = attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window)
+        if cache is None:  # queries and keys are the same sequence
+            mask = ("causal", padding_mask(kv_valid_BxS, q_index_T))
+        else:
+            mask = ("full", attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window))
 
         def body(h, xs):
             p, kv = xs
