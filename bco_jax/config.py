@@ -129,9 +129,10 @@ def _field_type(f: dataclasses.Field, cls) -> object:
 
 def _parse_value(key: str, raw, annotation):
     """Turn a CLI string (or a YAML value) into the field's type; errors name the key."""
-    args = typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else ()
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    base = next(a for a in args if a is not type(None)) if union else annotation
     if isinstance(raw, str) and optional and raw.lower() in ("none", "null"):
         return None
     if raw is None:

@@ -221,7 +221,8 @@ def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: StepConfi
     # The delta this step's loss used (TRL mode: the one of its last micro-batch, as TRL logs it).
     metrics["delta"] = stats["delta"][-1]
     metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   skipped=(~finite).astype(jnp.int32), tokens=_tokens(batch))
+                   skipped=(~finite).astype(jnp.int32), tokens=_tokens(batch),
+                   nonfinite_in_row=new_state.nonfinite_in_row)
     return new_state, metrics
 
 

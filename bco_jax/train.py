@@ -1,0 +1,510 @@
+"""`python -m bco_jax.train`: align a causal LM from thumbs-up / thumbs-down feedback.
+
+The loop around the pure step (bco_jax/step.py): load the policy and the frozen reference onto the
+mesh, build the data stream, optionally precompute reference log-probs and fit the UDM classifier,
+then step, log, evaluate and checkpoint; resume from the latest checkpoint of `output_dir`; export
+the policy as an HF folder at the end. With no arguments it runs the embedded demonstration: BCO on
+the shipped oracle-task SFT model and feedback, with a before/after table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bco_jax import checkpoint as ckpt_lib
+from bco_jax import losses as L
+from bco_jax import udm
+from bco_jax.config import ConfigError, TrainConfig, mesh_shape, parse_args, run_name
+from bco_jax.data import BatchIterator, DataError, load_dataset, ordered_batches, prompt_batches
+from bco_jax.metrics import MetricsWriter, Window, eval_summary
+from bco_jax.models import load_hf, save_hf
+from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
+from bco_jax.step import StepConfig, TrainState, eval_step, init_state, make_optimizer, train_step
+
+log = logging.getLogger("bco_jax.train")
+BATCH_AXES = ("data", "fsdp")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on; the message says why, the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def apply_demo_defaults(cfg: TrainConfig) -> bool:
+    """Fill in the shipped oracle-task model and data when none is given. Returns True if it did."""
+    if cfg.model.model or cfg.data.train_data:
+        return False
+    from bco_jax import oracle
+
+    cfg.model.model = oracle.MODEL_DIR
+    cfg.data.train_data = [os.path.join(oracle.ASSETS, "feedback_binary.jsonl")]
+    if not cfg.data.eval_data:
+        cfg.data.eval_data = [os.path.join(oracle.ASSETS, "heldout_feedback.jsonl")]
+    return True
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model: cannot load a tokenizer from {path} ({err})") from None
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    if cfg.run.max_steps > 0:
+        return cfg.run.max_steps
+    return max(1, math.ceil(cfg.run.num_train_epochs * steps_per_epoch))
+
+
+def batch_sharding(mesh, ndim: int):
+    """[A, b, ...] micro-batched arrays: rows sharded over the data axes, micro-batches not."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def to_device_batch(local: dict, mesh, accumulation: int) -> dict:
+    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value).reshape(accumulation, -1, *np.shape(value)[1:])
+        global_shape = (accumulation, value.shape[1] * jax.process_count(), *value.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
+                                                          global_shape)
+    return out
+
+
+def rows_key(data) -> str:
+    """A hash of the tokenized examples (what precomputed tables are keyed by, with the weights)."""
+    h = hashlib.sha256()
+    for name in sorted(data.seqs):
+        h.update(name.encode())
+        h.update(np.asarray(data.seqs[name].lengths()).tobytes())
+        for i in range(len(data)):
+            h.update(data.seqs[name].ids(i).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- one-pass precomputations
+
+
+def reference_table(cfg, data, graphdef, ref_params, mesh, cache_path) -> np.ndarray:
+    """Reference log-probs of every example ([n] unpaired, [n, 2] chosen/rejected), one pass in
+    order, cached on disk under a key of reference weights + tokenized examples."""
+    if os.path.exists(cache_path):
+        log.info("reference log-probs: reusing %s", cache_path)
+        return np.load(cache_path)
+    prefixes = ["chosen_", "rejected_"] if data.paired else [""]
+    logps_fn = jax.jit(lambda p, b, pre: _logps(graphdef, p, b, pre), static_argnums=2)
+    table = np.zeros((len(data), len(prefixes)), np.float32)
+    batch_size = cfg.run.eval_batch_size or cfg.run.batch_size
+    for batch in ordered_batches(data, cfg.data, batch_size, jax.process_index(), jax.process_count()):
+        arrays = to_device_batch(batch, mesh, 1)
+        idx = batch["example_index"]
+        for j, pre in enumerate(prefixes):
+            values = np.asarray(jax.device_get(logps_fn(ref_params, arrays, pre)))[0]
+            table[idx[idx >= 0], j] = values[idx >= 0]
+    table = table[:, 0] if not data.paired else table
+    _atomic_save(cache_path, table)
+    return table
+
+
+def _logps(graphdef, params, batch, prefix):
+    from bco_jax.models import sequence_logps
+
+    model = nnx.merge(graphdef, params)
+    squeeze = lambda k: batch[prefix + k][0]  # noqa: E731 (micro-batch axis of 1)
+    return sequence_logps(model, squeeze("input_ids"), squeeze("attention_mask"), squeeze("loss_mask"))[0][None]
+
+
+def _atomic_save(path, array):
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def fit_udm(cfg, data, graphdef, ref_params, mesh, restored=None):
+    """UDM: the prompt classifier (fit, or restored from a checkpoint) and the weight of every example."""
+    embed = jax.jit(lambda p, ids, mask: udm.mean_pool(nnx.merge(graphdef, p).hidden_states(ids, mask), mask))
+    emb = np.zeros((len(data), 0), np.float32)
+    batch_size = cfg.run.eval_batch_size or cfg.run.batch_size
+    for thumbs_up in (True, False):
+        for batch in prompt_batches(data, cfg.data, thumbs_up, batch_size):
+            e = np.asarray(embed(ref_params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+            if emb.shape[1] == 0:
+                emb = np.zeros((len(data), e.shape[1]), np.float32)
+            keep = batch["example_index"] >= 0
+            emb[batch["example_index"][keep]] = e[keep]
+    labels = data.labels
+    if restored is None:
+        sample = udm.sample_per_class(labels, cfg.loss.prompt_sample_size, cfg.run.seed)
+        up, down = sample[labels[sample]], sample[~labels[sample]]
+        params = udm.fit_prompt_classifier(emb[up], emb[down])
+        acc_up, acc_down = udm.classifier_accuracy(params, emb[up], emb[down])
+        log.info("UDM classifier: training accuracy %.3f thumbs-up, %.3f thumbs-down", acc_up, acc_down)
+    else:
+        params, acc_up, acc_down = restored, math.nan, math.nan
+    weights = np.asarray(udm.density_ratio_weights(params, emb, labels, min_density_ratio=cfg.loss.min_density_ratio,
+                                                   max_density_ratio=cfg.loss.max_density_ratio))
+    return params, weights, {"udm/accuracy_chosen": acc_up, "udm/accuracy_rejected": acc_down}
+
+
+def attach_tables(batch: dict, ref_table, weights) -> dict:
+    """Host-side lookups by example_index: precomputed reference log-probs and UDM weights."""
+    idx = np.maximum(batch["example_index"], 0)
+    if ref_table is not None:
+        if ref_table.ndim == 2:
+            batch["chosen_reference_logps"], batch["rejected_reference_logps"] = ref_table[idx, 0], ref_table[idx, 1]
+        else:
+            batch["reference_logps"] = ref_table[idx]
+    if weights is not None:
+        batch["weights"] = weights[idx]
+    return batch
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg, data, state, reference, eval_fn, mesh, ref_table=None) -> dict:
+    """eval_ metrics over a whole labelled dataset, with the state's current delta."""
+    rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
+    batch_size = cfg.run.eval_batch_size or cfg.run.batch_size
+    for batch in ordered_batches(data, cfg.data, batch_size, jax.process_index(), jax.process_count()):
+        batch = attach_tables(batch, ref_table, None)
+        batch.pop("example_index")
+        out = jax.device_get(eval_fn(state.params, reference, to_device_batch(batch, mesh, 1),
+                                     state.reward_shift))
+        for key in rows:
+            rows[key].append(np.asarray(out[key]).reshape(-1))
+        loss_sum += float(out["loss_sum"])
+        n_rows += int(np.sum(batch["example_mask"]))
+    delta = float(L.reward_shift_delta(state.reward_shift))
+    return eval_summary(*(np.concatenate(rows[k]) for k in ("rewards", "labels", "mask")), loss_sum, n_rows, delta)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+class _Preemption:
+    """SIGTERM (TPU VM preemption notice, SLURM): finish the current step, save, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Reporter:
+    """Turns step metrics into logged records: window sums, TRL names, tokens/s, progress bar."""
+
+    def __init__(self, cfg, writer, total, start, epoch_length, show):
+        self.cfg, self.writer, self.total, self.epoch_length = cfg, writer, total, epoch_length
+        self.window, self.last, self.t0 = Window(), {}, time.perf_counter()
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def add(self, step: int, metrics) -> None:
+        metrics = jax.device_get(metrics)
+        if int(metrics["skipped"]):
+            log.warning("step %d: non-finite loss or gradients, update skipped", step)
+        if int(metrics.pop("nonfinite_in_row")) >= self.cfg.run.max_nonfinite_steps:
+            raise TrainError(f"{self.cfg.run.max_nonfinite_steps} non-finite steps in a row at step {step}: "
+                             "stopping (the last checkpoint is kept); lower learning_rate or check the data")
+        self.window.add(metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", delta=f"{float(metrics['delta']):.4f}")
+        if step % self.cfg.run.logging_steps == 0 or step == self.total:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        if not self.window.steps:
+            return
+        record = self.window.summary()
+        elapsed = time.perf_counter() - self.t0
+        record["tokens_per_second"] = record.pop("tokens") / max(elapsed, 1e-9)
+        record["epoch"] = step * self.cfg.run.batch_size / max(self.epoch_length, 1)
+        self.writer.write(step, record)
+        self.last, self.window, self.t0 = record, Window(), time.perf_counter()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _state_shardings(state: TrainState, param_shardings, mesh, optimizer):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, param_shardings,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                      reward_shift=jax.tree.map(lambda _: replicated, state.reward_shift), rng=replicated,
+                      nonfinite_in_row=replicated, skipped_steps=replicated)
+
+
+def _truncate_metrics(output_dir: str, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: drop their old records."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _load_models(cfg, mesh):
+    dtype = compute_dtype(cfg.model.dtype)
+    overrides = {"remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl}
+    policy = load_hf(cfg.model.model, dtype=dtype, param_dtype=jnp.float32, mesh=mesh, rules=LOGICAL_RULES,
+                     **overrides)
+    graphdef, param_state = nnx.split(policy)
+    param_shardings = nnx.to_pure_dict(model_shardings(param_state, mesh))
+    ref_path = cfg.model.ref_model or cfg.model.model
+    reference = load_hf(ref_path, dtype=dtype, param_dtype=jnp.dtype(cfg.model.ref_dtype), mesh=mesh,
+                        rules=LOGICAL_RULES, **overrides)
+    ref_graphdef, ref_state = nnx.split(reference)
+    return (graphdef, nnx.to_pure_dict(param_state), param_shardings, ref_graphdef, nnx.to_pure_dict(ref_state),
+            reference.config.hidden_size, ref_path)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as configured; returns the last logged and evaluated metrics."""
+    demo = apply_demo_defaults(cfg)
+    output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
+    main_process = jax.process_index() == 0
+    mesh = make_mesh(mesh_shape(cfg))
+    accumulation = cfg.run.gradient_accumulation_steps
+    data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.run.batch_size % (accumulation * data_devices):
+        raise ConfigError(f"batch_size: {cfg.run.batch_size} is not divisible by gradient_accumulation_steps "
+                          f"({accumulation}) x data-parallel devices ({data_devices})")
+    if cfg.run.precompute_ref_log_probs and cfg.loss.loss_type == "kto":
+        raise ConfigError("precompute_ref_log_probs: not supported with loss_type=kto (its KL pairs change "
+                          "with every batch)")
+
+    tokenizer = load_tokenizer(cfg.model.model)
+    train_data = load_dataset(cfg.data.train_data, tokenizer, cfg.data)
+    eval_data = (load_dataset(cfg.data.eval_data, tokenizer, cfg.data, split=cfg.data.eval_split,
+                              require_both_classes=False) if cfg.data.eval_data else None)
+    paired_loss = cfg.loss.loss_type in ("dpo", "ipo", "nca")
+    if paired_loss != train_data.paired:
+        raise ConfigError(f"loss_type: {cfg.loss.loss_type} needs {'paired' if paired_loss else 'unpaired'} data "
+                          f"(prompt/chosen/rejected), but train_data is {'paired' if train_data.paired else 'unpaired'}")
+    step_cfg = StepConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
+                          desirable_weight=cfg.loss.desirable_weight, undesirable_weight=cfg.loss.undesirable_weight,
+                          precomputed_reference=cfg.run.precompute_ref_log_probs)
+    iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    steps = total_steps(cfg, iterator.steps_per_epoch)
+
+    graphdef, params, param_shardings, ref_graphdef, reference, hidden, ref_path = _load_models(cfg, mesh)
+    fingerprint = ckpt_lib.params_fingerprint(ref_path)
+    optimizer, schedule = make_optimizer(cfg.optim, steps)
+    shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
+    state = init_state(params, optimizer, shift, cfg.run.seed)
+    shardings = _state_shardings(state, param_shardings, mesh, optimizer)
+    state = jax.device_put(state, shardings)
+    del params
+
+    step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=step_cfg,
+                                        optimizer=optimizer, schedule=schedule),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(lambda p, r, b, s: eval_step(p, r, {k: v[0] for k, v in b.items()}, s,
+                                                   graphdefs=(graphdef, ref_graphdef), cfg=step_cfg))
+    if cfg.run.dry_run:
+        return dry_run(step_fn, state, None if step_cfg.precomputed_reference else reference, iterator, mesh,
+                       accumulation, train_data)
+
+    checkpointer = ckpt_lib.Checkpointer(output_dir, save_total_limit=cfg.run.save_total_limit)
+    start, restored_udm = checkpointer.latest_step(), None
+    if start is not None:
+        target = {"train": _abstract(state, shardings)}
+        if cfg.loss.udm:
+            target["udm"] = udm.abstract_params(hidden)
+        restored, saved = checkpointer.restore(start, target)
+        ckpt_lib.check_reference(saved, fingerprint)
+        state, restored_udm = restored["train"], restored.get("udm")
+        iterator.restore(saved["data"])
+        if main_process:
+            _truncate_metrics(output_dir, start)
+        log.info("resumed %s at step %d", output_dir, start)
+    start = start or 0
+
+    udm_params = weights = ref_table = eval_table = None
+    udm_log = {}
+    if cfg.loss.udm:
+        udm_params, weights, udm_log = fit_udm(cfg, train_data, ref_graphdef, reference, mesh, restored_udm)
+    if cfg.run.precompute_ref_log_probs:
+        os.makedirs(output_dir, exist_ok=True)
+        ref_id = fingerprint.split(":")[-1][:16]
+        ref_table = reference_table(cfg, train_data, ref_graphdef, reference, mesh,
+                                    os.path.join(output_dir, f"reference_logps-{ref_id}-{rows_key(train_data)}.npy"))
+        if eval_data is not None:
+            eval_table = reference_table(cfg, eval_data, ref_graphdef, reference, mesh,
+                                         os.path.join(output_dir, f"reference_logps-{ref_id}-{rows_key(eval_data)}.npy"))
+        reference = None  # freed: the step reads reference log-probs from the batch
+
+    writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
+    flat_config = json.loads(json.dumps(cfg.flat(), default=str))
+    if main_process:
+        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(flat_config, f, indent=2, sort_keys=True)
+    if udm_log and start == 0:
+        writer.write(0, udm_log)
+
+    def save(step):
+        item = {"train": state} if udm_params is None else {"train": state, "udm": udm_params}
+        checkpointer.save(step, item, {"data": iterator.state(), "config": flat_config,
+                                       ckpt_lib.REFERENCE_PATH: os.path.abspath(ref_path),
+                                       ckpt_lib.REFERENCE_FINGERPRINT: fingerprint})
+
+    def run_eval(step):
+        if eval_data is None:
+            return {}
+        record = evaluate(cfg, eval_data, state, reference, eval_fn, mesh, eval_table)
+        writer.write(step, record)
+        return record
+
+    before = {}
+    if demo and start == 0:
+        before = {**run_eval(0), **oracle_success(cfg, graphdef, state.params, tokenizer)}
+    reporter = Reporter(cfg, writer, steps, start, iterator.epoch_length, show=main_process)
+    preemption, pending = _Preemption(), None
+    try:
+        for step in range(start + 1, steps + 1):
+            local = attach_tables(next(iterator), ref_table, weights)
+            local.pop("example_index")
+            state, metrics = step_fn(state, reference, to_device_batch(local, mesh, accumulation))
+            if pending is not None:  # read step N-1's metrics while step N runs
+                reporter.add(*pending)
+            pending = (step, metrics)
+            if step % cfg.run.save_steps == 0 or step == steps or preemption.requested:
+                reporter.add(*pending)
+                pending = None
+                save(step)
+            if cfg.run.eval_steps and step % cfg.run.eval_steps == 0 and step != steps:
+                run_eval(step)
+            if preemption.requested:
+                log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.run.sigterm_exit_code)
+                reporter.flush(step)
+                checkpointer.close()
+                writer.close()
+                raise SystemExit(cfg.run.sigterm_exit_code)
+        checkpointer.close()
+    finally:
+        preemption.restore()
+        reporter.close()
+    final = run_eval(steps)
+    if cfg.run.export_hf and main_process:
+        export(graphdef, state.params, os.path.join(output_dir, "hf"), tokenizer)
+    result = {**reporter.last, **final, **udm_log, "output_dir": output_dir}
+    if demo:
+        after = {**final, **oracle_success(cfg, graphdef, state.params, tokenizer)}
+        print_table(before, after, output_dir)
+    writer.close()
+    return result
+
+
+def export(graphdef, params, path, tokenizer):
+    """The policy as an HF folder (safetensors + config + tokenizer), loadable by transformers."""
+    save_hf(nnx.merge(graphdef, jax.device_get(params)), path, tokenizer=tokenizer)
+    log.info("exported the policy to %s", path)
+
+
+def dry_run(step_fn, state, reference, iterator, mesh, accumulation, data) -> dict:
+    """Compile the step for the longest bucket and report XLA's per-device memory analysis."""
+    local = next(iterator)
+    local.pop("example_index")
+    if reference is None:
+        for key in [k for k in local if k.endswith("input_ids")]:
+            local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
+    compiled = step_fn.lower(state, reference, to_device_batch(local, mesh, accumulation)).compile()
+    mem = compiled.memory_analysis()
+    report = {k: int(getattr(mem, k, 0) or 0) for k in
+              ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")}
+    report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]
+    print(f"dry run: mesh {dict(mesh.shape)}, batch shape {local['input_ids' if 'input_ids' in local else 'chosen_input_ids'].shape}")
+    for key, value in report.items():
+        print(f"  {key:32s} {value / 2**20:10.1f} MiB per device")
+    return report
+
+
+# ------------------------------------------------------------------------------ the demonstration
+
+
+def oracle_success(cfg, graphdef, params, tokenizer) -> dict:
+    """Oracle success rate of temperature-1 samples on held-out oracle-task prompts."""
+    from bco_jax.oracle import sampling, task
+
+    prompts = task.split_prompts()["eval"][: cfg.run.demo_samples]
+    model = nnx.merge(graphdef, jax.device_get(params))
+    result = sampling.success_rate(model, tokenizer, prompts, jax.random.key(cfg.run.seed))
+    return {"oracle_success": result["success"], "oracle_samples": result["n"]}
+
+
+def print_table(before: dict, after: dict, output_dir: str) -> None:
+    rows = [("oracle success rate (held-out prompts, T=1)", "oracle_success"),
+            ("implicit-reward accuracy (held-out feedback)", "eval_reward_accuracy"),
+            ("implicit-reward ROC AUC", "eval_reward_auc"),
+            ("mean reward, thumbs-up", "eval_rewards/chosen"),
+            ("mean reward, thumbs-down", "eval_rewards/rejected"),
+            ("delta", "eval_delta")]
+    print(f"\n{'':46s} {'before':>10s} {'after':>10s}")
+    for name, key in rows:
+        fmt = lambda d: f"{d[key]:10.4f}" if key in d else f"{'-':>10s}"  # noqa: E731
+        print(f"{name:46s} {fmt(before)} {fmt(after)}")
+    print(f"\noutputs in {output_dir}: metrics.jsonl, tensorboard/, checkpoints/, hf/ (the aligned model)")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except (ConfigError, DataError, TrainError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
