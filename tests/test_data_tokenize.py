@@ -213,3 +213,17 @@ def test_whole_dataset_matches_trl_in_order(tmp_path, kind):
             n = b["attention_mask"][r].sum()
             ours.append((b["input_ids"][r, :n].tolist(), b["loss_mask"][r, :n].tolist(), bool(b["labels"][r])))
     assert ours == trl_pipeline(rows, tok, 24)
+
+
+def test_template_that_writes_bos_gets_no_second_bos():
+    from test_data_fixtures import CHAT_TEMPLATE
+
+    tok = make_tokenizer.__wrapped__()
+    tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    prompt, completion = [{"role": "user", "content": "Sky?"}], [{"role": "assistant", "content": "Blue."}]
+    from trl.data_utils import maybe_apply_chat_template
+
+    trl = maybe_apply_chat_template({"prompt": prompt, "completion": completion, "label": True}, tok)
+    ours = encode(tok, [(prompt, completion, "x")], DataConfig(max_length=64), Issues(), TruncationStats())
+    assert ours[0][0] == trl_ids(tok, [(trl["prompt"], trl["completion"], True)], 64)[0][0]
+    assert ours[0][0][:2].count(tok.bos_token_id) == 1

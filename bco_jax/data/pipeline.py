@@ -155,6 +155,10 @@ class BatchIterator:
         if int(state["seed"]) != self.seed or int(state["examples"]) != len(self.data):
             raise ValueError(f"data iterator state {state} was saved for another seed or dataset "
                              f"(now seed={self.seed}, examples={len(self.data)})")
+        if int(state.get("epoch_length", self.epoch_length)) != self.epoch_length:
+            log.warning("data: sampling options changed since the state was saved (epoch of %s, now %d "
+                        "examples); resuming at the same position of the new order",
+                        state["epoch_length"], self.epoch_length)
         self._start(int(state["position"]))
 
     def _assemble(self, global_ids: np.ndarray) -> Batch:
