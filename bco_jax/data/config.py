@@ -5,7 +5,6 @@ embeds it; the seed is a training key and is passed to the pipeline as an argume
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -85,7 +84,3 @@ class DataConfig:
                 "max_length", "max_prompt_length", "min_completion_length", "tfds_data_dir")
         return {k: getattr(self, k) for k in keys}
 
-
-def help_table() -> dict[str, str]:
-    """Field name -> one-line help, for CLIs and docs."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(DataConfig)}

@@ -56,9 +56,6 @@ class Sequences:
         tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
         return Sequences(tokens, offsets, np.asarray(prompt_lens, dtype=np.int32))
 
-    def take(self, keep: np.ndarray) -> "Sequences":
-        return Sequences.build([self.ids(i).tolist() for i in keep], self.prompt_lens[keep].tolist())
-
 
 @dataclass
 class TruncationStats:
