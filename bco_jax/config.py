@@ -273,7 +273,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{f.name}", metavar="VALUE", help=_help_text(f))
-    args = vars(parser.parse_args(argv))
+    parsed, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("--"):
+            build_config({token[2:].split("=")[0]: None})  # raises, naming the key and close matches
+        raise ConfigError(f"unexpected argument {token!r}: keys are given as --key value")
+    args = vars(parsed)
     values = {}
     config_file = args.pop("config", None)
     if config_file:

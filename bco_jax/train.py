@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -82,6 +81,19 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.run.num_train_epochs * steps_per_epoch))
 
 
+def build_mesh(shape):
+    """The configured mesh; a fully specified mesh smaller than the machine uses the first devices."""
+    devices = jax.devices()
+    wanted = int(np.prod(shape))
+    if -1 not in shape and wanted < len(devices):
+        log.warning("mesh %s uses %d of %d devices", shape, wanted, len(devices))
+        devices = devices[:wanted]
+    try:
+        return make_mesh(shape, devices)
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None
+
+
 def batch_sharding(mesh, ndim: int):
     """[A, b, ...] micro-batched arrays: rows sharded over the data axes, micro-batches not."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (ndim - 2))))
@@ -96,17 +108,6 @@ def to_device_batch(local: dict, mesh, accumulation: int) -> dict:
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
                                                           global_shape)
     return out
-
-
-def rows_key(data) -> str:
-    """A hash of the tokenized examples (what precomputed tables are keyed by, with the weights)."""
-    h = hashlib.sha256()
-    for name in sorted(data.seqs):
-        h.update(name.encode())
-        h.update(np.asarray(data.seqs[name].lengths()).tobytes())
-        for i in range(len(data)):
-            h.update(data.seqs[name].ids(i).tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- one-pass precomputations
@@ -309,7 +310,7 @@ def run(cfg: TrainConfig) -> dict:
     demo = apply_demo_defaults(cfg)
     output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
     main_process = jax.process_index() == 0
-    mesh = make_mesh(mesh_shape(cfg))
+    mesh = build_mesh(mesh_shape(cfg))
     accumulation = cfg.run.gradient_accumulation_steps
     data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.run.batch_size % (accumulation * data_devices):
@@ -375,10 +376,10 @@ def run(cfg: TrainConfig) -> dict:
         os.makedirs(output_dir, exist_ok=True)
         ref_id = fingerprint.split(":")[-1][:16]
         ref_table = reference_table(cfg, train_data, ref_graphdef, reference, mesh,
-                                    os.path.join(output_dir, f"reference_logps-{ref_id}-{rows_key(train_data)}.npy"))
+                                    os.path.join(output_dir, f"reference_logps-{ref_id}-{train_data.fingerprint()[:16]}.npy"))
         if eval_data is not None:
             eval_table = reference_table(cfg, eval_data, ref_graphdef, reference, mesh,
-                                         os.path.join(output_dir, f"reference_logps-{ref_id}-{rows_key(eval_data)}.npy"))
+                                         os.path.join(output_dir, f"reference_logps-{ref_id}-{eval_data.fingerprint()[:16]}.npy"))
         reference = None  # freed: the step reads reference log-probs from the batch
 
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)

@@ -11,6 +11,7 @@ import pytest
 
 from bco_jax import train
 from bco_jax.config import ConfigError, parse_args
+from bco_jax.data import DataError
 from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -149,7 +150,7 @@ def test_validation_errors_name_the_key(assets, tmp_path):
         parse_args(["--shuffle", "maybe"])
     with pytest.raises(ConfigError, match="batch_size"):
         train.run(parse_args(args(assets, tmp_path / "x", "--batch_size", "12", "--mesh", "8,1,1")))
-    with pytest.raises(ConfigError, match="loss_type: dpo needs paired"):
+    with pytest.raises(DataError, match="train.jsonl:1: paired=true needs chosen/rejected"):
         train.run(parse_args(args(assets, tmp_path / "y", "--loss_type", "dpo")))
     bad = feedback_file(tmp_path / "bad.jsonl", 8, bad_line=3)
     proc = _cli(args(assets, tmp_path / "z", "--train_data", bad))
