@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -74,6 +75,10 @@ def test_bfloat16_checkpoint_loads(source, tmp_path):
     model = load_hf(str(tmp_path))
     expected = torch_model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(model.embed[...]), expected)
+    frozen = load_hf(str(tmp_path), param_dtype=jnp.bfloat16)  # inference / frozen reference option
+    assert frozen.embed[...].dtype == jnp.bfloat16 and frozen.dtype == jnp.float32
+    ids, mask = tiny_hf.padded_batch(seed=12)
+    np.testing.assert_allclose(np.asarray(frozen(ids, mask)), np.asarray(model(ids, mask)), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

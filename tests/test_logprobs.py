@@ -18,7 +18,8 @@ def tiny(vocab=96, abstract=False, **kw):
 
 
 def reference_logps(model, ids, mask, loss_mask):
-    logits = np.asarray(model(ids, mask), np.float64)
+    graphdef, state = nnx.split(model)
+    logits = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask))(state), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     B, T = ids.shape
@@ -46,14 +47,19 @@ def batch():
     return ids, mask, loss_mask
 
 
-@pytest.mark.parametrize("chunk", [5, 128])  # does not divide B * T; larger than B * T
-def test_matches_float64_log_softmax_gather(batch, chunk):
+@pytest.fixture(scope="module")
+def reference(batch):
     model = tiny()
+    return model, reference_logps(model, *batch)
+
+
+@pytest.mark.parametrize("chunk", [5, 128])  # does not divide B * T; larger than B * T
+def test_matches_float64_log_softmax_gather(batch, reference, chunk):
+    model, (want, want_counts) = reference
     ids, mask, loss_mask = batch
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s: sequence_logps(nnx.merge(graphdef, s), ids, mask, loss_mask, chunk_tokens=chunk))
     logps, counts = fn(state)
-    want, want_counts = reference_logps(model, ids, mask, loss_mask)
     assert logps.dtype == jnp.float32 and counts.dtype == jnp.int32
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_allclose(np.asarray(logps), want, rtol=1e-5, atol=1e-4)
