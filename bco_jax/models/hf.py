@@ -299,7 +299,7 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
         sharding = _target_sharding(spec, var.shape, mesh, rules)
         var.set_value(_load_param(files, opened, hf_name, "{i}" in hf_name, var.shape, perm, split,
                                   sharding, jnp.dtype(param_dtype)))
-    return nnx.merge(graphdef, nnx.from_flat_state(nnx.to_flat_state(state)))
+    return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------- save
