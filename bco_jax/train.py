@@ -245,8 +245,10 @@ class Reporter:
                              "stopping (the last checkpoint is kept); lower learning_rate or check the data")
         self.window.add(metrics)
         if self.bar is not None:
+            rate = self.window.sums.get("tokens", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", delta=f"{float(metrics['delta']):.4f}")
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", delta=f"{float(metrics['delta']):.4f}",
+                                 tok_s=f"{rate:.0f}")
         if step % self.cfg.run.logging_steps == 0 or step == self.total:
             self.flush(step)
 

@@ -163,3 +163,26 @@ def test_help_lists_every_key_with_default():
     for key in ("--beta", "--reward_shift", "--prompt_column", "--rating_threshold", "--mesh", "--udm"):
         assert key in proc.stdout
     assert "(default: 0.1)" in proc.stdout
+
+
+def test_resume_onto_a_different_mesh_continues_the_same_curve(assets, tmp_path):
+    common = ["--eval_data", "", "--export_hf", "false", "--lr_scheduler_type", "constant", "--save_steps", "3"]
+    straight = _run_losses(assets, tmp_path / "straight", *common, "--mesh", "1,1,1")
+    resumed = tmp_path / "resumed"
+    _run_losses(assets, resumed, *common, "--mesh", "8,1,1", "--max_steps", "3")
+    curve = _run_losses(assets, resumed, *common, "--mesh", "2,2,2")
+    np.testing.assert_allclose(curve, straight, rtol=2e-5)
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(assets, tmp_path):
+    # A learning rate of 1e30 sends the weights to inf after one update: every later loss is NaN.
+    proc = _cli(args(assets, tmp_path / "nan", "--learning_rate", "1e30", "--max_nonfinite_steps", "2",
+                     "--eval_data", "", "--max_steps", "20", "--save_steps", "1"))
+    assert proc.returncode == 2 and "non-finite steps in a row" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_dry_run_reports_per_device_memory(assets, tmp_path, capsys):
+    report = train.run(parse_args(args(assets, tmp_path / "dry", "--dry_run", "true", "--mesh", "2,2,2")))
+    assert report["temp_size_in_bytes"] > 0 and report["argument_size_in_bytes"] > 0
+    assert "MiB per device" in capsys.readouterr().out
+    assert not (tmp_path / "dry" / "checkpoints").exists()
