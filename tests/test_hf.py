@@ -20,7 +20,17 @@ def source(request, tmp_path_factory):
     torch_model = tiny_hf.build(request.param, folder)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [1, 2], "bos_token_id": 0, "max_length": 64}, f)
+    tiny_tokenizer().save_pretrained(folder)
     return folder, torch_model
+
+
+def tiny_tokenizer():
+    import tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
 
 
 def max_diff(model, torch_model, ids, mask):
@@ -44,6 +54,10 @@ def test_export_round_trip_through_transformers(source, tmp_path):
     with open(tmp_path / "generation_config.json") as f:
         assert json.load(f)["eos_token_id"] == [1, 2]
     assert load_hf(str(tmp_path)).config.eos_token_ids == (1, 2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == open(os.path.join(folder, name), "rb").read()
+    copied = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert copied("w5 w7")["input_ids"][-2:] == [5, 7]
 
 
 def test_loads_transformers_sharded_checkpoint(source, tmp_path):

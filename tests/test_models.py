@@ -1,4 +1,6 @@
 """Decoder logits equal transformers PyTorch float32 for each family, left and right padding."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,9 +66,7 @@ def test_config_fields(family):
 def test_transformers4_config_form_reads_the_same(family):
     """4.x wrote rope_theta + rope_scaling at the top level; 5 writes rope_parameters."""
     _, folder, _, model = family
-    hf = read_config(folder).hf_config_json
-    import json
-    hf = json.loads(hf)
+    hf = json.loads(read_config(folder).hf_config_json)
     rope = hf.pop("rope_parameters")
     hf["rope_theta"] = rope.pop("rope_theta")
     if rope.get("rope_type", "default") != "default":
