@@ -37,7 +37,7 @@ def test_reward_hand_cases(prompt, completion, expected):
 
 
 @pytest.mark.parametrize("completion,rating", [
-    ("42", 5), ("43", 4), ("32", 4), ("52", 4), ("50", 3), ("33", 3), ("99", 2), ("4", 3), ("142", 2),
+    ("42", 5), ("43", 4), ("32", 4), ("52", 4), ("50", 3), ("33", 3), ("99", 2), ("4", 2), ("39", 3), ("142", 2),
     ("", 1), ("042", 1), ("4+2", 1), ("-42", 1),
 ])
 def test_rating_hand_cases(completion, rating):
@@ -177,3 +177,20 @@ def test_shipped_model_reproduces_its_stated_success_rate():
                             batch_size=300)
     # 300 samples: binomial std ~0.029; a different key, so only agreement within noise is expected.
     assert abs(measured["success"] - stated) < 0.1, (measured, stated)
+
+
+def test_trainer_data_pipeline_reads_every_shipped_set():
+    from transformers import AutoTokenizer
+    from bco_jax.data import DataConfig, load_dataset
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    binary = load_dataset([os.path.join(FEEDBACK, "binary.jsonl")], tok, DataConfig())
+    likert = load_dataset([os.path.join(FEEDBACK, "likert.jsonl")], tok,
+                          DataConfig(rating_threshold=5, rating_range=[1, 5]))
+    np.testing.assert_array_equal(binary.labels, likert.labels)  # rating 5 <=> right answer
+    for name in ("paired.jsonl", "mismatch_binary.jsonl", "eval_binary.jsonl", "eval_paired.jsonl"):
+        assert len(load_dataset([os.path.join(FEEDBACK, name)], tok, DataConfig()))
+    # BOS, question, answer, EOS: the layout the SFT model was trained on.
+    first = read_jsonl("binary.jsonl")[0]
+    seq = binary.seqs["completion"]
+    assert list(seq.tokens[:seq.offsets[1]]) == (
+        [1] + [VOCAB[c] for c in first["prompt"] + first["completion"]] + [2])
