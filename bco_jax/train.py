@@ -435,6 +435,8 @@ def run(cfg: TrainConfig) -> dict:
         preemption.restore()
         reporter.close()
     final = run_eval(steps)
+    if main_process:
+        write_final_state(output_dir, state, cfg, ref_path, fingerprint, steps)
     if cfg.run.export_hf and main_process:
         export(graphdef, state.params, os.path.join(output_dir, "hf"), tokenizer)
     result = {**reporter.last, **final, **udm_log, "output_dir": output_dir}
@@ -443,6 +445,22 @@ def run(cfg: TrainConfig) -> dict:
         print_table(before, after, output_dir)
     writer.close()
     return result
+
+
+def write_final_state(output_dir, state, cfg, ref_path, fingerprint, step):
+    """What `python -m bco_jax.evaluate` needs beside hf/: delta, beta and the reference."""
+    shift = jax.device_get(state.reward_shift)
+    record = {"step": int(step), "delta": float(L.reward_shift_delta(shift)), "beta": cfg.loss.beta,
+              "loss_type": cfg.loss.loss_type, "reference_path": os.path.abspath(ref_path),
+              "reference_fingerprint": fingerprint,
+              "reward_shift": {"mode": shift.mode, "decay": shift.decay,
+                               "class_means": np.asarray(shift.class_means).tolist(),
+                               "class_counts": np.asarray(shift.class_counts).tolist(),
+                               "mean": float(shift.mean), "count": float(shift.count)}}
+    path = os.path.join(output_dir, "bco_state.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def export(graphdef, params, path, tokenizer):

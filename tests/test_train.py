@@ -186,3 +186,27 @@ def test_dry_run_reports_per_device_memory(assets, tmp_path, capsys):
     assert report["temp_size_in_bytes"] > 0 and report["argument_size_in_bytes"] > 0
     assert "MiB per device" in capsys.readouterr().out
     assert not (tmp_path / "dry" / "checkpoints").exists()
+
+
+def test_evaluate_cli_on_a_training_output(assets, tmp_path):
+    out = tmp_path / "for_eval"
+    train.run(parse_args(args(assets, out, "--max_steps", "3")))
+    state = json.loads((out / "bco_state.json").read_text())
+    report_path = tmp_path / "report" / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "bco_jax.evaluate", "--model", str(out), "--data", assets["eval"],
+                           "--num_samples", "8", "--max_new_tokens", "4", "--batch_size", "8",
+                           "--reward_fn", "bco_jax.oracle:reward", "--output", str(report_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["delta"] == state["delta"] and report["reference"] == assets["model"]
+    assert 0 <= report["reward_accuracy"] <= 1 and 0 <= report["reward_auc"] <= 1
+    assert np.isfinite(report["kl"]) and report["samples"] == 8 and 0 <= report["oracle_reward"] <= 1
+    samples = [json.loads(line) for line in (tmp_path / "report" / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {"prompt", "completion", "policy_logp", "reference_logp"} <= set(samples[0])
+    # A model against itself: KL 0 and every reward 0, exactly.
+    from bco_jax import evaluate
+    same = evaluate.run(evaluate.parse(["--model", assets["model"], "--data", assets["eval"], "--num_samples", "8",
+                                        "--max_new_tokens", "4", "--batch_size", "8",
+                                        "--output", str(tmp_path / "same.json")]))
+    assert same["kl"] == 0.0 and same["rewards/chosen"] == 0.0 and same["rewards/rejected"] == 0.0

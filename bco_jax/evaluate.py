@@ -1,0 +1,182 @@
+"""`python -m bco_jax.evaluate`: how an aligned policy's implicit reward and samples look.
+
+On labelled feedback: implicit-reward accuracy (sign of reward - delta against the label, with the
+delta the training run saved) and ROC AUC, mean reward per class. On held-out prompts: completions
+sampled from the policy (written to JSONL), KL(policy || reference) estimated on them as the mean of
+log pi(y|x) - log pi_ref(y|x), and optionally an oracle `--reward_fn module:function` scoring
+(prompt, completion) -> float, reported as its mean (the success rate for a 0/1 oracle).
+Printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
+from bco_jax.metrics import eval_summary
+from bco_jax.models import generate, load_hf, sequence_logps
+
+STATE_FILE = "bco_state.json"  # written by the trainer next to hf/: delta, beta, reference
+
+
+def resolve_model(path: str) -> tuple[str, dict]:
+    """A training output dir (its hf/ export and saved state) or a plain HF folder."""
+    if os.path.exists(os.path.join(path, STATE_FILE)):
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            return os.path.join(path, "hf"), json.load(f)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path}: neither a training output dir ({STATE_FILE}) nor an HF folder")
+    return path, {}
+
+
+def load_reward_fn(spec: str):
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"--reward_fn {spec!r}: expected module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--reward_fn {spec!r}: {err}") from None
+
+
+def _logps_fn(graphdef):
+    @jax.jit
+    def fn(params, ids, mask, loss_mask):
+        return sequence_logps(nnx.merge(graphdef, params), ids, mask, loss_mask)[0]
+    return fn
+
+
+def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> dict:
+    """Accuracy / AUC / class means of the implicit reward on labelled (unpaired) feedback."""
+    pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
+    rewards, labels, mask = [], [], []
+    for batch in ordered_batches(data, cfg, batch_size):
+        args = [jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        r = beta * (np.asarray(pol_fn(policy[1], *args)) - np.asarray(ref_fn(reference[1], *args)))
+        rewards.append(r), labels.append(batch["labels"]), mask.append(batch["example_mask"])
+    rewards, labels, mask = (np.concatenate(x) for x in (rewards, labels, mask))
+    out = eval_summary(rewards, labels, mask, 0.0, 1, delta)
+    out.pop("eval_loss")
+    return {k.removeprefix("eval_"): v for k, v in out.items()}
+
+
+def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new_tokens, temperature, top_p,
+                     batch_size, seed, reward_fn=None, eos_ids=()):
+    """Sample one completion per held-out prompt; KL estimate and optional oracle reward."""
+    seen, prompts = set(), []
+    for up in (True, False):
+        for ids in class_prompts(data, up)[0]:
+            if tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                prompts.append(np.asarray(ids))
+    prompts = prompts[:num_prompts]
+    pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
+    model = nnx.merge(*policy)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, kls = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape: one compilation
+        P = max(len(p) for p in chunk)
+        ids = np.full((batch_size, P), pad, np.int32)
+        mask = np.zeros((batch_size, P), np.int32)
+        for i, p in enumerate(chunk):
+            ids[i, P - len(p):], mask[i, P - len(p):] = p, 1  # left-padded prompts
+        tokens, gen_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start),
+                                    eos_ids=eos_ids or None, pad_id=pad)
+        full = jnp.concatenate([jnp.asarray(ids), tokens], axis=1)
+        full_mask = jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1)
+        loss_mask = jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1)
+        lp_pol = np.asarray(pol_fn(policy[1], full, full_mask, loss_mask))
+        lp_ref = np.asarray(ref_fn(reference[1], full, full_mask, loss_mask))
+        tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)
+        for i in range(min(batch_size, len(prompts) - start)):
+            prompt = tokenizer.decode(chunk[i], skip_special_tokens=True)
+            completion = tokenizer.decode(tokens[i][gen_mask[i] > 0], skip_special_tokens=True)
+            row = {"prompt": prompt, "completion": completion, "policy_logp": float(lp_pol[i]),
+                   "reference_logp": float(lp_ref[i])}
+            if reward_fn is not None:
+                row["oracle_reward"] = float(reward_fn(prompt, completion))
+            rows.append(row)
+            kls.append(lp_pol[i] - lp_ref[i])
+    out = {"kl": float(np.mean(kls)), "samples": len(rows)}
+    if reward_fn is not None:
+        out["oracle_reward"] = float(np.mean([r["oracle_reward"] for r in rows]))
+    return out, rows
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bco_jax.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="training output dir (uses hf/ and its saved delta) or HF folder")
+    p.add_argument("--ref_model", help="reference HF folder (default: the training run's, else --model)")
+    p.add_argument("--data", required=True, help="labelled feedback (any format the trainer reads)")
+    p.add_argument("--beta", type=float, help="implicit-reward beta (default: the training run's, else 0.1)")
+    p.add_argument("--delta", type=float, help="reward shift (default: the training run's saved delta, else 0)")
+    p.add_argument("--reward_fn", help="oracle module:function(prompt, completion) -> float")
+    p.add_argument("--num_samples", type=int, default=256, help="held-out prompts to sample (default 256)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="JSON report path (default: <model>/eval.json); samples go beside it")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    from transformers import AutoTokenizer
+
+    model_path, saved = resolve_model(args.model)
+    ref_path = args.ref_model or saved.get("reference_path") or model_path
+    beta = args.beta if args.beta is not None else saved.get("beta", 0.1)
+    delta = args.delta if args.delta is not None else saved.get("delta", 0.0)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    cfg = DataConfig(train_data=[args.data], max_length=args.max_length, shuffle=False)
+    data = load_dataset([args.data], tokenizer, cfg, require_both_classes=False)
+    if data.paired:
+        raise DataError(f"--data {args.data}: evaluation reads unpaired feedback (prompt, completion, label)")
+    policy_model, ref_model = load_hf(model_path), load_hf(ref_path)
+    policy, reference = nnx.split(policy_model), nnx.split(ref_model)
+    report = {"model": model_path, "reference": ref_path, "beta": beta, "delta": delta}
+    report.update(feedback_metrics(data, cfg, policy, reference, beta, delta, args.batch_size))
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    sampled, rows = sample_and_score(data, tokenizer, policy, reference, num_prompts=args.num_samples,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                                     reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
+    report.update(sampled)
+    output = args.output or os.path.join(args.model, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.splitext(output)[0] + "_samples.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for key, value in report.items():
+        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+    return report
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run(parse(argv))
+    except (DataError, ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
