@@ -7,7 +7,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_hf
 from bco_jax import sharding
-from bco_jax.models import load_hf
+from bco_jax.models import load_hf, sequence_logps
 
 
 def test_make_mesh_fills_minus_one():
@@ -53,6 +53,15 @@ def test_load_onto_mesh_gives_same_logits(checkpoint):
     fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
     got = fn(state, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
     np.testing.assert_allclose(np.asarray(got), np.asarray(single(ids, mask)), atol=1e-5)
+    # what the train step does: log-probs and their gradient of the merged, sharded state
+    loss_mask = jax.device_put(mask, batch_sharding)
+    logps_fn = jax.jit(jax.value_and_grad(
+        lambda s, i, m: sequence_logps(nnx.merge(graphdef, s), i, m, m, chunk_tokens=16)[0].sum()))
+    value, grads = logps_fn(state, jax.device_put(ids, batch_sharding), loss_mask)
+    want = sequence_logps(single, ids, mask, mask)[0].sum()
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    wq_sharding = sharded.layers.wq[...].sharding
+    assert grads["layers"]["wq"][...].sharding.is_equivalent_to(wq_sharding, 4)  # gradients stay sharded
 
 
 def test_model_shardings_cover_every_param(checkpoint):
