@@ -53,6 +53,9 @@ def test_load_onto_mesh_gives_same_logits(checkpoint):
     fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
     got = fn(state, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
     np.testing.assert_allclose(np.asarray(got), np.asarray(single(ids, mask)), atol=1e-5)
+    with jax.set_mesh(mesh):  # activations pinned to the batch axes inside the mesh context
+        pinned = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
+    np.testing.assert_allclose(np.asarray(pinned), np.asarray(got), atol=1e-5)
     # what the train step does: log-probs and their gradient of the merged, sharded state
     loss_mask = jax.device_put(mask, batch_sharding)
     logps_fn = jax.jit(jax.value_and_grad(

@@ -264,7 +264,7 @@ class Decoder(nnx.Module):
         """Core pass. Without `cache`, S == T. With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new
         keys/values go to `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
-        h_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dtype)
+        h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dtype))
         cos, sin = rope_cos_sin(cfg, positions_BxT)
         if cache is None:  # queries and keys are the same sequence
             mask = ("causal", padding_mask(kv_valid_BxS, q_index_T))
@@ -273,11 +273,25 @@ class Decoder(nnx.Module):
 
         def body(h, xs):
             p, kv = xs
-            return _layer(cfg, dtype, p, h, cos, sin, mask, kv, cache_index)
+            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, kv, cache_index)
+            return constrain_batch(h), kv
 
         body = _remat(body, cfg.remat)
         h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache))
         return rms_norm(h_BxTxD, self.final_norm[...], cfg.rms_norm_eps, dtype), new_cache
+
+
+def constrain_batch(x_Bx):
+    """Under `jax.set_mesh(mesh)`, pin the batch axis of activations to the mesh axes that the
+    "batch" rule names, so XLA gathers FSDP-sharded weights rather than resharding activations.
+    No-op without a mesh context, or when the batch does not divide."""
+    from bco_jax.sharding import mesh_spec  # models stay importable without mesh helpers loaded
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x_Bx
+    spec = mesh_spec(("batch",) + (None,) * (x_Bx.ndim - 1), mesh, shape=x_Bx.shape)
+    return jax.lax.with_sharding_constraint(x_Bx, spec) if spec[0] else x_Bx
 
 
 def _remat(fn, policy: str):
