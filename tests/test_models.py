@@ -1,4 +1,5 @@
 """Decoder logits equal transformers PyTorch float32 for each family, left and right padding."""
+import dataclasses
 import json
 
 import jax
@@ -138,3 +139,14 @@ def test_bad_options_name_the_key():
     with pytest.raises(ValueError, match="remat"):
         tiny_config(remat="sometimes")
 
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Layers are scanned: 2 and 16 layers lower to the same program, up to the constants' shapes."""
+    sizes = []
+    for layers in (2, 16):
+        cfg = dataclasses.replace(tiny_config(), num_layers=layers)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+        text = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.ones((1, 4), jnp.int32))).lower(state).as_text()
+        sizes.append(len(text))
+    assert abs(sizes[1] - sizes[0]) < 0.02 * sizes[0]
