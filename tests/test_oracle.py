@@ -117,7 +117,7 @@ def test_shipped_feedback_parses_and_agrees_with_the_oracle():
     binary, likert = read_jsonl("binary.jsonl"), read_jsonl("likert.jsonl")
     for rows in (binary, read_jsonl("eval_binary.jsonl"), read_jsonl("mismatch_binary.jsonl")):
         assert rows and all(set(r) == {"prompt", "completion", "label"} for r in rows)
-        assert all(r["completion"] and r["label"] == task.is_success(r["prompt"], r["completion"])
+        assert all(r["completion"].isdigit() and r["label"] == task.is_success(r["prompt"], r["completion"])
                    for r in rows)
         assert 0.3 < np.mean([r["label"] for r in rows]) < 0.7  # both labels, neither rare
     assert all(set(r) == {"prompt", "completion", "rating"} for r in likert)
@@ -194,3 +194,18 @@ def test_trainer_data_pipeline_reads_every_shipped_set():
     seq = binary.seqs["completion"]
     assert list(seq.tokens[:seq.offsets[1]]) == (
         [1] + [VOCAB[c] for c in first["prompt"] + first["completion"]] + [2])
+
+
+def test_sampled_junk_tokens_are_scored_as_malformed(monkeypatch):
+    import bco_jax.oracle.sampling as sampling
+    tok = build_tokenizer()
+    # Generated rows (EOS = 2, then padding) and the text the oracle must see: an id past the
+    # vocabulary (the model's spare rows) or a stray special token must not vanish from the answer.
+    cases = {"12": [VOCAB["1"], VOCAB["2"], 2, 0, 0], "1<unk>2": [VOCAB["1"], 25, VOCAB["2"], 2, 0],
+             "1<bos>": [VOCAB["1"], 1, 2, 0, 0]}
+    for text, row in cases.items():
+        mask = [1] * (row.index(2) + 1) + [0] * (len(row) - row.index(2) - 1)
+        monkeypatch.setattr(sampling, "generate",
+                            lambda *a, row=row, mask=mask, **k: (np.array([row] * 4), np.array([mask] * 4)))
+        assert sampling.sample_completions(None, tok, ["5+7="], jax.random.key(0), batch_size=4) == [text]
+    assert task.reward("5+7=", "12") == 1.0 and task.reward("5+7=", "1<unk>2") == 0.0

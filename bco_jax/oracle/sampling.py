@@ -43,7 +43,13 @@ def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature
         tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
         for row in range(len(chunk)):
             kept = [int(t) for t, m in zip(tokens[row], out_mask[row]) if m]
-            completions.append(tokenizer.decode(kept, skip_special_tokens=True))
+            if kept and kept[-1] == tokenizer.eos_token_id:
+                kept = kept[:-1]
+            # Any other special token, or an id past the tokenizer's vocabulary (the model's spare
+            # embedding rows), stays visible as text so the oracle scores the answer as malformed;
+            # skipping them would pass "1<bos>2" off as "12".
+            kept = [t if t < len(tokenizer) else tokenizer.unk_token_id for t in kept]
+            completions.append(tokenizer.decode(kept, skip_special_tokens=False))
     return completions
 
 

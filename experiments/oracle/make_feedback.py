@@ -12,7 +12,7 @@ Every training prompt gets `--samples` temperature-1 answers; each file takes wh
   eval_binary.jsonl / eval_paired.jsonl                  the same on held-out prompts
   eval_prompts.jsonl     {prompt, family, answer}        held-out prompts for success rate and KL
   manifest.json          sizes, label balance, the SFT model's success rate, the settings used
-An empty answer (EOS first) is never used as a completion: the trainer rejects empty completions.
+An empty answer, or one holding a special token, is never used as a completion (see `usable`).
 """
 from __future__ import annotations
 
@@ -36,9 +36,16 @@ def sample_many(model, tokenizer, prompts, k, rng) -> list[list[str]]:
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
+def usable(answer: str) -> bool:
+    """Empty answers are rejected by the trainer; an answer holding a special or out-of-vocabulary
+    token (shown as "<unk>", "<bos>", ...; a few in 10^4 samples) would not tokenize back to what
+    the model sampled. Neither is used as a completion."""
+    return bool(answer) and "<" not in answer
+
+
 def first(answers, prompt, success: bool | None = None):
     for a in answers:
-        if a and (success is None or task.is_success(prompt, a) == success):
+        if usable(a) and (success is None or task.is_success(prompt, a) == success):
             return a
     return None
 

@@ -1,7 +1,7 @@
 """Train the oracle task's SFT model from random init and save it as an HF folder.
 
 Plain next-token cross-entropy on the answer tokens (+ EOS) of noisy demonstrations
-(`bco_jax.oracle.task.noisy_answer`), drawn fresh at every step. With `--noise 0.45` a model that
+(`bco_jax.oracle.task.noisy_answer`), drawn fresh at every step. With `--noise 0.5` a model that
 learns the demonstrations well answers right about half of the time at temperature 1, while its
 greedy answer is nearly always right: feedback on its samples then says something it can use.
 
@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--out", default="bco_jax/assets/oracle/sft")
     p.add_argument("--tokenizer", default="bco_jax/assets/oracle/tokenizer",
                    help="tokenizer folder copied into --out (written by bco_jax.oracle.tokenizer)")
-    p.add_argument("--noise", type=float, default=0.45, help="fraction of wrong demonstrations")
+    p.add_argument("--noise", type=float, default=0.5, help="fraction of wrong demonstrations")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--learning_rate", type=float, default=3e-3)
