@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax.sharding import mesh_spec
+
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -228,7 +230,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         self.config = config
-        self.dtype = jnp.dtype(dtype or default_compute_dtype())
+        self.dtype = jnp.dtype(default_compute_dtype() if dtype is None else dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         V, D = config.vocab_size, config.hidden_size
         normal = nnx.initializers.normal(0.02)
@@ -285,8 +287,6 @@ def constrain_batch(x_Bx):
     """Under `jax.set_mesh(mesh)`, pin the batch axis of activations to the mesh axes that the
     "batch" rule names, so XLA gathers FSDP-sharded weights rather than resharding activations.
     No-op without a mesh context, or when the batch does not divide."""
-    from bco_jax.sharding import mesh_spec  # models stay importable without mesh helpers loaded
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x_Bx

@@ -19,6 +19,7 @@ from flax import nnx
 
 from bco_jax.models import safetensors_io as st
 from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.sharding import mesh_spec
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -248,10 +249,9 @@ def _checkpoint_files(path) -> dict[str, str]:
 
 
 def _target_sharding(spec, shape, mesh, rules):
-    from bco_jax import sharding as shard_lib  # models stay importable without the mesh helpers
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.sharding.NamedSharding(mesh, shard_lib.mesh_spec(spec, mesh, rules, shape))
+    return jax.sharding.NamedSharding(mesh, mesh_spec(spec, mesh, rules, shape))
 
 
 def _load_param(files, opened, hf_name, layered, shape, perm, split, sharding, dtype):
