@@ -76,3 +76,13 @@ def test_model_shardings_cover_every_param(checkpoint):
     placed = jax.device_put(state, shardings)
     for (path, var), (_, s) in zip(nnx.to_flat_state(placed), flat):
         assert var[...].sharding == s, path
+
+
+def test_save_from_mesh_round_trips(checkpoint, tmp_path):
+    from bco_jax.models import save_hf
+    sharded = load_hf(checkpoint, mesh=sharding.make_mesh((1, 4, 2)))
+    save_hf(sharded, str(tmp_path))
+    again = load_hf(str(tmp_path))
+    for name in ("wq", "wo", "w_down"):
+        np.testing.assert_array_equal(np.asarray(getattr(again.layers, name)[...]),
+                                      np.asarray(getattr(sharded.layers, name)[...]))

@@ -305,6 +305,14 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
 # ----------------------------------------------------------------------------- save
 
 
+def _host(array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    # Multi-process mesh: every process takes part in the gather; only process 0 writes.
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def _hf_tensors(model: Decoder):
     """Yield (HF name, numpy array) one layer at a time, so the host holds one tensor at once."""
     _, state = nnx.split(model)
@@ -312,16 +320,21 @@ def _hf_tensors(model: Decoder):
     for our_name, (hf_name, perm, split) in _table_for(flat).items():
         array = flat[our_name][...]
         if "{i}" not in hf_name:
-            yield hf_name, _to_hf(np.asarray(jax.device_get(array)), perm, split)
+            yield hf_name, _to_hf(_host(array), perm, split)
             continue
         for i in range(array.shape[0]):
-            yield hf_name.format(i=i), _to_hf(np.asarray(jax.device_get(array[i])), perm, split)
+            yield hf_name.format(i=i), _to_hf(_host(array[i]), perm, split)
 
 
 def save_hf(model: Decoder, path, *, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
     """Write config.json (+ generation_config.json when the source had one) and safetensors that
     transformers loads; sharded with an index above `max_shard_bytes`. `tokenizer`: an HF tokenizer
-    object or a folder whose tokenizer files are copied."""
+    object or a folder whose tokenizer files are copied. On several processes, call it on all of
+    them (they gather the parameters together); process 0 writes."""
+    if jax.process_index() != 0:
+        for _ in _hf_tensors(model):
+            pass
+        return
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     dtype_name = jnp.dtype(model.param_dtype).name
