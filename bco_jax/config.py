@@ -92,7 +92,7 @@ class RunOptions:
     sigterm_exit_code: int = _opt(0, "exit code after saving on SIGTERM (non-zero makes schedulers requeue)")
     tensorboard: bool = _opt(True, "also write TensorBoard scalars to output_dir/tensorboard")
     export_hf: bool = _opt(True, "export the final policy to output_dir/hf as an HF folder")
-    demo_samples: int = _opt(128, "held-out prompts sampled before/after for the oracle table (oracle data only)")
+    demo_samples: int = _opt(1200, "answers sampled on held-out prompts for the demo's before/after oracle table")
 
 
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
@@ -165,7 +165,7 @@ def _parse_value(key: str, raw, annotation):
         raise ConfigError(f"--{key}: cannot read {raw!r} ({err})") from None
 
 
-def _flatten_yaml(doc: dict, path: str) -> dict:
+def _flatten_yaml(doc: dict) -> dict:
     flat = {}
     for key, value in (doc or {}).items():
         if key in SECTIONS and isinstance(value, dict):
@@ -263,8 +263,10 @@ def _help_text(f: dataclasses.Field) -> str:
     return f"{f.metadata['help']} (default: {default})"
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.train") -> TrainConfig:
-    """`[--config FILE.yaml] [--key value ...]`: flags override the file; --help lists every key."""
+def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.train",
+               defaults: dict | None = None) -> TrainConfig:
+    """`[--config FILE.yaml] [--key value ...]`: flags override the file, which overrides `defaults`
+    (e.g. the embedded demo's settings); --help lists every key."""
     parser = argparse.ArgumentParser(prog=prog, description="Align a causal LM with BCO (or DPO, IPO, NCA, "
                                      "KTO, BCE) from thumbs-up / thumbs-down feedback.",
                                      argument_default=argparse.SUPPRESS)
@@ -279,7 +281,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
             build_config({token[2:].split("=")[0]: None})  # raises, naming the key and close matches
         raise ConfigError(f"unexpected argument {token!r}: keys are given as --key value")
     args = vars(parsed)
-    values = {}
+    values = dict(defaults or {})
     config_file = args.pop("config", None)
     if config_file:
         try:
@@ -288,10 +290,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
             raise ConfigError(f"--config {config_file}: cannot read ({err})") from None
         if doc is not None and not isinstance(doc, dict):
             raise ConfigError(f"--config {config_file}: expected a mapping of keys")
-        values.update(_flatten_yaml(doc, config_file))
+        values.update(_flatten_yaml(doc))
     values.update(args)
     return build_config(values)
-
-
-def to_namespace(cfg: TrainConfig) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**cfg.flat())

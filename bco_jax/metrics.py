@@ -50,11 +50,11 @@ class Window:
 
     def summary(self) -> dict:
         """TRL's names. Per-class means are over the window's examples of that class and are absent
-        when the window held none (as TRL); loss, delta, grad_norm are means over the window's steps;
-        learning_rate is the last step's."""
+        when the window held none (as TRL); loss and delta are means over the window's steps;
+        learning_rate and grad_norm are the last step's (as transformers' Trainer logs them)."""
         out = {}
         for key, values in self.means.items():
-            out[key] = values[-1] if key == "learning_rate" else float(np.mean(values))
+            out[key] = values[-1] if key in ("learning_rate", "grad_norm") else float(np.mean(values))
         s = self.sums
         for side in ("chosen", "rejected"):
             n = s.get(f"count/{side}", 0.0)

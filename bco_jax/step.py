@@ -218,8 +218,8 @@ def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: StepConfi
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
     metrics = {k: jnp.sum(v) for k, v in stats.items() if k != "delta"}
-    # The delta this step's loss used (TRL mode: the one of its last micro-batch, as TRL logs it).
-    metrics["delta"] = stats["delta"][-1]
+    # The delta this step's loss used; in TRL mode it moves per micro-batch and TRL logs their mean.
+    metrics["delta"] = jnp.mean(stats["delta"])
     metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    skipped=(~finite).astype(jnp.int32), tokens=_tokens(batch),
                    nonfinite_in_row=new_state.nonfinite_in_row)

@@ -9,7 +9,6 @@ the shipped oracle-task SFT model and feedback, with a before/after table.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -47,17 +46,19 @@ class TrainError(RuntimeError):
 # ------------------------------------------------------------------------------------------ setup
 
 
-def apply_demo_defaults(cfg: TrainConfig) -> bool:
-    """Fill in the shipped oracle-task model and data when none is given. Returns True if it did."""
-    if cfg.model.model or cfg.data.train_data:
-        return False
+def demo_defaults() -> dict:
+    """The embedded demonstration: BCO on the shipped oracle-task SFT model and its feedback, with
+    settings under which a 200k-parameter model visibly improves in a few CPU minutes."""
     from bco_jax import oracle
 
-    cfg.model.model = oracle.MODEL_DIR
-    cfg.data.train_data = [os.path.join(oracle.ASSETS, "feedback_binary.jsonl")]
-    if not cfg.data.eval_data:
-        cfg.data.eval_data = [os.path.join(oracle.ASSETS, "heldout_feedback.jsonl")]
-    return True
+    return {"model": oracle.MODEL_DIR, "train_data": [oracle.TRAIN_FEEDBACK],
+            "eval_data": [oracle.EVAL_FEEDBACK], **oracle.DEMO_SETTINGS}
+
+
+def is_demo(cfg: TrainConfig) -> bool:
+    from bco_jax import oracle
+
+    return os.path.abspath(cfg.model.model) == os.path.abspath(oracle.MODEL_DIR)
 
 
 def compute_dtype(name: str):
@@ -234,7 +235,8 @@ class Reporter:
         if show:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            disable=None)  # None: no bar when stderr is not a terminal (CI logs)
 
     def add(self, step: int, metrics) -> None:
         metrics = jax.device_get(metrics)
@@ -309,7 +311,7 @@ def _load_models(cfg, mesh):
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns the last logged and evaluated metrics."""
-    demo = apply_demo_defaults(cfg)
+    demo = is_demo(cfg)
     output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
     main_process = jax.process_index() == 0
     mesh = build_mesh(mesh_shape(cfg))
@@ -405,9 +407,11 @@ def run(cfg: TrainConfig) -> dict:
         writer.write(step, record)
         return record
 
-    before = {}
-    if demo and start == 0:
+    before_path = os.path.join(output_dir, "demo_before.json")
+    if demo and start == 0 and main_process:
         before = {**run_eval(0), **oracle_success(cfg, graphdef, state.params, tokenizer)}
+        with open(before_path, "w", encoding="utf-8") as f:
+            json.dump(before, f)
     reporter = Reporter(cfg, writer, steps, start, iterator.epoch_length, show=main_process)
     preemption, pending = _Preemption(), None
     try:
@@ -437,12 +441,15 @@ def run(cfg: TrainConfig) -> dict:
     final = run_eval(steps)
     if main_process:
         write_final_state(output_dir, state, cfg, ref_path, fingerprint, steps)
-    if cfg.run.export_hf and main_process:
+    if cfg.run.export_hf:
         export(graphdef, state.params, os.path.join(output_dir, "hf"), tokenizer)
     result = {**reporter.last, **final, **udm_log, "output_dir": output_dir}
-    if demo:
+    if demo and main_process:
         after = {**final, **oracle_success(cfg, graphdef, state.params, tokenizer)}
+        with open(before_path, encoding="utf-8") as f:
+            before = json.load(f)
         print_table(before, after, output_dir)
+        result.update({**{f"before_{k}": v for k, v in before.items()}, **after})
     writer.close()
     return result
 
@@ -464,8 +471,9 @@ def write_final_state(output_dir, state, cfg, ref_path, fingerprint, step):
 
 
 def export(graphdef, params, path, tokenizer):
-    """The policy as an HF folder (safetensors + config + tokenizer), loadable by transformers."""
-    save_hf(nnx.merge(graphdef, jax.device_get(params)), path, tokenizer=tokenizer)
+    """The policy as an HF folder (safetensors + config + tokenizer), loadable by transformers.
+    Every process calls it (they gather the sharded parameters together); process 0 writes."""
+    save_hf(nnx.merge(graphdef, params), path, tokenizer=tokenizer)
     log.info("exported the policy to %s", path)
 
 
@@ -494,9 +502,10 @@ def oracle_success(cfg, graphdef, params, tokenizer) -> dict:
     """Oracle success rate of temperature-1 samples on held-out oracle-task prompts."""
     from bco_jax.oracle import sampling, task
 
-    prompts = task.split_prompts()["eval"][: cfg.run.demo_samples]
-    model = nnx.merge(graphdef, jax.device_get(params))
-    result = sampling.success_rate(model, tokenizer, prompts, jax.random.key(cfg.run.seed))
+    prompts = task.split_prompts()["eval"]
+    model = nnx.merge(graphdef, params)
+    result = sampling.success_rate(model, tokenizer, prompts, jax.random.key(cfg.run.seed),
+                                   samples_per_prompt=max(1, cfg.run.demo_samples // len(prompts)))
     return {"oracle_success": result["success"], "oracle_samples": result["n"]}
 
 
@@ -520,6 +529,8 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = parse_args(argv)
+        if not cfg.model.model and not cfg.data.train_data:
+            cfg = parse_args(argv, defaults=demo_defaults())
         run(cfg)
     except (ConfigError, DataError, TrainError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -34,13 +34,15 @@ Settings aligned on the TRL side, and why (each differs from BCOConfig's default
     batch mean).
   * count/chosen, count/rejected: TRL's BCOTrainer.log deletes them from what it logs; they are
     checked against the labels of each step's 8 rows instead.
-Not covered (logging_steps=1, no accumulation): with a window of several steps HF logs the last
-step's grad_norm, and with gradient accumulation TRL logs the mean delta of the micro-batches.
+The second case adds gradient accumulation (2 micro-batches of 4) and a logging window of 2 steps:
+there TRL's delta moves between micro-batches and is logged as their mean, HF logs the window's last
+grad_norm and the window's mean loss, and per-class rewards/logps are sums over the window / counts.
 """
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,17 +57,18 @@ COMPARED = ("loss", "delta", "rewards/chosen", "rewards/rejected", "rewards/marg
             "logps/rejected", "grad_norm", "learning_rate", "epoch")
 
 
-def _trl_records(model_dir, rows, out):
+def _trl_records(model_dir, rows, out, accumulation, logging_steps):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = BCOConfig(
-        output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=LR,
-        logging_steps=1, bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
+        output_dir=str(out), per_device_train_batch_size=BATCH // accumulation, max_steps=STEPS,
+        learning_rate=LR, logging_steps=logging_steps, bf16=False, fp16=False, use_cpu=True, report_to=[],
+        save_strategy="no",
         warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM,
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-        activation_checkpointing=False, gradient_accumulation_steps=1, beta=0.1, max_length=MAX_LENGTH,
+        activation_checkpointing=False, gradient_accumulation_steps=accumulation, beta=0.1, max_length=MAX_LENGTH,
         seed=42, dataloader_num_workers=0, dataloader_drop_last=False, disable_tqdm=True)
     trainer = BCOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
@@ -73,36 +76,37 @@ def _trl_records(model_dir, rows, out):
     return [r for r in trainer.state.log_history if "loss" in r]
 
 
-def _our_records(model_dir, data, out):
+def _our_records(model_dir, data, out, accumulation, logging_steps):
     train.run(parse_args([
         "--model", model_dir, "--train_data", data, "--eval_data", "", "--output_dir", str(out),
         "--batch_size", str(BATCH), "--max_steps", str(STEPS), "--learning_rate", str(LR),
-        "--logging_steps", "1", "--warmup_ratio", "0", "--lr_scheduler_type", "linear",
+        "--logging_steps", str(logging_steps), "--warmup_ratio", "0", "--lr_scheduler_type", "linear",
         "--weight_decay", "0", "--max_grad_norm", str(MAX_GRAD_NORM), "--beta", "0.1", "--loss_type", "bco",
-        "--reward_shift", "trl", "--shuffle", "false", "--gradient_accumulation_steps", "1",
+        "--reward_shift", "trl", "--shuffle", "false", "--gradient_accumulation_steps", str(accumulation),
         "--mesh", "1,1,1", "--dtype", "float32", "--ref_dtype", "float32",
         "--max_length", str(MAX_LENGTH), "--length_buckets", str(MAX_LENGTH),
         "--tensorboard", "false", "--export_hf", "false"]))
     return [r for r in read_metrics(out) if "loss" in r]
 
 
-def test_per_step_metrics_match_trl_bco_trainer(tmp_path):
+@pytest.mark.parametrize("accumulation, logging_steps", [(1, 1), (2, 2)])
+def test_per_step_metrics_match_trl_bco_trainer(tmp_path, accumulation, logging_steps):
     model_dir = tiny_model_dir(tmp_path / "model")
     data = feedback_file(tmp_path / "train.jsonl", 64)
     with open(data, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
 
-    ours = _our_records(model_dir, data, tmp_path / "ours")
-    theirs = _trl_records(model_dir, rows, tmp_path / "trl")
-    assert len(ours) == len(theirs) == STEPS
-    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    ours = _our_records(model_dir, data, tmp_path / "ours", accumulation, logging_steps)
+    theirs = _trl_records(model_dir, rows, tmp_path / "trl", accumulation, logging_steps)
+    assert len(ours) == len(theirs) == STEPS // logging_steps
+    assert [r["step"] for r in ours] == list(range(logging_steps, STEPS + 1, logging_steps))
 
     # Every step's batch holds both classes, so every per-class metric exists on both sides.
     labels = np.array([r["label"] for r in rows[:BATCH * STEPS]]).reshape(STEPS, BATCH)
     assert labels.any(1).all() and (~labels).any(1).all()
     # The comparison means something: delta moves, and most steps are clipped.
     assert min(r["delta"] for r in theirs) < -1e-2
-    assert sum(r["grad_norm"] > MAX_GRAD_NORM for r in theirs) >= STEPS // 2
+    assert sum(r["grad_norm"] > MAX_GRAD_NORM for r in theirs) >= len(theirs) // 2
 
     for key in COMPARED:
         a = np.array([r[key] for r in ours], np.float64)
@@ -114,5 +118,6 @@ def test_per_step_metrics_match_trl_bco_trainer(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
 
     # TRL logs no counts (BCOTrainer.log deletes them); they are the labels of each step's rows.
-    np.testing.assert_array_equal([r["count/chosen"] for r in ours], labels.sum(1))
-    np.testing.assert_array_equal([r["count/rejected"] for r in ours], (~labels).sum(1))
+    per_window = lambda x: x.reshape(-1, logging_steps).sum(1)  # noqa: E731
+    np.testing.assert_array_equal([r["count/chosen"] for r in ours], per_window(labels.sum(1)))
+    np.testing.assert_array_equal([r["count/rejected"] for r in ours], per_window((~labels).sum(1)))
