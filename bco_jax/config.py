@@ -269,7 +269,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
     (e.g. the embedded demo's settings); --help lists every key."""
     parser = argparse.ArgumentParser(prog=prog, description="Align a causal LM with BCO (or DPO, IPO, NCA, "
                                      "KTO, BCE) from thumbs-up / thumbs-down feedback.",
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of keys (flat, or grouped under model/loss/optim/run/data)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)

@@ -240,4 +240,4 @@ def eval_step(params, reference, batch, shift, *, graphdefs, cfg: StepConfig):
     loss_sum, (rewards, labels, mask, _, stats) = micro_batch_loss(
         params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta)
     return {"rewards": rewards, "labels": labels, "mask": mask, "loss_sum": loss_sum, **stats,
-            "delta": delta}
+            "delta": delta, "n_examples": jnp.sum(batch["example_mask"])}

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bco_jax import checkpoint as ckpt_lib
@@ -31,7 +32,7 @@ from bco_jax import udm
 from bco_jax.config import ConfigError, TrainConfig, mesh_shape, parse_args, run_name
 from bco_jax.data import BatchIterator, DataError, load_dataset, ordered_batches, prompt_batches
 from bco_jax.metrics import MetricsWriter, Window, eval_summary
-from bco_jax.models import load_hf, save_hf
+from bco_jax.models import load_hf, save_hf, sequence_logps
 from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
 from bco_jax.step import StepConfig, TrainState, eval_step, init_state, make_optimizer, train_step
 
@@ -126,18 +127,23 @@ def reference_table(cfg, data, graphdef, ref_params, mesh, cache_path) -> np.nda
     batch_size = cfg.run.eval_batch_size or cfg.run.batch_size
     for batch in ordered_batches(data, cfg.data, batch_size, jax.process_index(), jax.process_count()):
         arrays = to_device_batch(batch, mesh, 1)
-        idx = batch["example_index"]
+        idx = gather(arrays["example_index"])[0]  # the whole global batch, on every process
         for j, pre in enumerate(prefixes):
-            values = np.asarray(jax.device_get(logps_fn(ref_params, arrays, pre)))[0]
+            values = gather(logps_fn(ref_params, arrays, pre))[0]
             table[idx[idx >= 0], j] = values[idx >= 0]
     table = table[:, 0] if not data.paired else table
     _atomic_save(cache_path, table)
     return table
 
 
-def _logps(graphdef, params, batch, prefix):
-    from bco_jax.models import sequence_logps
+def gather(x) -> np.ndarray:
+    """A global jax.Array as one NumPy array on every process (its shards may live on other hosts)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
+
+def _logps(graphdef, params, batch, prefix):
     model = nnx.merge(graphdef, params)
     squeeze = lambda k: batch[prefix + k][0]  # noqa: E731 (micro-batch axis of 1)
     return sequence_logps(model, squeeze("input_ids"), squeeze("attention_mask"), squeeze("loss_mask"))[0][None]
@@ -198,12 +204,11 @@ def evaluate(cfg, data, state, reference, eval_fn, mesh, ref_table=None) -> dict
     for batch in ordered_batches(data, cfg.data, batch_size, jax.process_index(), jax.process_count()):
         batch = attach_tables(batch, ref_table, None)
         batch.pop("example_index")
-        out = jax.device_get(eval_fn(state.params, reference, to_device_batch(batch, mesh, 1),
-                                     state.reward_shift))
+        out = eval_fn(state.params, reference, to_device_batch(batch, mesh, 1), state.reward_shift)
         for key in rows:
-            rows[key].append(np.asarray(out[key]).reshape(-1))
-        loss_sum += float(out["loss_sum"])
-        n_rows += int(np.sum(batch["example_mask"]))
+            rows[key].append(gather(out[key]).reshape(-1))
+        loss_sum += float(gather(out["loss_sum"]))
+        n_rows += int(gather(out["n_examples"]))
     delta = float(L.reward_shift_delta(state.reward_shift))
     return eval_summary(*(np.concatenate(rows[k]) for k in ("rewards", "labels", "mask")), loss_sum, n_rows, delta)
 
