@@ -348,9 +348,10 @@ def run(cfg: TrainConfig) -> dict:
     fingerprint = ckpt_lib.params_fingerprint(ref_path)
     optimizer, schedule = make_optimizer(cfg.optim, steps)
     shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
-    state = init_state(params, optimizer, shift, cfg.run.seed)
-    shardings = _state_shardings(state, param_shardings, mesh, optimizer)
-    state = jax.device_put(state, shardings)
+    # Built under jit straight onto its shardings: on several hosts no process holds all of it.
+    make_state = lambda p: init_state(p, optimizer, shift, cfg.run.seed)  # noqa: E731
+    shardings = _state_shardings(jax.eval_shape(make_state, params), param_shardings, mesh, optimizer)
+    state = jax.jit(make_state, out_shardings=shardings)(params)
     del params
 
     step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=step_cfg,
