@@ -414,10 +414,11 @@ def run(cfg: TrainConfig) -> dict:
         return record
 
     before_path = os.path.join(output_dir, "demo_before.json")
-    if demo and start == 0 and main_process:
+    if demo and start == 0:  # every process: evaluation and sampling run over the whole mesh
         before = {**run_eval(0), **oracle_success(cfg, graphdef, state.params, tokenizer)}
-        with open(before_path, "w", encoding="utf-8") as f:
-            json.dump(before, f)
+        if main_process:
+            with open(before_path, "w", encoding="utf-8") as f:
+                json.dump(before, f)
     reporter = Reporter(cfg, writer, steps, start, iterator.epoch_length, show=main_process)
     preemption, pending = _Preemption(), None
     try:
@@ -437,11 +438,10 @@ def run(cfg: TrainConfig) -> dict:
             if preemption.requested:
                 log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.run.sigterm_exit_code)
                 reporter.flush(step)
-                checkpointer.close()
                 writer.close()
                 raise SystemExit(cfg.run.sigterm_exit_code)
+    finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
         checkpointer.close()
-    finally:
         preemption.restore()
         reporter.close()
     final = run_eval(steps)
@@ -450,8 +450,9 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.run.export_hf:
         export(graphdef, state.params, os.path.join(output_dir, "hf"), tokenizer)
     result = {**reporter.last, **final, **udm_log, "output_dir": output_dir}
-    if demo and main_process:
+    if demo:
         after = {**final, **oracle_success(cfg, graphdef, state.params, tokenizer)}
+    if demo and main_process:
         with open(before_path, encoding="utf-8") as f:
             before = json.load(f)
         print_table(before, after, output_dir)
