@@ -56,12 +56,6 @@ def demo_defaults() -> dict:
             "eval_data": [oracle.EVAL_FEEDBACK], **oracle.DEMO_SETTINGS}
 
 
-def is_demo(cfg: TrainConfig) -> bool:
-    from bco_jax import oracle
-
-    return os.path.abspath(cfg.model.model) == os.path.abspath(oracle.MODEL_DIR)
-
-
 def compute_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -314,9 +308,12 @@ def _load_models(cfg, mesh):
             reference.config.hidden_size, ref_path)
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the last logged and evaluated metrics."""
-    demo = is_demo(cfg)
+def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
+    """Train as configured; returns the last logged and evaluated metrics. `demo`: also score the
+    oracle task before and after and print the table (the embedded default run)."""
+    if not cfg.model.model or not cfg.data.train_data:
+        raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
+                          "for the embedded demo")
     output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
     main_process = jax.process_index() == 0
     mesh = build_mesh(mesh_shape(cfg))
@@ -536,9 +533,10 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = parse_args(argv)
-        if not cfg.model.model and not cfg.data.train_data:
+        demo = not cfg.model.model and not cfg.data.train_data
+        if demo:
             cfg = parse_args(argv, defaults=demo_defaults())
-        run(cfg)
+        run(cfg, demo=demo)
     except (ConfigError, DataError, TrainError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
