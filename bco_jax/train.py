@@ -308,15 +308,18 @@ def _load_models(cfg, mesh):
             reference.config.hidden_size, ref_path)
 
 
-def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
-    """Train as configured; returns the last logged and evaluated metrics. `demo`: also score the
-    oracle task before and after and print the table (the embedded default run)."""
-    if not cfg.model.model or not cfg.data.train_data:
-        raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
-                          "for the embedded demo")
-    output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
-    main_process = jax.process_index() == 0
-    mesh = build_mesh(mesh_shape(cfg))
+def _load_data(cfg: TrainConfig, tokenizer):
+    train_data = load_dataset(cfg.data.train_data, tokenizer, cfg.data)
+    eval_data = (load_dataset(cfg.data.eval_data, tokenizer, cfg.data, split=cfg.data.eval_split,
+                              require_both_classes=False) if cfg.data.eval_data else None)
+    paired_loss = cfg.loss.loss_type in ("dpo", "ipo", "nca")
+    if paired_loss != train_data.paired:
+        raise ConfigError(f"loss_type: {cfg.loss.loss_type} needs {'paired' if paired_loss else 'unpaired'} data "
+                          f"(prompt/chosen/rejected), but train_data is {'paired' if train_data.paired else 'unpaired'}")
+    return train_data, eval_data
+
+
+def _check_layout(cfg: TrainConfig, mesh) -> None:
     accumulation = cfg.run.gradient_accumulation_steps
     data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.run.batch_size % (accumulation * data_devices):
@@ -326,134 +329,168 @@ def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
         raise ConfigError("precompute_ref_log_probs: not supported with loss_type=kto (its KL pairs change "
                           "with every batch)")
 
-    tokenizer = load_tokenizer(cfg.model.model)
-    train_data = load_dataset(cfg.data.train_data, tokenizer, cfg.data)
-    eval_data = (load_dataset(cfg.data.eval_data, tokenizer, cfg.data, split=cfg.data.eval_split,
-                              require_both_classes=False) if cfg.data.eval_data else None)
-    paired_loss = cfg.loss.loss_type in ("dpo", "ipo", "nca")
-    if paired_loss != train_data.paired:
-        raise ConfigError(f"loss_type: {cfg.loss.loss_type} needs {'paired' if paired_loss else 'unpaired'} data "
-                          f"(prompt/chosen/rejected), but train_data is {'paired' if train_data.paired else 'unpaired'}")
-    step_cfg = StepConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
-                          desirable_weight=cfg.loss.desirable_weight, undesirable_weight=cfg.loss.undesirable_weight,
-                          precomputed_reference=cfg.run.precompute_ref_log_probs)
-    iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-    steps = total_steps(cfg, iterator.steps_per_epoch)
 
-    graphdef, params, param_shardings, ref_graphdef, reference, hidden, ref_path = _load_models(cfg, mesh)
-    fingerprint = ckpt_lib.params_fingerprint(ref_path)
-    optimizer, schedule = make_optimizer(cfg.optim, steps)
-    shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
-    # Built under jit straight onto its shardings: on several hosts no process holds all of it.
-    make_state = lambda p: init_state(p, optimizer, shift, cfg.run.seed)  # noqa: E731
-    shardings = _state_shardings(jax.eval_shape(make_state, params), param_shardings, mesh, optimizer)
-    state = jax.jit(make_state, out_shardings=shardings)(params)
-    del params
+class Session:
+    """One training run: what it loaded, its state, and the jitted step. The pieces change together
+    (a resume replaces the state, precomputation frees the reference), so they live together."""
 
-    step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=step_cfg,
-                                        optimizer=optimizer, schedule=schedule),
-                      out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(lambda p, r, b, s: eval_step(p, r, {k: v[0] for k, v in b.items()}, s,
-                                                   graphdefs=(graphdef, ref_graphdef), cfg=step_cfg))
-    if cfg.run.dry_run:
-        return dry_run(step_fn, state, None if step_cfg.precomputed_reference else reference, iterator, mesh,
-                       accumulation, train_data)
+    def __init__(self, cfg: TrainConfig, output_dir: str):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.main_process = jax.process_index() == 0
+        self.mesh = build_mesh(mesh_shape(cfg))
+        _check_layout(cfg, self.mesh)
+        self.tokenizer = load_tokenizer(cfg.model.model)
+        self.train_data, self.eval_data = _load_data(cfg, self.tokenizer)
+        self.iterator = BatchIterator(self.train_data, cfg.data, seed=cfg.run.seed,
+                                      global_batch_size=cfg.run.batch_size, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+        self.steps = total_steps(cfg, self.iterator.steps_per_epoch)
+        (self.graphdef, params, param_shardings, self.ref_graphdef, self.reference, self.hidden,
+         self.ref_path) = _load_models(cfg, self.mesh)
+        self.fingerprint = ckpt_lib.params_fingerprint(self.ref_path)
+        optimizer, schedule = make_optimizer(cfg.optim, self.steps)
+        shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
+        # Built under jit straight onto its shardings: on several hosts no process holds all of it.
+        make_state = lambda p: init_state(p, optimizer, shift, cfg.run.seed)  # noqa: E731
+        self.shardings = _state_shardings(jax.eval_shape(make_state, params), param_shardings, self.mesh,
+                                          optimizer)
+        self.state = jax.jit(make_state, out_shardings=self.shardings)(params)
+        step_cfg = StepConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta,
+                              label_smoothing=cfg.loss.label_smoothing, desirable_weight=cfg.loss.desirable_weight,
+                              undesirable_weight=cfg.loss.undesirable_weight,
+                              precomputed_reference=cfg.run.precompute_ref_log_probs)
+        graphdefs = (self.graphdef, self.ref_graphdef)
+        self.step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=step_cfg,
+                                                 optimizer=optimizer, schedule=schedule),
+                               out_shardings=(self.shardings, None), donate_argnums=0)
+        self.eval_fn = jax.jit(lambda p, r, b, s: eval_step(p, r, {k: v[0] for k, v in b.items()}, s,
+                                                            graphdefs=graphdefs, cfg=step_cfg))
+        self.udm_params = self.weights = self.ref_table = self.eval_table = None
+        self.udm_log = {}
 
-    checkpointer = ckpt_lib.Checkpointer(output_dir, save_total_limit=cfg.run.save_total_limit)
-    start, restored_udm = checkpointer.latest_step(), None
-    if start is not None:
-        target = {"train": _abstract(state, shardings)}
+    def resume(self, checkpointer) -> int:
+        """Restore the newest complete checkpoint, if any (onto this run's mesh); returns its step."""
+        start = checkpointer.latest_step()
+        if start is not None:
+            target = {"train": _abstract(self.state, self.shardings)}
+            if self.cfg.loss.udm:
+                target["udm"] = udm.abstract_params(self.hidden)
+            restored, saved = checkpointer.restore(start, target)
+            ckpt_lib.check_reference(saved, self.fingerprint)
+            self.state, self.udm_params = restored["train"], restored.get("udm")
+            self.iterator.restore(saved["data"])
+            if self.main_process:
+                _truncate_metrics(self.output_dir, start)
+            log.info("resumed %s at step %d", self.output_dir, start)
+        return start or 0
+
+    def precompute(self) -> None:
+        """UDM weights, and reference log-probs (then the reference weights are freed)."""
+        cfg = self.cfg
         if cfg.loss.udm:
-            target["udm"] = udm.abstract_params(hidden)
-        restored, saved = checkpointer.restore(start, target)
-        ckpt_lib.check_reference(saved, fingerprint)
-        state, restored_udm = restored["train"], restored.get("udm")
-        iterator.restore(saved["data"])
-        if main_process:
-            _truncate_metrics(output_dir, start)
-        log.info("resumed %s at step %d", output_dir, start)
-    start = start or 0
+            self.udm_params, self.weights, self.udm_log = fit_udm(cfg, self.train_data, self.ref_graphdef,
+                                                                  self.reference, self.mesh, self.udm_params)
+        if cfg.run.precompute_ref_log_probs:
+            os.makedirs(self.output_dir, exist_ok=True)
+            ref_id = self.fingerprint.split(":")[-1][:16]
+            table = lambda data: reference_table(  # noqa: E731
+                cfg, data, self.ref_graphdef, self.reference, self.mesh,
+                os.path.join(self.output_dir, f"reference_logps-{ref_id}-{data.fingerprint()[:16]}.npy"))
+            self.ref_table = table(self.train_data)
+            self.eval_table = table(self.eval_data) if self.eval_data is not None else None
+            self.reference = None  # the step reads reference log-probs from the batch
 
-    udm_params = weights = ref_table = eval_table = None
-    udm_log = {}
-    if cfg.loss.udm:
-        udm_params, weights, udm_log = fit_udm(cfg, train_data, ref_graphdef, reference, mesh, restored_udm)
-    if cfg.run.precompute_ref_log_probs:
-        os.makedirs(output_dir, exist_ok=True)
-        ref_id = fingerprint.split(":")[-1][:16]
-        ref_table = reference_table(cfg, train_data, ref_graphdef, reference, mesh,
-                                    os.path.join(output_dir, f"reference_logps-{ref_id}-{train_data.fingerprint()[:16]}.npy"))
-        if eval_data is not None:
-            eval_table = reference_table(cfg, eval_data, ref_graphdef, reference, mesh,
-                                         os.path.join(output_dir, f"reference_logps-{ref_id}-{eval_data.fingerprint()[:16]}.npy"))
-        reference = None  # freed: the step reads reference log-probs from the batch
+    def save(self, checkpointer, step: int) -> None:
+        item = {"train": self.state} if self.udm_params is None else {"train": self.state, "udm": self.udm_params}
+        checkpointer.save(step, item, {"data": self.iterator.state(), "config": self.flat_config(),
+                                       ckpt_lib.REFERENCE_PATH: os.path.abspath(self.ref_path),
+                                       ckpt_lib.REFERENCE_FINGERPRINT: self.fingerprint})
 
-    writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
-    flat_config = json.loads(json.dumps(cfg.flat(), default=str))
-    if main_process:
-        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(flat_config, f, indent=2, sort_keys=True)
-    if udm_log and start == 0:
-        writer.write(0, udm_log)
+    def flat_config(self) -> dict:
+        return json.loads(json.dumps(self.cfg.flat(), default=str))
 
-    def save(step):
-        item = {"train": state} if udm_params is None else {"train": state, "udm": udm_params}
-        checkpointer.save(step, item, {"data": iterator.state(), "config": flat_config,
-                                       ckpt_lib.REFERENCE_PATH: os.path.abspath(ref_path),
-                                       ckpt_lib.REFERENCE_FINGERPRINT: fingerprint})
-
-    def run_eval(step):
-        if eval_data is None:
+    def evaluate(self, writer, step: int) -> dict:
+        if self.eval_data is None:
             return {}
-        record = evaluate(cfg, eval_data, state, reference, eval_fn, mesh, eval_table)
+        record = evaluate(self.cfg, self.eval_data, self.state, self.reference, self.eval_fn, self.mesh,
+                          self.eval_table)
         writer.write(step, record)
         return record
 
+    def train(self, checkpointer, writer, start: int) -> dict:
+        """Steps start+1 .. steps; returns the last logged record. SIGTERM: save, then exit."""
+        cfg, steps = self.cfg, self.steps
+        reporter = Reporter(cfg, writer, steps, start, self.iterator.epoch_length, show=self.main_process)
+        preemption, pending = _Preemption(), None
+        try:
+            for step in range(start + 1, steps + 1):
+                local = attach_tables(next(self.iterator), self.ref_table, self.weights)
+                local.pop("example_index")
+                batch = to_device_batch(local, self.mesh, cfg.run.gradient_accumulation_steps)
+                self.state, metrics = self.step_fn(self.state, self.reference, batch)
+                if pending is not None:  # read step N-1's metrics while step N runs
+                    reporter.add(*pending)
+                pending = (step, metrics)
+                if step % cfg.run.save_steps == 0 or step == steps or preemption.requested:
+                    reporter.add(*pending)
+                    pending = None
+                    self.save(checkpointer, step)
+                if cfg.run.eval_steps and step % cfg.run.eval_steps == 0 and step != steps:
+                    self.evaluate(writer, step)
+                if preemption.requested:
+                    log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.run.sigterm_exit_code)
+                    reporter.flush(step)
+                    writer.close()
+                    raise SystemExit(cfg.run.sigterm_exit_code)
+        finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
+            checkpointer.close()
+            preemption.restore()
+            reporter.close()
+        return reporter.last
+
+
+def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
+    """Train as configured; returns the last logged and evaluated metrics. `demo`: also score the
+    oracle task before and after and print the table (the embedded default run)."""
+    if not cfg.model.model or not cfg.data.train_data:
+        raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
+                          "for the embedded demo")
+    output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
+    session = Session(cfg, output_dir)
+    if cfg.run.dry_run:
+        return dry_run(session)
+    checkpointer = ckpt_lib.Checkpointer(output_dir, save_total_limit=cfg.run.save_total_limit)
+    start = session.resume(checkpointer)
+    session.precompute()
+    main_process = session.main_process
+    writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
+    if main_process:
+        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(session.flat_config(), f, indent=2, sort_keys=True)
+    if session.udm_log and start == 0:
+        writer.write(0, session.udm_log)
     before_path = os.path.join(output_dir, "demo_before.json")
     if demo and start == 0:  # every process: evaluation and sampling run over the whole mesh
-        before = {**run_eval(0), **oracle_success(cfg, graphdef, state.params, tokenizer)}
+        before = {**session.evaluate(writer, 0), **oracle_success(cfg, session)}
         if main_process:
             with open(before_path, "w", encoding="utf-8") as f:
                 json.dump(before, f)
-    reporter = Reporter(cfg, writer, steps, start, iterator.epoch_length, show=main_process)
-    preemption, pending = _Preemption(), None
-    try:
-        for step in range(start + 1, steps + 1):
-            local = attach_tables(next(iterator), ref_table, weights)
-            local.pop("example_index")
-            state, metrics = step_fn(state, reference, to_device_batch(local, mesh, accumulation))
-            if pending is not None:  # read step N-1's metrics while step N runs
-                reporter.add(*pending)
-            pending = (step, metrics)
-            if step % cfg.run.save_steps == 0 or step == steps or preemption.requested:
-                reporter.add(*pending)
-                pending = None
-                save(step)
-            if cfg.run.eval_steps and step % cfg.run.eval_steps == 0 and step != steps:
-                run_eval(step)
-            if preemption.requested:
-                log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.run.sigterm_exit_code)
-                reporter.flush(step)
-                writer.close()
-                raise SystemExit(cfg.run.sigterm_exit_code)
-    finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
-        checkpointer.close()
-        preemption.restore()
-        reporter.close()
-    final = run_eval(steps)
+
+    last = session.train(checkpointer, writer, start)
+    final = session.evaluate(writer, session.steps)
     if main_process:
-        write_final_state(output_dir, state, cfg, ref_path, fingerprint, steps)
+        write_final_state(output_dir, session.state, cfg, session.ref_path, session.fingerprint, session.steps)
     if cfg.run.export_hf:
-        export(graphdef, state.params, os.path.join(output_dir, "hf"), tokenizer)
-    result = {**reporter.last, **final, **udm_log, "output_dir": output_dir}
+        export(session.graphdef, session.state.params, os.path.join(output_dir, "hf"), session.tokenizer)
+    result = {**last, **final, **session.udm_log, "output_dir": output_dir}
     if demo:
-        after = {**final, **oracle_success(cfg, graphdef, state.params, tokenizer)}
-    if demo and main_process:
-        with open(before_path, encoding="utf-8") as f:
-            before = json.load(f)
-        print_table(before, after, output_dir)
-        result.update({**{f"before_{k}": v for k, v in before.items()}, **after})
+        after = {**final, **oracle_success(cfg, session)}
+        if main_process:
+            with open(before_path, encoding="utf-8") as f:
+                before = json.load(f)
+            print_table(before, after, output_dir)
+            result.update({f"before_{k}": v for k, v in before.items()})
+        result.update(after)
     writer.close()
     return result
 
@@ -481,19 +518,22 @@ def export(graphdef, params, path, tokenizer):
     log.info("exported the policy to %s", path)
 
 
-def dry_run(step_fn, state, reference, iterator, mesh, accumulation, data) -> dict:
-    """Compile the step for the longest bucket and report XLA's per-device memory analysis."""
-    local = next(iterator)
+def dry_run(session: Session) -> dict:
+    """Compile the step for the first batch's shape and report XLA's per-device memory analysis."""
+    local = next(session.iterator)
     local.pop("example_index")
-    if reference is None:
+    reference = session.reference
+    if session.cfg.run.precompute_ref_log_probs:
+        reference = None
         for key in [k for k in local if k.endswith("input_ids")]:
             local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
-    compiled = step_fn.lower(state, reference, to_device_batch(local, mesh, accumulation)).compile()
-    mem = compiled.memory_analysis()
+    batch = to_device_batch(local, session.mesh, session.cfg.run.gradient_accumulation_steps)
+    mem = session.step_fn.lower(session.state, reference, batch).compile().memory_analysis()
     report = {k: int(getattr(mem, k, 0) or 0) for k in
               ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")}
     report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]
-    print(f"dry run: mesh {dict(mesh.shape)}, batch shape {local['input_ids' if 'input_ids' in local else 'chosen_input_ids'].shape}")
+    shape = next(v.shape for k, v in batch.items() if k.endswith("input_ids"))
+    print(f"dry run: mesh {dict(session.mesh.shape)}, batch [micro-batches, rows, tokens] {shape}")
     for key, value in report.items():
         print(f"  {key:32s} {value / 2**20:10.1f} MiB per device")
     return report
@@ -502,13 +542,13 @@ def dry_run(step_fn, state, reference, iterator, mesh, accumulation, data) -> di
 # ------------------------------------------------------------------------------ the demonstration
 
 
-def oracle_success(cfg, graphdef, params, tokenizer) -> dict:
+def oracle_success(cfg, session: Session) -> dict:
     """Oracle success rate of temperature-1 samples on held-out oracle-task prompts."""
     from bco_jax.oracle import sampling, task
 
     prompts = task.split_prompts()["eval"]
-    model = nnx.merge(graphdef, params)
-    result = sampling.success_rate(model, tokenizer, prompts, jax.random.key(cfg.run.seed),
+    model = nnx.merge(session.graphdef, session.state.params)
+    result = sampling.success_rate(model, session.tokenizer, prompts, jax.random.key(cfg.run.seed),
                                    samples_per_prompt=max(1, cfg.run.demo_samples // len(prompts)))
     return {"oracle_success": result["success"], "oracle_samples": result["n"]}
 
