@@ -101,9 +101,14 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
         lp_pol = np.asarray(pol_fn(policy[1], full, full_mask, loss_mask))
         lp_ref = np.asarray(ref_fn(reference[1], full, full_mask, loss_mask))
         tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)
+        stop = set(eos_ids or model.config.eos_token_ids)
         for i in range(min(batch_size, len(prompts) - start)):
             prompt = tokenizer.decode(chunk[i], skip_special_tokens=True)
-            completion = tokenizer.decode(tokens[i][gen_mask[i] > 0], skip_special_tokens=True)
+            generated = [int(t) for t in tokens[i][gen_mask[i] > 0]]
+            if generated and generated[-1] in stop:
+                generated = generated[:-1]
+            # Special tokens sampled mid-answer stay visible: an oracle must not score junk as right.
+            completion = tokenizer.decode(generated, skip_special_tokens=False)
             row = {"prompt": prompt, "completion": completion, "policy_logp": float(lp_pol[i]),
                    "reference_logp": float(lp_ref[i])}
             if reward_fn is not None:
