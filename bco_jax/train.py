@@ -281,13 +281,19 @@ def _state_shardings(state: TrainState, param_shardings, mesh, optimizer):
                       nonfinite_in_row=replicated, skipped_steps=replicated)
 
 
-def _truncate_metrics(output_dir: str, step: int) -> None:
-    """A resumed run replays the steps after its checkpoint: drop their old records."""
+def _truncate_metrics(output_dir: str, step: int, finished: bool) -> None:
+    """A resumed run replays the steps after its checkpoint: drop their old records (and, when the
+    run had finished, its final evaluation, which the resumed run writes again)."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+
+    def keep(record):
+        return record.get("step", 0) < step or (record.get("step", 0) == step and not
+                                                 (finished and "eval_loss" in record))
+
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in f if line.strip() and keep(json.loads(line))]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -380,7 +386,7 @@ class Session:
             self.state, self.udm_params = restored["train"], restored.get("udm")
             self.iterator.restore(saved["data"])
             if self.main_process:
-                _truncate_metrics(self.output_dir, start)
+                _truncate_metrics(self.output_dir, start, finished=start == self.steps)
             log.info("resumed %s at step %d", self.output_dir, start)
         return start or 0
 

@@ -210,3 +210,14 @@ def test_evaluate_cli_on_a_training_output(assets, tmp_path):
                                         "--max_new_tokens", "4", "--batch_size", "8",
                                         "--output", str(tmp_path / "same.json")]))
     assert same["kl"] == 0.0 and same["rewards/chosen"] == 0.0 and same["rewards/rejected"] == 0.0
+
+
+def test_rerunning_a_finished_run_does_not_duplicate_records(assets, tmp_path):
+    out = tmp_path / "again"
+    common = ["--max_steps", "2", "--export_hf", "false"]
+    train.run(parse_args(args(assets, out, *common)))
+    first = read_metrics(out)
+    train.run(parse_args(args(assets, out, *common)))
+    second = read_metrics(out)
+    assert [r["step"] for r in first] == [r["step"] for r in second] and len(first) == 3
+    assert first[-1]["eval_loss"] == second[-1]["eval_loss"]
