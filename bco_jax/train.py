@@ -65,6 +65,9 @@ def compute_dtype(name: str):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise ConfigError(f"model: {path} is not a folder (a local HF model folder is expected; nothing is "
+                          "downloaded)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
