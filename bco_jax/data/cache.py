@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-CACHE_VERSION = 1  # bump when the tokenized layout or tokenization rules change
+CACHE_VERSION = 2  # bump when the tokenized layout or tokenization rules change
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -24,10 +24,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())
     else:  # slow tokenizer: the vocabulary is what we can see
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    import tokenizers
+    import transformers
+
+    # Options of slow tokenizers (legacy, add_prefix_space, ...) and library versions change ids too.
     extra = [type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
-             tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None)]
+             tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None),
+             _plain_options(tokenizer), transformers.__version__, tokenizers.__version__]
     h.update(json.dumps(extra, default=str).encode())
     return h.hexdigest()
+
+
+def _plain_options(tokenizer) -> list:
+    # Plain values only: objects would hash by address, and file paths say where, not what.
+    return sorted((k, v) for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                  if isinstance(v, (str, int, float, bool, type(None))) and "file" not in k
+                  and k != "name_or_path")
 
 
 def cache_key(source_fingerprint, tokenizer_fp: str, options: dict) -> str:

@@ -92,7 +92,9 @@ def _read_file(path: str, issues: Issues) -> Iterator[tuple[Row, str]]:
 
 
 def _read_jsonl(path: str, text: str, issues: Issues) -> Iterator[tuple[Row, str]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only \n ends a JSON Lines record: str.splitlines would also split on U+2028 / U+2029 / U+0085,
+    # which JSON allows raw inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

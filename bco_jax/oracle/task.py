@@ -80,8 +80,9 @@ def split_prompts(seed: int = 0, n_eval: int = 300, n_heldout_feedback: int = 40
 
 
 def _clean(completion: str) -> str:
-    # Generated text may keep the EOS string when decoded without skipping special tokens.
-    return completion.replace("<eos>", "").strip()
+    # Generated text may end with the EOS string when decoded without skipping special tokens; an EOS
+    # inside the answer is junk and must not be scored right.
+    return completion.strip().removesuffix("<eos>").strip()
 
 
 def reward(prompt: str, completion: str) -> float:
