@@ -63,7 +63,8 @@ class LossOptions:
 @dataclass
 class OptimOptions:
     learning_rate: float = _opt(5e-7, "peak learning rate of AdamW (paper: 5e-7)")
-    lr_scheduler_type: str = _opt("linear", "decay after warmup: linear, cosine or constant")
+    lr_scheduler_type: str = _opt("linear", "linear, cosine (warmup, then decay to 0), constant_with_warmup, "
+                                            "or constant (no warmup), as transformers")
     warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
@@ -211,8 +212,10 @@ def validate(cfg: TrainConfig) -> None:
         (m.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16"),
         (m.ref_dtype in ("float32", "bfloat16"), "ref_dtype", "must be float32 or bfloat16"),
         (m.remat in ("none", "full", "save_dots"), "remat", "must be none, full or save_dots"),
-        (o.lr_scheduler_type in ("linear", "cosine", "constant"), "lr_scheduler_type",
-         "must be linear, cosine or constant"),
+        (o.lr_scheduler_type in ("linear", "cosine", "constant", "constant_with_warmup"), "lr_scheduler_type",
+         "must be linear, cosine, constant or constant_with_warmup"),
+        (l.loss_type != "kto" or r.batch_size >= 2, "batch_size",
+         "KTO needs >= 2 examples per batch (its KL term pairs each prompt with another completion)"),
         (0.0 <= o.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)"),
         (o.learning_rate >= 0, "learning_rate", "must be >= 0"),
         (o.max_grad_norm >= 0, "max_grad_norm", "must be >= 0"),

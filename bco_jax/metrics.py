@@ -40,6 +40,10 @@ class Window:
         self.sums, self.means, self.steps = {}, {}, 0
 
     def add(self, metrics: dict) -> None:
+        if float(metrics.get("skipped", 0)):
+            # A skipped step's NaNs would poison the window's means: count it, log nothing else of it.
+            self.sums["skipped"] = self.sums.get("skipped", 0.0) + 1.0
+            return
         self.steps += 1
         for key, value in metrics.items():
             value = float(value)

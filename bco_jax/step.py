@@ -61,8 +61,9 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float, kind: str):
-    """transformers' schedules: linear warmup from 0, then linear to 0 / cosine to 0 / constant."""
-    warm = warmup_steps(total_steps, warmup_ratio)
+    """transformers' schedules: linear warmup from 0, then linear to 0 / cosine to 0 / constant
+    (`constant_with_warmup`); transformers' `constant` has no warmup at all."""
+    warm = 0 if kind == "constant" else warmup_steps(total_steps, warmup_ratio)
 
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)

@@ -223,6 +223,12 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether any process got the signal: all of them must save and stop at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
 
@@ -334,6 +340,9 @@ def _check_layout(cfg: TrainConfig, mesh) -> None:
     if cfg.run.batch_size % (accumulation * data_devices):
         raise ConfigError(f"batch_size: {cfg.run.batch_size} is not divisible by gradient_accumulation_steps "
                           f"({accumulation}) x data-parallel devices ({data_devices})")
+    eval_batch = cfg.run.eval_batch_size or cfg.run.batch_size
+    if eval_batch % data_devices:
+        raise ConfigError(f"eval_batch_size: {eval_batch} is not divisible by the {data_devices} data-parallel devices")
     if cfg.run.precompute_ref_log_probs and cfg.loss.loss_type == "kto":
         raise ConfigError("precompute_ref_log_probs: not supported with loss_type=kto (its KL pairs change "
                           "with every batch)")
@@ -440,15 +449,16 @@ class Session:
                 if pending is not None:  # read step N-1's metrics while step N runs
                     reporter.add(*pending)
                 pending = (step, metrics)
-                if step % cfg.run.save_steps == 0 or step == steps or preemption.requested:
+                stop = preemption.agreed()  # read once: the save and the exit must agree
+                if cfg.run.eval_steps and step % cfg.run.eval_steps == 0 and step != steps:
+                    self.evaluate(writer, step)  # before the save: a resume replays it if it is lost
+                if step % cfg.run.save_steps == 0 or step == steps or stop:
                     reporter.add(*pending)
+                    reporter.flush(step)  # windows end at checkpoints, so a resumed run logs the same
                     pending = None
                     self.save(checkpointer, step)
-                if cfg.run.eval_steps and step % cfg.run.eval_steps == 0 and step != steps:
-                    self.evaluate(writer, step)
-                if preemption.requested:
+                if stop:
                     log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.run.sigterm_exit_code)
-                    reporter.flush(step)
                     writer.close()
                     raise SystemExit(cfg.run.sigterm_exit_code)
         finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
@@ -466,6 +476,13 @@ def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
                           "for the embedded demo")
     output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
     session = Session(cfg, output_dir)
+    # Under the mesh context the models pin activations to the batch axes, so with FSDP XLA gathers
+    # weights rather than the whole batch's activations.
+    with jax.set_mesh(session.mesh):
+        return _run(session, cfg, output_dir, demo)
+
+
+def _run(session: Session, cfg: TrainConfig, output_dir: str, demo: bool) -> dict:
     if cfg.run.dry_run:
         return dry_run(session)
     checkpointer = ckpt_lib.Checkpointer(output_dir, save_total_limit=cfg.run.save_total_limit)

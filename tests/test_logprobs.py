@@ -101,3 +101,46 @@ def test_full_logits_never_materialised():
         temp = compiled.memory_analysis().temp_size_in_bytes
         print(f"{fn.__name__}: temp {temp / 2**20:.1f} MiB vs full logits {full_logits_bytes / 2**20:.1f} MiB")
         assert temp < full_logits_bytes / 4
+
+
+def test_pad_id_beyond_the_vocabulary_gives_finite_logps():
+    """An added [PAD] token can have id == vocab_size; padding must stay harmless."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bco_jax.models import Decoder, ModelConfig, sequence_logps
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8)
+    model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    ids = jnp.array([[1, 5, 9, 7, 0, 0]])
+    mask = jnp.array([[1, 1, 1, 1, 0, 0]])
+    base = sequence_logps(model, ids, mask, mask)[0]
+    padded = sequence_logps(model, ids.at[0, 4:].set(cfg.vocab_size), mask, mask)[0]
+    assert jnp.isfinite(padded).all()
+    np.testing.assert_allclose(padded, base, rtol=1e-6)
+
+
+def test_bfloat16_lm_head_gradient_does_not_degrade_with_many_chunks():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bco_jax.models import Decoder, ModelConfig, sequence_logps
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16)
+    ids = jax.random.randint(jax.random.key(0), (2, 128), 0, 256)
+    mask = jnp.ones_like(ids)
+
+    def lm_head_grad(dtype, chunk_tokens):
+        model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+        graphdef, state = nnx.split(model)
+        loss = lambda s: sequence_logps(nnx.merge(graphdef, s), ids, mask, mask,  # noqa: E731
+                                        chunk_tokens=chunk_tokens)[0].sum()
+        return np.asarray(jax.grad(loss)(state)["lm_head"][...], np.float64)
+
+    exact = lm_head_grad(jnp.float32, 4096)
+    err = lambda g: np.linalg.norm(g - exact) / np.linalg.norm(exact)  # noqa: E731
+    one_chunk, many_chunks = err(lm_head_grad(jnp.bfloat16, 4096)), err(lm_head_grad(jnp.bfloat16, 4))
+    assert many_chunks < 1.5 * one_chunk, (one_chunk, many_chunks)

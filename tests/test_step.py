@@ -176,9 +176,14 @@ def test_kto_step_uses_mismatched_kl_pairs(models):
 def test_eval_step_does_not_move_trl_running_mean(models):
     graphdef, params, ref = models
     shift = L.reward_shift_update(L.reward_shift_init("trl"), jnp.array([0.3]), jnp.array([True]))
-    out = eval_step(params, ref, {k: jnp.asarray(v) for k, v in make_batch(5).items()}, shift,
-                    graphdefs=(graphdef, graphdef), cfg=StepConfig())
-    assert float(out["delta"]) == pytest.approx(0.3)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
+    out = eval_step(params, ref, batch, shift, graphdefs=(graphdef, graphdef), cfg=StepConfig())
+    # The loss used the state's delta (0.3) as it was, not one moved by this batch's rewards.
+    args = [batch[k] for k in ("input_ids", "attention_mask", "loss_mask")]
+    pol = sequence_logps(nnx.merge(graphdef, params), *args)[0]
+    ref_lp = sequence_logps(nnx.merge(graphdef, ref), *args)[0]
+    want = jnp.sum(L.bco_loss(pol, ref_lp, batch["labels"], 0.3)[0])
+    np.testing.assert_allclose(out["loss_sum"], want, rtol=1e-5)
 
 
 def test_schedule_matches_transformers_linear_warmup():
@@ -188,4 +193,6 @@ def test_schedule_matches_transformers_linear_warmup():
     np.testing.assert_allclose([float(sched(s)) for s in range(10)], want, rtol=1e-6)
     cos = learning_rate_schedule(1.0, 10, 0.0, "cosine")
     assert float(cos(0)) == pytest.approx(1.0) and float(cos(5)) == pytest.approx(0.5)
-    assert float(learning_rate_schedule(2.0, 10, 0.1, "constant")(7)) == pytest.approx(2.0)
+    assert float(learning_rate_schedule(2.0, 10, 0.1, "constant_with_warmup")(7)) == pytest.approx(2.0)
+    assert float(learning_rate_schedule(2.0, 10, 0.5, "constant_with_warmup")(0)) == 0.0
+    assert float(learning_rate_schedule(2.0, 10, 0.5, "constant")(0)) == pytest.approx(2.0)  # no warmup

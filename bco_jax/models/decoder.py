@@ -266,7 +266,8 @@ class Decoder(nnx.Module):
         """Core pass. Without `cache`, S == T. With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new
         keys/values go to `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
-        h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(dtype))
+        # mode="clip": padding may use an id >= vocab_size (an added [PAD]); it is masked, but must not be NaN.
+        h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip").astype(dtype))
         cos, sin = rope_cos_sin(cfg, positions_BxT)
         if cache is None:  # queries and keys are the same sequence
             mask = ("causal", padding_mask(kv_valid_BxS, q_index_T))

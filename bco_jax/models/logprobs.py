@@ -25,12 +25,15 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask, *, chunk_tokens:
     targets_BxT = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
     weights_BxT = jnp.pad((loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32), ((0, 0), (0, 1)))
     chunk = max(1, min(T, chunk_tokens // B))
-    logps_B = _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, model.lm_head_weight(), chunk)
+    # The weight enters the scan in its parameter dtype and is cast inside each chunk: its gradient
+    # is then summed over chunks in float32 (a bfloat16 sum loses precision with every chunk).
+    w = model.embed[...].T if model.config.tie_word_embeddings else model.lm_head[...]
+    logps_B = _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w, chunk, model.dtype)
     counts_B = jnp.sum(weights_BxT, axis=1).astype(jnp.int32)
     return logps_B, counts_B
 
 
-def _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w_DxV, chunk: int):
+def _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w_DxV, chunk: int, dtype):
     B, T, D = h_BxTxD.shape
     n_chunks = -(-T // chunk)
     pad = n_chunks * chunk - T
@@ -40,8 +43,11 @@ def _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w_DxV, chunk: int):
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them all
     def chunk_logps(h_BxCxD, targets_BxC, weights_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
-        target_logits_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(dtype), w_DxV.astype(dtype),
+                                  preferred_element_type=jnp.float32)
+        # mode="clip": a pad id >= vocab_size (an added [PAD]) must not turn the row into NaN.
+        target_logits_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1,
+                                                mode="clip")[..., 0]
         logps_BxC = target_logits_BxC - jax.nn.logsumexp(logits_BxCxV, axis=-1)
         return jnp.sum(logps_BxC * weights_BxC, axis=1)
 
