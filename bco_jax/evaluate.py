@@ -11,6 +11,7 @@ Printed as a table and written as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -30,10 +31,15 @@ STATE_FILE = "bco_state.json"  # written by the trainer next to hf/: delta, beta
 
 
 def resolve_model(path: str) -> tuple[str, dict]:
-    """A training output dir (its hf/ export and saved state) or a plain HF folder."""
+    """A training output dir (its hf/ export, saved state and resolved config) or a plain HF folder."""
     if os.path.exists(os.path.join(path, STATE_FILE)):
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            return os.path.join(path, "hf"), json.load(f)
+            saved = json.load(f)
+        config = os.path.join(path, "config.json")
+        if os.path.exists(config):
+            with open(config, encoding="utf-8") as f:
+                saved["config"] = json.load(f)
+        return os.path.join(path, "hf"), saved
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model {path}: neither a training output dir ({STATE_FILE}) nor an HF folder")
     return path, {}
@@ -73,12 +79,18 @@ def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> d
 def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new_tokens, temperature, top_p,
                      batch_size, seed, reward_fn=None, eos_ids=()):
     """Sample one completion per held-out prompt; KL estimate and optional oracle reward."""
-    seen, prompts = set(), []
+    # Distinct prompts in a seeded random order: cutting a class-sorted list would sample one class's
+    # prompts only (and under prompt mismatch, one prompt family).
+    by_index = {}
     for up in (True, False):
-        for ids in class_prompts(data, up)[0]:
-            if tuple(ids) not in seen:
-                seen.add(tuple(ids))
-                prompts.append(np.asarray(ids))
+        for ids, index in zip(*class_prompts(data, up)):
+            by_index[int(index)] = np.asarray(ids)
+    seen, prompts = set(), []
+    for index in np.random.default_rng(seed).permutation(sorted(by_index)):
+        key = tuple(by_index[int(index)])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(by_index[int(index)])
     prompts = prompts[:num_prompts]
     pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
     model = nnx.merge(*policy)
@@ -134,7 +146,7 @@ def parse(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_length", type=int, default=1024)
+    p.add_argument("--max_length", type=int, help="default: the training run's, else 1024")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON report path (default: <model>/eval.json); samples go beside it")
     return p.parse_args(argv)
@@ -148,7 +160,14 @@ def run(args) -> dict:
     beta = args.beta if args.beta is not None else saved.get("beta", 0.1)
     delta = args.delta if args.delta is not None else saved.get("delta", 0.0)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    cfg = DataConfig(train_data=[args.data], max_length=args.max_length, shuffle=False)
+    # The run's own data options (columns, rating rule, lengths), so rewards are computed on the
+    # sequences the saved delta was estimated on; --max_length overrides.
+    run_options = {f.name: saved["config"][f.name] for f in dataclasses.fields(DataConfig)
+                   if f.name in saved.get("config", {})}
+    run_options.update(train_data=[args.data], eval_data=[], shuffle=False, paired=False, kl_pairs=False)
+    if args.max_length is not None:
+        run_options["max_length"] = args.max_length
+    cfg = DataConfig(**run_options)
     data = load_dataset([args.data], tokenizer, cfg, require_both_classes=False)
     if data.paired:
         raise DataError(f"--data {args.data}: evaluation reads unpaired feedback (prompt, completion, label)")

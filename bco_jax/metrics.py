@@ -73,9 +73,8 @@ class Window:
         return out
 
 
-def eval_summary(rewards, labels, mask, loss_sum, n_rows, delta, pairs: int | None = None) -> dict:
-    """eval_ metrics from per-row rewards: accuracy of sign(reward - delta), AUC, class means.
-    `pairs`: for paired data the rows are [chosen..., rejected...] per batch; pair accuracy is given."""
+def eval_summary(rewards, labels, mask, loss_sum, n_rows, delta) -> dict:
+    """eval_ metrics from per-row rewards: accuracy of sign(reward - delta), AUC, class means."""
     rewards, labels, mask = (np.asarray(x) for x in (rewards, labels, mask))
     rewards, labels = rewards[mask.astype(bool)], labels[mask.astype(bool)].astype(bool)
     out = {"eval_loss": float(loss_sum) / max(n_rows, 1), "eval_delta": float(delta),

@@ -50,7 +50,6 @@ class StepConfig:
     label_smoothing: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    precomputed_reference: bool = False
 
 
 # ---------------------------------------------------------------------------------------- optimizer

@@ -33,6 +33,7 @@ from bco_jax.config import ConfigError, TrainConfig, mesh_shape, parse_args, run
 from bco_jax.data import BatchIterator, DataError, load_dataset, ordered_batches, prompt_batches
 from bco_jax.metrics import MetricsWriter, Window, eval_summary
 from bco_jax.models import load_hf, save_hf, sequence_logps
+from bco_jax.oracle import demo as oracle_demo
 from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
 from bco_jax.step import StepConfig, TrainState, eval_step, init_state, make_optimizer, train_step
 
@@ -45,15 +46,6 @@ class TrainError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ setup
-
-
-def demo_defaults() -> dict:
-    """The embedded demonstration: BCO on the shipped oracle-task SFT model and its feedback, with
-    settings under which a 200k-parameter model visibly improves in a few CPU minutes."""
-    from bco_jax import oracle
-
-    return {"model": oracle.MODEL_DIR, "train_data": [oracle.TRAIN_FEEDBACK],
-            "eval_data": [oracle.EVAL_FEEDBACK], **oracle.DEMO_SETTINGS}
 
 
 def compute_dtype(name: str):
@@ -375,8 +367,7 @@ class Session:
         self.state = jax.jit(make_state, out_shardings=self.shardings)(params)
         step_cfg = StepConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta,
                               label_smoothing=cfg.loss.label_smoothing, desirable_weight=cfg.loss.desirable_weight,
-                              undesirable_weight=cfg.loss.undesirable_weight,
-                              precomputed_reference=cfg.run.precompute_ref_log_probs)
+                              undesirable_weight=cfg.loss.undesirable_weight)
         graphdefs = (self.graphdef, self.ref_graphdef)
         self.step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=step_cfg,
                                                  optimizer=optimizer, schedule=schedule),
@@ -497,7 +488,7 @@ def _run(session: Session, cfg: TrainConfig, output_dir: str, demo: bool) -> dic
         writer.write(0, session.udm_log)
     before_path = os.path.join(output_dir, "demo_before.json")
     if demo and start == 0:  # every process: evaluation and sampling run over the whole mesh
-        before = {**session.evaluate(writer, 0), **oracle_success(cfg, session)}
+        before = {**session.evaluate(writer, 0), **score_oracle(session)}
         if main_process:
             with open(before_path, "w", encoding="utf-8") as f:
                 json.dump(before, f)
@@ -510,15 +501,20 @@ def _run(session: Session, cfg: TrainConfig, output_dir: str, demo: bool) -> dic
         export(session.graphdef, session.state.params, os.path.join(output_dir, "hf"), session.tokenizer)
     result = {**last, **final, **session.udm_log, "output_dir": output_dir}
     if demo:
-        after = {**final, **oracle_success(cfg, session)}
+        after = {**final, **score_oracle(session)}
         if main_process:
             with open(before_path, encoding="utf-8") as f:
                 before = json.load(f)
-            print_table(before, after, output_dir)
+            oracle_demo.print_table(before, after, output_dir)
             result.update({f"before_{k}": v for k, v in before.items()})
         result.update(after)
     writer.close()
     return result
+
+
+def score_oracle(session: Session) -> dict:
+    return oracle_demo.success(session.graphdef, session.state.params, session.tokenizer,
+                               seed=session.cfg.run.seed, samples=session.cfg.run.demo_samples)
 
 
 def write_final_state(output_dir, state, cfg, ref_path, fingerprint, step):
@@ -565,34 +561,6 @@ def dry_run(session: Session) -> dict:
     return report
 
 
-# ------------------------------------------------------------------------------ the demonstration
-
-
-def oracle_success(cfg, session: Session) -> dict:
-    """Oracle success rate of temperature-1 samples on held-out oracle-task prompts."""
-    from bco_jax.oracle import sampling, task
-
-    prompts = task.split_prompts()["eval"]
-    model = nnx.merge(session.graphdef, session.state.params)
-    result = sampling.success_rate(model, session.tokenizer, prompts, jax.random.key(cfg.run.seed),
-                                   samples_per_prompt=max(1, cfg.run.demo_samples // len(prompts)))
-    return {"oracle_success": result["success"], "oracle_samples": result["n"]}
-
-
-def print_table(before: dict, after: dict, output_dir: str) -> None:
-    rows = [("oracle success rate (held-out prompts, T=1)", "oracle_success"),
-            ("implicit-reward accuracy (held-out feedback)", "eval_reward_accuracy"),
-            ("implicit-reward ROC AUC", "eval_reward_auc"),
-            ("mean reward, thumbs-up", "eval_rewards/chosen"),
-            ("mean reward, thumbs-down", "eval_rewards/rejected"),
-            ("delta", "eval_delta")]
-    print(f"\n{'':46s} {'before':>10s} {'after':>10s}")
-    for name, key in rows:
-        fmt = lambda d: f"{d[key]:10.4f}" if key in d else f"{'-':>10s}"  # noqa: E731
-        print(f"{name:46s} {fmt(before)} {fmt(after)}")
-    print(f"\noutputs in {output_dir}: metrics.jsonl, tensorboard/, checkpoints/, hf/ (the aligned model)")
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
@@ -601,7 +569,7 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         demo = not cfg.model.model and not cfg.data.train_data
         if demo:
-            cfg = parse_args(argv, defaults=demo_defaults())
+            cfg = parse_args(argv, defaults=oracle_demo.defaults())
         run(cfg, demo=demo)
     except (ConfigError, DataError, TrainError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

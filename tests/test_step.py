@@ -131,7 +131,7 @@ def test_precomputed_reference_equals_live_reference(models):
 
     batches = [make_batch(s) for s in range(2)]
     live, h_live = run(models, batches, cfg=StepConfig())
-    pre, h_pre = run(models, batches, cfg=StepConfig(precomputed_reference=True), precomputed=precompute)
+    pre, h_pre = run(models, batches, precomputed=precompute)
     assert_trees_close(live.params, pre.params)
     for a, b in zip(h_live, h_pre):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
@@ -140,7 +140,7 @@ def test_precomputed_reference_equals_live_reference(models):
 def test_nonfinite_step_is_skipped_and_counted(models):
     graphdef, params, _ = models
     bad = lambda batch: np.full(B, np.nan, np.float32)  # noqa: E731
-    state, hist = run(models, [make_batch(0)], cfg=StepConfig(precomputed_reference=True), precomputed=bad)
+    state, hist = run(models, [make_batch(0)], precomputed=bad)
     assert hist[0]["skipped"] == 1
     assert int(state.nonfinite_in_row) == 1 and int(state.skipped_steps) == 1 and int(state.step) == 1
     assert_trees_close(state.params, params, rtol=0, atol=0)

@@ -101,7 +101,7 @@ def _cli(argv, **kw):
 
 
 def test_kill_and_resume_is_bit_exact(assets, tmp_path):
-    common = ["--max_steps", "8", "--save_steps", "2", "--export_hf", "false", "--eval_data", ""]
+    common = ["--max_steps", "8", "--save_steps", "2", "--eval_data", ""]
     whole = tmp_path / "whole"
     assert _cli(args(assets, whole, *common)).returncode == 0
     killed = tmp_path / "killed"
@@ -113,8 +113,11 @@ def test_kill_and_resume_is_bit_exact(assets, tmp_path):
     while time.time() < deadline and not (killed / "checkpoints" / "4").exists() and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed midway, not finished
+    assert not (killed / "hf").exists()
     assert _cli(args(assets, killed, *common)).returncode == 0
+    # Same final weights, bit for bit.
+    assert (whole / "hf" / "model.safetensors").read_bytes() == (killed / "hf" / "model.safetensors").read_bytes()
     a, b = read_metrics(whole), read_metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
