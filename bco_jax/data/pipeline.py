@@ -216,13 +216,14 @@ def _kl_ids(seqs, i: int, j: int, max_length: int) -> tuple[list[int], int]:
 
 def _bucket(data: TokenizedDataset, global_ids: np.ndarray, kl_partner, buckets: list[int]) -> int:
     """Smallest bucket holding every sequence of the global batch: the same on every process."""
+    # Only this batch's lengths: the trainer calls this every step, the dataset may be millions long.
     ids = global_ids[global_ids >= 0]
-    longest = max(int(lens[ids].max()) for lens in data.lengths().values()) if len(ids) else 1
+    longest = max(int(s.lengths(ids).max()) for s in data.seqs.values()) if len(ids) else 1
     if kl_partner is not None and len(ids):
         seqs = data.seqs["completion"]
-        lens, plens = seqs.lengths(), seqs.prompt_lens
+        plens = seqs.prompt_lens
         partners = kl_partner[global_ids >= 0]
-        longest = max(longest, int((plens[ids] + lens[partners] - plens[partners]).max()))
+        longest = max(longest, int((plens[ids] + seqs.lengths(partners) - plens[partners]).max()))
     return next((t for t in buckets if t >= longest), buckets[-1])
 
 

@@ -45,8 +45,11 @@ class Sequences:
     def ids(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def lengths(self, which: np.ndarray | None = None) -> np.ndarray:
+        """Lengths of all examples, or of the examples `which` (without touching the others)."""
+        if which is None:
+            return np.diff(self.offsets)
+        return self.offsets[which + 1] - self.offsets[which]
 
     @staticmethod
     def build(seqs: list[list[int]], prompt_lens: list[int]) -> "Sequences":
