@@ -129,6 +129,10 @@ def test_tfds_array_record_by_dir_and_name(tmp_path):
     by_dir = load([str(builder.data_dir)])
     by_name = load(["tfds:feedback_toy"], tfds_data_dir=str(tmp_path / "tfds"))
     assert len(by_dir) == len(by_name) == 6
+    # The cache key of tfds:NAME covers the prepared files, not just the name.
+    from bco_jax.data.sources import fingerprint
+    key = fingerprint("tfds:feedback_toy", str(tmp_path / "tfds"))
+    assert len(key) > 1 and all(str(builder.data_dir) in entry[0] for entry in key)
     assert sorted(texts(by_dir)) == sorted(r["completion"] for r in unpaired_rows(6))
     chat = _tfds_builder(tmp_path / "tfds", "array_record", chat=True)
     chat.download_and_prepare()

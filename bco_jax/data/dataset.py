@@ -74,7 +74,7 @@ def _load_one(spec: str, tokenizer, cfg: DataConfig, split: str) -> TokenizedDat
     key = None
     if cfg.cache_dir:
         options = dict(cfg.tokenization_options(), split=split)
-        key = cache.cache_key(fingerprint(spec), cache.tokenizer_fingerprint(tokenizer), options)
+        key = cache.cache_key(fingerprint(spec, cfg.tfds_data_dir), cache.tokenizer_fingerprint(tokenizer), options)
         hit = cache.load(cfg.cache_dir, key)
         if hit is not None:
             log.info("data: %s tokenized examples from cache %s", spec, key)

@@ -48,11 +48,17 @@ def resolve(spec: str) -> tuple[str, list[str]]:
     return "files", [spec]
 
 
-def fingerprint(spec: str) -> list:
-    """What identifies the bytes of a source for the cache key: path, size and mtime of each file."""
+def fingerprint(spec: str, tfds_data_dir: str | None = None) -> list:
+    """What identifies the bytes of a source for the cache key: path, size and mtime of each file
+    (for tfds:NAME, the files of the prepared version it resolves to, so a re-prepare invalidates)."""
     kind, paths = resolve(spec)
     if kind == "tfds":
-        return [spec]
+        import tensorflow_datasets as tfds
+
+        try:
+            paths = [str(tfds.builder(paths[0], data_dir=tfds_data_dir).data_dir)]
+        except Exception:  # noqa: BLE001 - not found: read_rows reports it with its own message
+            return [spec]
     out = []
     for p in paths:
         walk = [p] if os.path.isfile(p) else sorted(
