@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from bco_jax.data.config import DataConfig
+from bco_jax.losses import DEFAULT_REWARD_SHIFT_DECAY, REWARD_SHIFT_MODES
 
 LOSS_TYPES = ("bco", "bce", "dpo", "ipo", "nca", "kto")
 PAIRED_LOSSES = ("dpo", "ipo", "nca")
@@ -50,7 +51,7 @@ class LossOptions:
     loss_type: str = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto")
     beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref)")
     reward_shift: str = _opt("ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
-    reward_shift_decay: float = _opt(0.99, "EMA decay of the class means per optimizer step (reward_shift=ema)")
+    reward_shift_decay: float = _opt(DEFAULT_REWARD_SHIFT_DECAY, "EMA decay of the class means per optimizer step (reward_shift=ema)")
     label_smoothing: float = _opt(0.0, "conservative-DPO label smoothing (dpo only)")
     desirable_weight: float = _opt(1.0, "KTO weight of thumbs-up examples")
     undesirable_weight: float = _opt(1.0, "KTO weight of thumbs-down examples")
@@ -201,7 +202,7 @@ def validate(cfg: TrainConfig) -> None:
     m, l, o, r = cfg.model, cfg.loss, cfg.optim, cfg.run
     checks = [
         (l.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
-        (l.reward_shift in ("ema", "trl", "none"), "reward_shift", "must be ema, trl or none"),
+        (l.reward_shift in REWARD_SHIFT_MODES, "reward_shift", f"must be one of {', '.join(REWARD_SHIFT_MODES)}"),
         (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
         (l.beta > 0, "beta", "must be > 0"),
         (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),

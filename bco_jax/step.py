@@ -105,7 +105,8 @@ def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -
 # ---------------------------------------------------------------------------------------- forward
 
 
-def _logps(graphdef, params, mb, prefix=""):
+def batch_logps(graphdef, params, mb, prefix=""):
+    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict."""
     model = nnx.merge(graphdef, params)
     return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
                           mb[prefix + "loss_mask"])
@@ -114,7 +115,7 @@ def _logps(graphdef, params, mb, prefix=""):
 def _reference_logps(ref_graphdef, reference, mb, prefix=""):
     if reference is None:  # precomputed: the loop put them in the batch
         return mb[prefix + "reference_logps"]
-    return jax.lax.stop_gradient(_logps(ref_graphdef, reference, mb, prefix)[0])
+    return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, mb, prefix)[0])
 
 
 def _masked_sum(x, mask):
@@ -140,7 +141,7 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig
     graphdef, ref_graphdef = graphdefs
     mask = mb["example_mask"].astype(bool)
     if cfg.loss_type in ("dpo", "ipo", "nca"):
-        (pol_w, n_w), (pol_l, n_l) = (_logps(graphdef, params, mb, f"{s}_") for s in PAIR_SIDES)
+        (pol_w, n_w), (pol_l, n_l) = (batch_logps(graphdef, params, mb, f"{s}_") for s in PAIR_SIDES)
         ref_w, ref_l = (_reference_logps(ref_graphdef, reference, mb, f"{s}_") for s in PAIR_SIDES)
         if cfg.loss_type == "ipo":  # IPO on length-averaged log-probs, as TRL
             pol_w, ref_w = pol_w / jnp.maximum(n_w, 1), ref_w / jnp.maximum(n_w, 1)
@@ -154,11 +155,11 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig
         row_mask = jnp.concatenate([mask, mask])
         used_delta = delta
     else:
-        logps, _ = _logps(graphdef, params, mb)
+        logps, _ = batch_logps(graphdef, params, mb)
         ref = _reference_logps(ref_graphdef, reference, mb)
         labels, row_mask = mb["labels"].astype(bool), mask
         if cfg.loss_type == "kto":
-            pol_kl = jax.lax.stop_gradient(_logps(graphdef, params, mb, "kl_")[0])
+            pol_kl = jax.lax.stop_gradient(batch_logps(graphdef, params, mb, "kl_")[0])
             ref_kl = _reference_logps(ref_graphdef, reference, mb, "kl_")
             kl = L.kto_kl(pol_kl, ref_kl, mask)
             losses, rewards = L.kto_loss(logps, ref, labels, kl, beta=cfg.beta,

@@ -29,13 +29,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax import losses as L
 from bco_jax import udm
-from bco_jax.config import ConfigError, TrainConfig, mesh_shape, parse_args, run_name
+from bco_jax.config import PAIRED_LOSSES, ConfigError, TrainConfig, mesh_shape, parse_args, run_name
 from bco_jax.data import BatchIterator, DataError, load_dataset, ordered_batches, prompt_batches
 from bco_jax.metrics import MetricsWriter, Window, eval_summary
-from bco_jax.models import load_hf, save_hf, sequence_logps
+from bco_jax.models import load_hf, save_hf
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
-from bco_jax.step import StepConfig, TrainState, eval_step, init_state, make_optimizer, train_step
+from bco_jax.step import StepConfig, TrainState, batch_logps, eval_step, init_state, make_optimizer, train_step
 
 log = logging.getLogger("bco_jax.train")
 BATCH_AXES = ("data", "fsdp")
@@ -111,7 +111,9 @@ def reference_table(cfg, data, graphdef, ref_params, mesh, cache_path) -> np.nda
         log.info("reference log-probs: reusing %s", cache_path)
         return np.load(cache_path)
     prefixes = ["chosen_", "rejected_"] if data.paired else [""]
-    logps_fn = jax.jit(lambda p, b, pre: _logps(graphdef, p, b, pre), static_argnums=2)
+    # One pass over [1, b, ...] batches: the step's own log-prob helper on the single micro-batch.
+    logps_fn = jax.jit(lambda p, b, pre: batch_logps(graphdef, p, {k: v[0] for k, v in b.items()}, pre)[0][None],
+                       static_argnums=2)
     table = np.zeros((len(data), len(prefixes)), np.float32)
     batch_size = cfg.run.eval_batch_size or cfg.run.batch_size
     for batch in ordered_batches(data, cfg.data, batch_size, jax.process_index(), jax.process_count()):
@@ -130,12 +132,6 @@ def gather(x) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _logps(graphdef, params, batch, prefix):
-    model = nnx.merge(graphdef, params)
-    squeeze = lambda k: batch[prefix + k][0]  # noqa: E731 (micro-batch axis of 1)
-    return sequence_logps(model, squeeze("input_ids"), squeeze("attention_mask"), squeeze("loss_mask"))[0][None]
 
 
 def _atomic_save(path, array):
@@ -319,7 +315,7 @@ def _load_data(cfg: TrainConfig, tokenizer):
     train_data = load_dataset(cfg.data.train_data, tokenizer, cfg.data)
     eval_data = (load_dataset(cfg.data.eval_data, tokenizer, cfg.data, split=cfg.data.eval_split,
                               require_both_classes=False) if cfg.data.eval_data else None)
-    paired_loss = cfg.loss.loss_type in ("dpo", "ipo", "nca")
+    paired_loss = cfg.loss.loss_type in PAIRED_LOSSES
     if paired_loss != train_data.paired:
         raise ConfigError(f"loss_type: {cfg.loss.loss_type} needs {'paired' if paired_loss else 'unpaired'} data "
                           f"(prompt/chosen/rejected), but train_data is {'paired' if train_data.paired else 'unpaired'}")

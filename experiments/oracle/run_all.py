@@ -288,6 +288,16 @@ def table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, folder: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(folder, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(results, folder: str) -> list[str]:
     import matplotlib
 
@@ -315,10 +325,7 @@ def plots(results, folder: str) -> list[str]:
     ax.set_title("Oracle reward vs KL (mean ± std over seeds; dots: single seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    written.append(os.path.join(folder, "results_reward_vs_kl.png"))
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, folder, "results_reward_vs_kl.png"))
 
     panels = [("loss", "training loss (log scale)"), ("rewards/margins", "mean reward thumbs-up - thumbs-down"),
               ("rewards/chosen", "mean implicit reward, thumbs-up / chosen"),
@@ -340,10 +347,7 @@ def plots(results, folder: str) -> list[str]:
     axes[0, 0].legend(fontsize=7, ncol=3)
     fig.suptitle("Training curves (metrics.jsonl, 10-step windows, mean over seeds)\ndashed: paired.jsonl, "
                  "solid: binary.jsonl, dotted: likert / mismatch; IPO's rewards use length-averaged log-probs")
-    written.append(os.path.join(folder, "results_training_curves.png"))
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, folder, "results_training_curves.png"))
 
     mm = [m for m in ("sft", "bco", "bco_mismatch", "bco_mismatch_udm") if m in methods]
     if len(mm) > 1:
@@ -358,10 +362,7 @@ def plots(results, folder: str) -> list[str]:
         ax.set_title("Prompt mismatch: thumbs-up mostly on add, thumbs-down mostly on sub")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        written.append(os.path.join(folder, "results_mismatch.png"))
-        fig.tight_layout()
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, folder, "results_mismatch.png"))
     return written
 
 
