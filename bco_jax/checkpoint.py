@@ -20,10 +20,15 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from bco_jax import losses as L
+from bco_jax.files import atomic_write_json
 
 REFERENCE_FINGERPRINT = "reference_fingerprint"  # extras key written by the trainer
 REFERENCE_PATH = "reference_path"
+FINAL_STATE_FILE = "bco_state.json"  # beside hf/: what `python -m bco_jax.evaluate` needs
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 _WEIGHT_NAMES = ("config.json",)
 
@@ -177,3 +182,18 @@ def check_reference(extras: dict, fingerprint: str) -> None:
     raise ValueError(f"reference weights differ from the checkpoint's: checkpoint was trained against "
                      f"{where} ({saved}), now {fingerprint}; use the original reference model or a new "
                      f"output_dir")
+
+
+def write_final_state(output_dir, *, step: int, reward_shift, beta: float, loss_type: str, reference_path: str,
+                      reference_fingerprint: str) -> None:
+    """`output_dir/bco_state.json`: the delta, beta and reference of the finished run (read by
+    `python -m bco_jax.evaluate`), written atomically."""
+    shift = jax.device_get(reward_shift)
+    record = {"step": int(step), "delta": float(L.reward_shift_delta(shift)), "beta": beta,
+              "loss_type": loss_type, "reference_path": os.path.abspath(reference_path),
+              "reference_fingerprint": reference_fingerprint,
+              "reward_shift": {"mode": shift.mode, "decay": shift.decay,
+                               "class_means": np.asarray(shift.class_means).tolist(),
+                               "class_counts": np.asarray(shift.class_counts).tolist(),
+                               "mean": float(shift.mean), "count": float(shift.count)}}
+    atomic_write_json(os.path.join(output_dir, FINAL_STATE_FILE), record, indent=2)

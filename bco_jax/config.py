@@ -3,6 +3,8 @@
 Keys follow TRL's BCOConfig / transformers' TrainingArguments where a counterpart exists. A YAML file
 gives keys (flat, or grouped under the concern names), and `--key value` flags override it. Every
 option appears once, here or in `bco_jax.data.config.DataConfig`, with its default and one line of doc.
+A choice is typed `Literal[...]` and checked from its type; `validate` returns the resolved config
+(the sections are frozen: the loss section is the jit-static configuration of the step).
 """
 
 from __future__ import annotations
@@ -14,20 +16,27 @@ import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from bco_jax.data.config import DataConfig
-from bco_jax.losses import DEFAULT_REWARD_SHIFT_DECAY, REWARD_SHIFT_MODES
+from bco_jax.errors import ConfigError
+from bco_jax.losses import DEFAULT_REWARD_SHIFT_DECAY, PAIRED_LOSSES, LossType, RewardShiftMode
+from bco_jax.models.attention import ATTN_IMPLEMENTATIONS
+from bco_jax.models.decoder import REMAT_POLICIES
 
-LOSS_TYPES = ("bco", "bce", "dpo", "ipo", "nca", "kto")
-PAIRED_LOSSES = ("dpo", "ipo", "nca")
+# The model's own lists of choices, as types.
+RematPolicy = Literal[REMAT_POLICIES]
+AttnImplementation = Literal[ATTN_IMPLEMENTATIONS]
+# Old key names still read, with a warning: old -> new.
+KEY_ALIASES = {"attention_impl": "attn_implementation"}
 
-
-class ConfigError(ValueError):
-    """A bad key or value; the message names the key."""
+__all__ = ["ConfigError", "TrainConfig", "build_config", "key_table", "mesh_shape", "parse_args", "run_name",
+           "validate"]
 
 
 def _opt(default, help_text: str):
@@ -36,22 +45,26 @@ def _opt(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     model: str = _opt("", "HF folder of the policy to align (empty: the shipped oracle-task SFT model)")
     ref_model: str | None = _opt(None, "HF folder of the frozen reference (default: the same as model)")
-    dtype: str = _opt("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
-    ref_dtype: str = _opt("float32", "parameter dtype of the frozen reference: float32 or bfloat16")
-    remat: str = _opt("none", "activation rematerialisation: none, full or save_dots")
-    attention_impl: str | None = _opt(None, "jax.nn.dot_product_attention implementation: xla, cudnn (None: auto)")
+    dtype: Literal["auto", "float32", "bfloat16"] = _opt(
+        "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
+    ref_dtype: Literal["float32", "bfloat16"] = _opt("float32", "parameter dtype of the frozen reference")
+    remat: RematPolicy = _opt("none", "activation rematerialisation: none, full or save_dots")
+    attn_implementation: AttnImplementation = _opt(
+        "auto", "attention kernel: auto (cudnn on GPU, splash on TPU, xla on CPU), xla, cudnn or splash")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossOptions:
-    loss_type: str = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto")
+    loss_type: LossType = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto")
     beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref)")
-    reward_shift: str = _opt("ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
-    reward_shift_decay: float = _opt(DEFAULT_REWARD_SHIFT_DECAY, "EMA decay of the class means per optimizer step (reward_shift=ema)")
+    reward_shift: RewardShiftMode = _opt(
+        "ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
+    reward_shift_decay: float = _opt(
+        DEFAULT_REWARD_SHIFT_DECAY, "EMA decay of the class means per optimizer step (reward_shift=ema)")
     label_smoothing: float = _opt(0.0, "conservative-DPO label smoothing (dpo only)")
     desirable_weight: float = _opt(1.0, "KTO weight of thumbs-up examples")
     undesirable_weight: float = _opt(1.0, "KTO weight of thumbs-down examples")
@@ -61,11 +74,12 @@ class LossOptions:
     max_density_ratio: float = _opt(10.0, "upper clip of UDM density ratios")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimOptions:
     learning_rate: float = _opt(5e-7, "peak learning rate of AdamW (paper: 5e-7)")
-    lr_scheduler_type: str = _opt("linear", "linear, cosine (warmup, then decay to 0), constant_with_warmup, "
-                                            "or constant (no warmup), as transformers")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt(
+        "linear", "linear, cosine (warmup, then decay to 0), constant_with_warmup, or constant (no warmup), "
+        "as transformers")
     warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
@@ -74,7 +88,7 @@ class OptimOptions:
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
     output_dir: str | None = _opt(None, "where checkpoints, metrics and the export go (None: outputs/<run name>)")
     seed: int = _opt(42, "seed of the data order and of sampling")
@@ -96,18 +110,35 @@ class RunOptions:
     export_hf: bool = _opt(True, "export the final policy to output_dir/hf as an HF folder")
     demo_samples: int = _opt(1200, "answers sampled on held-out prompts for the demo's before/after oracle table")
 
+    @property
+    def eval_batch(self) -> int:
+        """The global batch of evaluation and precomputation passes."""
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How this process joins a multi-process job (TPU pod slice, SLURM, several GPU hosts). Without
+    them a detected cluster or JAX_COORDINATOR_ADDRESS is joined, else the run is single-process.
+    Not part of the default run name: every process of a job derives the same output_dir."""
+    coordinator_address: str | None = _opt(None, "HOST:PORT of process 0's coordinator (None: detect)")
+    num_processes: int | None = _opt(None, "processes in the job (with coordinator_address)")
+    process_id: int | None = _opt(None, "this process's index in the job, 0 .. num_processes - 1")
+    distributed_timeout: int = _opt(300, "seconds to wait for every peer at start before failing")
+
 
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
-            "data": DataConfig}
+            "data": DataConfig, "launch": LaunchOptions}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelOptions = field(default_factory=ModelOptions)
     loss: LossOptions = field(default_factory=LossOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
     data: DataConfig = field(default_factory=DataConfig)
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
 
     def flat(self) -> dict:
         """Every key -> value, one namespace (what metrics, checkpoints and --help show)."""
@@ -178,10 +209,13 @@ def _flatten_yaml(doc: dict) -> dict:
 
 
 def build_config(values: dict) -> TrainConfig:
-    """A validated TrainConfig from key -> value (already typed or strings)."""
+    """A validated, resolved TrainConfig from key -> value (already typed or strings)."""
     table = key_table()
     sections = {name: {} for name in SECTIONS}
     for key, raw in values.items():
+        if key in KEY_ALIASES:
+            warnings.warn(f"config key {key!r} is now {KEY_ALIASES[key]!r}", DeprecationWarning, stacklevel=2)
+            key = KEY_ALIASES[key]
         if key not in table:
             close = [k for k in table if k.startswith(key[:4])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -192,17 +226,25 @@ def build_config(values: dict) -> TrainConfig:
         built = {name: SECTIONS[name](**kw) for name, kw in sections.items()}
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    cfg = TrainConfig(**built)
-    validate(cfg)
-    return cfg
+    return validate(TrainConfig(**built))
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Reject invalid combinations before anything loads; each message names the key."""
-    m, l, o, r = cfg.model, cfg.loss, cfg.optim, cfg.run
+def _check_choices(cfg: TrainConfig) -> None:
+    """Every Literal-typed key holds one of its type's values."""
+    for key, (section, f) in key_table().items():
+        choices = typing.get_args(_field_type(f, SECTIONS[section]))
+        if typing.get_origin(_field_type(f, SECTIONS[section])) is Literal:
+            value = getattr(getattr(cfg, section), key)
+            if value not in choices:
+                raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject invalid combinations before anything loads (each message names the key); return the
+    config with what the loss implies filled in."""
+    _check_choices(cfg)
+    l, o, r = cfg.loss, cfg.optim, cfg.run
     checks = [
-        (l.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
-        (l.reward_shift in REWARD_SHIFT_MODES, "reward_shift", f"must be one of {', '.join(REWARD_SHIFT_MODES)}"),
         (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
         (l.beta > 0, "beta", "must be > 0"),
         (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
@@ -210,11 +252,6 @@ def validate(cfg: TrainConfig) -> None:
         (not l.udm or l.loss_type in ("bco", "bce"), "udm", "applies to loss_type bco or bce only"),
         (0 < l.min_density_ratio <= l.max_density_ratio, "min_density_ratio", "must be in (0, max_density_ratio]"),
         (l.prompt_sample_size > 0, "prompt_sample_size", "must be > 0"),
-        (m.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16"),
-        (m.ref_dtype in ("float32", "bfloat16"), "ref_dtype", "must be float32 or bfloat16"),
-        (m.remat in ("none", "full", "save_dots"), "remat", "must be none, full or save_dots"),
-        (o.lr_scheduler_type in ("linear", "cosine", "constant", "constant_with_warmup"), "lr_scheduler_type",
-         "must be linear, cosine, constant or constant_with_warmup"),
         (l.loss_type != "kto" or r.batch_size >= 2, "batch_size",
          "KTO needs >= 2 examples per batch (its KL term pairs each prompt with another completion)"),
         (0.0 <= o.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)"),
@@ -230,19 +267,23 @@ def validate(cfg: TrainConfig) -> None:
         (r.save_steps > 0, "save_steps", "must be > 0"),
         (r.eval_steps is None or r.eval_steps > 0, "eval_steps", "must be > 0"),
         (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
+        (cfg.launch.distributed_timeout > 0, "distributed_timeout", "must be > 0"),
+        ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
+         "give num_processes and process_id together"),
+        (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),
+         "process_id", f"must be in [0, num_processes={cfg.launch.num_processes})"),
         (re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*){2}", r.mesh) is not None, "mesh",
          "must be three integers data,fsdp,tensor (one may be -1)"),
     ]
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why} (got {getattr_flat(cfg, key)!r})")
-    if l.loss_type in PAIRED_LOSSES and not cfg.data.paired:
-        # Paired losses read pairs: the data must keep them (checked against the files when they load).
-        cfg.data.paired = True
-    if l.loss_type == "kto":
-        cfg.data.kl_pairs = True
-    if l.loss_type == "bce":
-        l.reward_shift = "none"
+    # Paired losses read pairs (checked against the files when they load); KTO reads its KL pairs;
+    # BCE is BCO with delta = 0.
+    data = dataclasses.replace(cfg.data, paired=cfg.data.paired or l.loss_type in PAIRED_LOSSES,
+                               kl_pairs=cfg.data.kl_pairs or l.loss_type == "kto")
+    loss = dataclasses.replace(l, reward_shift="none") if l.loss_type == "bce" else l
+    return dataclasses.replace(cfg, data=data, loss=loss)
 
 
 def getattr_flat(cfg: TrainConfig, key: str):
@@ -258,7 +299,8 @@ def run_name(cfg: TrainConfig) -> str:
     """A deterministic name from model, data and loss (no timestamps): re-running resumes."""
     model = Path(cfg.model.model or "oracle-sft").name or "model"
     data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
-    digest = hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    what = {k: v for k, v in cfg.flat().items() if k not in dataclasses.asdict(cfg.launch)}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
 
 
@@ -267,10 +309,27 @@ def _help_text(f: dataclasses.Field) -> str:
     return f"{f.metadata['help']} (default: {default})"
 
 
+_NEGATIVE = re.compile(r"-\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--mesh -1,1,1` -> `--mesh=-1,1,1`: argparse would read a value starting with '-' as a flag."""
+    out = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.train",
                defaults: dict | None = None) -> TrainConfig:
     """`[--config FILE.yaml] [--key value ...]`: flags override the file, which overrides `defaults`
     (e.g. the embedded demo's settings); --help lists every key."""
+    import sys
+
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog=prog, description="Align a causal LM with BCO (or DPO, IPO, NCA, "
                                      "KTO, BCE) from thumbs-up / thumbs-down feedback.",
                                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
@@ -279,6 +338,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{f.name}", metavar="VALUE", help=_help_text(f))
+    for old in KEY_ALIASES:
+        parser.add_argument(f"--{old}", metavar="VALUE", help=argparse.SUPPRESS)
     parsed, unknown = parser.parse_known_args(argv)
     for token in unknown:
         if token.startswith("--"):

@@ -1,4 +1,5 @@
-"""`python -m bco_jax.evaluate`: how an aligned policy's implicit reward and samples look.
+"""`python -m bco_jax.evaluate`: how an aligned policy's implicit reward and samples look; and
+`eval_pass`, the trainer's evaluation over a labelled dataset.
 
 On labelled feedback: implicit-reward accuracy (sign of reward - delta against the label, with the
 delta the training run saved) and ROC AUC, mean reward per class. On held-out prompts: completions
@@ -23,11 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax import losses as L
+from bco_jax.checkpoint import FINAL_STATE_FILE as STATE_FILE
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
 from bco_jax.metrics import eval_summary
-from bco_jax.models import generate, load_hf, sequence_logps
+from bco_jax.models import generate, load_hf
+from bco_jax.precompute import attach_tables
+from bco_jax.sharding import host_gather, put_batch
+from bco_jax.step import batch_logps
 
-STATE_FILE = "bco_state.json"  # written by the trainer next to hf/: delta, beta, reference
+
+def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_size: int, mesh,
+              ref_table=None) -> dict:
+    """eval_ metrics over a whole labelled dataset with the state's current delta (`eval_fn`:
+    `bco_jax.build.Run.eval_fn`). Every process calls it; each reads its share of the rows."""
+    rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
+    for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count()):
+        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift)
+        for key in rows:
+            rows[key].append(host_gather(out[key]).reshape(-1))
+        loss_sum += float(host_gather(out["loss_sum"]))
+        n_rows += int(host_gather(out["n_examples"]))
+    delta = float(L.reward_shift_delta(reward_shift))
+    return eval_summary(*(np.concatenate(rows[k]) for k in ("rewards", "labels", "mask")), loss_sum, n_rows, delta)
 
 
 def resolve_model(path: str) -> tuple[str, dict]:
@@ -57,8 +76,8 @@ def load_reward_fn(spec: str):
 
 def _logps_fn(graphdef):
     @jax.jit
-    def fn(params, ids, mask, loss_mask):
-        return sequence_logps(nnx.merge(graphdef, params), ids, mask, loss_mask)[0]
+    def fn(params, ids, mask, loss_mask):  # the step's own log-prob helper
+        return batch_logps(graphdef, params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask})[0]
     return fn
 
 
@@ -68,8 +87,8 @@ def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> d
     rewards, labels, mask = [], [], []
     for batch in ordered_batches(data, cfg, batch_size):
         args = [jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")]
-        r = beta * (np.asarray(pol_fn(policy[1], *args)) - np.asarray(ref_fn(reference[1], *args)))
-        rewards.append(r), labels.append(batch["labels"]), mask.append(batch["example_mask"])
+        r = L.implicit_reward(pol_fn(policy[1], *args), ref_fn(reference[1], *args), beta)
+        rewards.append(np.asarray(r)), labels.append(batch["labels"]), mask.append(batch["example_mask"])
     rewards, labels, mask = (np.concatenate(x) for x in (rewards, labels, mask))
     out = eval_summary(rewards, labels, mask, 0.0, 1, delta)
     out.pop("eval_loss")

@@ -14,11 +14,14 @@ See docs/losses.md for the math.
 
 import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
 
-REWARD_SHIFT_MODES = ("ema", "trl", "none")
+LossType = typing.Literal["bco", "bce", "dpo", "ipo", "nca", "kto"]
+RewardShiftMode = typing.Literal["ema", "trl", "none"]
+REWARD_SHIFT_MODES = typing.get_args(RewardShiftMode)
 DEFAULT_REWARD_SHIFT_DECAY = 0.99
 
 
@@ -39,6 +42,11 @@ def _weights(weights, like):
 # ----------------------------------------------------------------------------------------------
 
 
+def implicit_reward(policy_logps, reference_logps, beta):
+    """r = beta * (log pi(y|x) - log pi_ref(y|x)), float32: the logit every loss here is built on."""
+    return beta * (_f32(policy_logps) - _f32(reference_logps))
+
+
 def bco_loss(policy_logps, reference_logps, labels, delta, *, beta=0.1, weights=None):
     """Binary Classifier Optimization: BCE on the implicit reward, shifted by `delta`.
 
@@ -48,7 +56,7 @@ def bco_loss(policy_logps, reference_logps, labels, delta, *, beta=0.1, weights=
 
     Returns (losses [B], rewards [B]), both float32.
     """
-    rewards = beta * (_f32(policy_logps) - _f32(reference_logps))
+    rewards = implicit_reward(policy_logps, reference_logps, beta)
     margin = rewards - jax.lax.stop_gradient(_f32(delta))
     losses = jnp.where(_bool(labels), jax.nn.softplus(-margin), jax.nn.softplus(margin))
     return _weights(weights, losses) * losses, rewards
@@ -90,9 +98,8 @@ def kto_loss(policy_logps, reference_logps, labels, kl, *, beta=0.1, desirable_w
 
 def _pair_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                   reference_rejected_logps, beta):
-    chosen = beta * (_f32(policy_chosen_logps) - _f32(reference_chosen_logps))
-    rejected = beta * (_f32(policy_rejected_logps) - _f32(reference_rejected_logps))
-    return chosen, rejected
+    return (implicit_reward(policy_chosen_logps, reference_chosen_logps, beta),
+            implicit_reward(policy_rejected_logps, reference_rejected_logps, beta))
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -227,3 +234,6 @@ def reward_shift_update(state, rewards, labels, mask=None):
         count = total
     return dataclasses.replace(state, class_means=class_means, class_counts=class_counts,
                                mean=mean, count=count)
+
+
+PAIRED_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "nca": nca_loss}  # the losses that read pairs

@@ -1,4 +1,5 @@
-"""What the user sees of a run: TRL-named metrics, metrics.jsonl, TensorBoard scalars, ROC AUC.
+"""What the user sees of a run: TRL-named metrics, metrics.jsonl, TensorBoard scalars, ROC AUC, the
+progress bar.
 
 The step returns sums and counts; the host turns a window of steps into TRL's metric names
 (`rewards/chosen` is the mean reward of the thumbs-up examples in the window, and so on).
@@ -9,8 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
+import jax
 import numpy as np
+
+from bco_jax.errors import TrainError, log
+from bco_jax.files import atomic_write_text
 
 SUM_KEYS = ("rewards_sum/chosen", "rewards_sum/rejected", "logps_sum/chosen", "logps_sum/rejected",
             "count/chosen", "count/rejected", "tokens", "skipped")
@@ -121,3 +127,66 @@ class MetricsWriter:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class Reporter:
+    """Turns step metrics into logged records: window sums, TRL names, tokens/s, progress bar.
+    `epoch_length`: examples per epoch; `max_nonfinite_steps`: skipped steps in a row that stop the run."""
+
+    def __init__(self, writer: MetricsWriter, *, total: int, start: int, batch_size: int, epoch_length: int,
+                 logging_steps: int, max_nonfinite_steps: int, show: bool):
+        self.writer, self.total, self.batch_size, self.epoch_length = writer, total, batch_size, epoch_length
+        self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
+        self.window, self.last, self.t0 = Window(), {}, time.perf_counter()
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            disable=None)  # None: no bar when stderr is not a terminal (CI logs)
+
+    def add(self, step: int, metrics) -> None:
+        metrics = jax.device_get(metrics)
+        if int(metrics["skipped"]):
+            log.warning("step %d: non-finite loss or gradients, update skipped", step)
+        if int(metrics.pop("nonfinite_in_row")) >= self.max_nonfinite_steps:
+            raise TrainError(f"{self.max_nonfinite_steps} non-finite steps in a row at step {step}: "
+                             "stopping (the last checkpoint is kept); lower learning_rate or check the data")
+        self.window.add(metrics)
+        if self.bar is not None:
+            rate = self.window.sums.get("tokens", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", delta=f"{float(metrics['delta']):.4f}",
+                                 tok_s=f"{rate:.0f}")
+        if step % self.logging_steps == 0 or step == self.total:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        if not self.window.steps:
+            return
+        record = self.window.summary()
+        elapsed = time.perf_counter() - self.t0
+        record["tokens_per_second"] = record.pop("tokens") / max(elapsed, 1e-9)
+        record["epoch"] = step * self.batch_size / max(self.epoch_length, 1)
+        self.writer.write(step, record)
+        self.last, self.window, self.t0 = record, Window(), time.perf_counter()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def truncate_metrics(output_dir: str, step: int, finished: bool) -> None:
+    """A resumed run replays the steps after its checkpoint: drop their old records (and, when the
+    run had finished, its final evaluation, which the resumed run writes again)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+
+    def keep(record):
+        return record.get("step", 0) < step or (record.get("step", 0) == step and not
+                                                 (finished and "eval_loss" in record))
+
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and keep(json.loads(line))]
+    atomic_write_text(path, "".join(kept))

@@ -1,15 +1,25 @@
-"""Device mesh and the logical-axis rules table.
+"""Device mesh, the logical-axis rules table, and moving data between hosts and the mesh.
 
 Models name their axes logically ("vocab", "embed", "q_heads", ...); one table maps those names to
 mesh axes ("data", "fsdp", "tensor"). Data parallel, FSDP or tensor parallel is a choice of mesh shape
-(and, if needed, of table), never a change to the model.
+(and, if needed, of table), never a change to the model. Batches are sharded along the mesh axes of
+the "batch" rule; `put_batch` assembles them from every process's rows, `host_gather` brings a global
+array back to every host.
 """
 from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+log = logging.getLogger("bco_jax.sharding")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -25,7 +35,69 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("bias", None),
 )
+
+
+def detected_cluster():
+    """The cluster environment JAX would join on its own (TPU pod slice, SLURM, Open MPI, k8s ...),
+    when it has more than one process; else None. Reads environment variables (and, on a Cloud TPU
+    VM, its metadata), starts nothing."""
+    from jax._src.clusters import ClusterEnv  # the table behind jax.distributed.initialize()
+
+    for env in ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            try:
+                return env if env.get_process_count() > 1 else None
+            except Exception:  # a half-set environment: let an explicit address decide
+                return None
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, timeout_s: int = 300) -> bool:
+    """Join a multi-process job when there is one to join; returns whether this is one.
+
+    There is one when `coordinator_address` (or JAX_COORDINATOR_ADDRESS) is given, or JAX detects a
+    cluster of several processes. Then `jax.distributed.initialize` connects every process to the
+    coordinator (process 0); a peer missing after `timeout_s` seconds, or one that stops sending
+    heartbeats later, ends the others with an error instead of a hang. CPU processes exchange
+    collectives through gloo. Call before anything touches a JAX device.
+    """
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    cluster = None if address else detected_cluster()
+    if not address and cluster is None:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used on the CPU backend
+    # A peer that never comes makes JAX abort the process from C++ (a page of stack trace): a watchdog
+    # ends it a little earlier with one line instead.
+    where = address or f"the {cluster.__name__} coordinator"
+    watchdog = threading.Timer(timeout_s, _give_up, args=(
+        f"error: could not join the multi-process job within distributed_timeout={timeout_s}s: "
+        f"no answer from every peer via {where} (is every process started, with the same address?)",))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=int(timeout_s) + 30)
+    finally:
+        watchdog.cancel()
+    log.info("joined a %d-process job as process %d (%s)", jax.process_count(), jax.process_index(),
+             address or cluster.__name__)
+    return True
+
+
+def _give_up(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def batch_axes(rules=None) -> tuple[str, ...]:
+    """The mesh axes that the batch dimension is sharded over (the "batch" rule)."""
+    axes = dict(LOGICAL_RULES if rules is None else rules).get("batch")
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
@@ -76,7 +148,7 @@ def logical_sharding(tree, mesh, rules=None, shapes=None):
     """Tree of logical PartitionSpecs (e.g. `nnx.get_partition_spec(state)`, whose leaves are
     Variables holding specs) -> same tree of NamedShardings. `shapes` (a matching tree of arrays or
     ShapeDtypeStructs) lets non-dividing mesh axes fall back to replication."""
-    is_leaf = lambda x: isinstance(x, (PartitionSpec, nnx.Variable))  # noqa: E731
+    is_leaf = lambda x: isinstance(x, (PartitionSpec, nnx.Variable))
     if shapes is None:
         return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(_spec_of(s), mesh, rules)),
                             tree, is_leaf=is_leaf)
@@ -88,3 +160,42 @@ def logical_sharding(tree, mesh, rules=None, shapes=None):
 def model_shardings(state, mesh, rules=None):
     """NamedShardings for an NNX state (from `nnx.split(model)`), shape-aware."""
     return logical_sharding(nnx.get_partition_spec(state), mesh, rules, shapes=state)
+
+
+def build_mesh(shape) -> jax.sharding.Mesh:
+    """The configured mesh; a fully specified mesh smaller than the machine uses the first devices.
+    Raises ValueError naming the shape when the devices do not fit it."""
+    devices = jax.devices()
+    wanted = int(np.prod(shape))
+    if -1 not in shape and 0 < wanted < len(devices):
+        log.warning("mesh %s uses %d of %d devices", shape, wanted, len(devices))
+        devices = devices[:wanted]
+    return make_mesh(shape, devices)
+
+
+def data_parallel_size(mesh) -> int:
+    """How many ways the batch dimension is split on `mesh`."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes() if a in mesh.axis_names]))
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """[A, b, ...] micro-batched arrays: rows sharded over the batch axes, micro-batches not."""
+    return NamedSharding(mesh, PartitionSpec(None, batch_axes(), *([None] * (ndim - 2))))
+
+
+def put_batch(local: dict, mesh, accumulation: int = 1) -> dict:
+    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh (A = accumulation)."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value).reshape(accumulation, -1, *np.shape(value)[1:])
+        global_shape = (accumulation, value.shape[1] * jax.process_count(), *value.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
+                                                          global_shape)
+    return out
+
+
+def host_gather(x) -> np.ndarray:
+    """A global jax.Array as one NumPy array on every process (its shards may live on other hosts)."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,14 +15,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bco_jax import losses as L
 from bco_jax.models import sequence_logps
+
+if typing.TYPE_CHECKING:
+    from bco_jax.config import LossOptions  # the loss section of the config: frozen, jit-static
 
 PAIR_SIDES = ("chosen", "rejected")
 
@@ -42,14 +47,15 @@ class TrainState:
     skipped_steps: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """The static part of a step (hashable: a jit static argument)."""
-    loss_type: str = "bco"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+def state_shardings(abstract_state: TrainState, param_shardings, mesh, optimizer) -> TrainState:
+    """Where each part of the state lives: parameters and their optimizer moments by the parameters'
+    shardings, every scalar replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                      reward_shift=jax.tree.map(lambda _: replicated, abstract_state.reward_shift),
+                      rng=replicated, nonfinite_in_row=replicated, skipped_steps=replicated)
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -79,19 +85,14 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float, k
     return schedule
 
 
-def _decays(path, _leaf) -> bool:
-    # As transformers: no weight decay on norms and biases.
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not (name.endswith("norm") or name.startswith("b"))
-
-
-def make_optimizer(optim, total_steps: int):
-    """AdamW with global-norm clipping; returns (optimizer, schedule)."""
+def make_optimizer(optim, total_steps: int, decay_mask):
+    """AdamW with global-norm clipping; returns (optimizer, schedule). `decay_mask`: a tree of bools
+    like the parameters, True where weight decay applies (as transformers: not on norms and biases;
+    `bco_jax.models.weight_decay_mask` derives it from the parameters' logical axes)."""
     schedule = learning_rate_schedule(optim.learning_rate, total_steps, optim.warmup_ratio,
                                       optim.lr_scheduler_type)
     adamw = optax.adamw(schedule, b1=optim.adam_beta1, b2=optim.adam_beta2, eps=optim.adam_epsilon,
-                        weight_decay=optim.weight_decay,
-                        mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params))
+                        weight_decay=optim.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(optim.max_grad_norm) if optim.max_grad_norm > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule
 
@@ -132,7 +133,7 @@ def _class_stats(rewards, logps, up, mask):
     }
 
 
-def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig, delta):
+def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta):
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
@@ -140,14 +141,13 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig
     """
     graphdef, ref_graphdef = graphdefs
     mask = mb["example_mask"].astype(bool)
-    if cfg.loss_type in ("dpo", "ipo", "nca"):
+    if cfg.loss_type in L.PAIRED_LOSSES:
         (pol_w, n_w), (pol_l, n_l) = (batch_logps(graphdef, params, mb, f"{s}_") for s in PAIR_SIDES)
         ref_w, ref_l = (_reference_logps(ref_graphdef, reference, mb, f"{s}_") for s in PAIR_SIDES)
         if cfg.loss_type == "ipo":  # IPO on length-averaged log-probs, as TRL
             pol_w, ref_w = pol_w / jnp.maximum(n_w, 1), ref_w / jnp.maximum(n_w, 1)
             pol_l, ref_l = pol_l / jnp.maximum(n_l, 1), ref_l / jnp.maximum(n_l, 1)
-        fn = {"dpo": L.dpo_loss, "ipo": L.ipo_loss, "nca": L.nca_loss}[cfg.loss_type]
-        losses, chosen, rejected = fn(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta,
+        losses, chosen, rejected = L.PAIRED_LOSSES[cfg.loss_type](pol_w, pol_l, ref_w, ref_l, beta=cfg.beta,
                                       label_smoothing=cfg.label_smoothing)
         rewards = jnp.concatenate([chosen, rejected])
         logps = jnp.concatenate([pol_w, pol_l])
@@ -179,7 +179,7 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: StepConfig
     return _masked_sum(losses, mask), (jax.lax.stop_gradient(rewards), labels, row_mask, shift, stats)
 
 
-def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: StepConfig, optimizer, schedule):
+def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: LossOptions, optimizer, schedule):
     """One optimizer step over a global batch of [A, b, ...] arrays. Returns (state, metrics).
 
     The gradient is that of the mean per-example loss over every real example of the step (TRL's
@@ -208,7 +208,10 @@ def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: StepConfi
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+    def keep(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
     new_state = TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
@@ -232,7 +235,7 @@ def _tokens(batch):
     return sum(jnp.sum(batch[k]).astype(jnp.float32) for k in keys)
 
 
-def eval_step(params, reference, batch, shift, *, graphdefs, cfg: StepConfig):
+def eval_step(params, reference, batch, shift, *, graphdefs, cfg: LossOptions):
     """Per-row rewards, labels, mask and losses of one [b, ...] batch, for accuracy / AUC on the host.
     Uses the state's current delta and does not move it."""
     delta = L.reward_shift_delta(shift)

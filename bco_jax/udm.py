@@ -122,7 +122,7 @@ def fit_prompt_classifier(emb_up_NxD, emb_down_MxD, *, l2: float = 1e-3, max_ste
     if float(grad_norm) >= tol:
         # Still usable (L-BFGS only improves the objective), but the caller should know.
         warnings.warn(f"UDM classifier did not converge in {int(steps)} L-BFGS steps "
-                      f"(gradient norm {float(grad_norm):.2e} >= tol {tol:.0e}); raise max_steps or l2")
+                      f"(gradient norm {float(grad_norm):.2e} >= tol {tol:.0e}); raise max_steps or l2", stacklevel=2)
     return params
 
 

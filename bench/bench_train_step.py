@@ -5,9 +5,9 @@ tokenizer whose vocabulary is exactly the model's), read the same unpaired feedb
 (every row exactly `--seq` tokens: BOS + prompt, completion + EOS, no padding), and take the same AdamW
 steps in float32 with a live reference model and no activation checkpointing:
 
-  ours  the jitted `bco_jax.step.train_step` as `bco_jax.train` builds it (mesh 1,1,1, one CPU device,
+  ours  the jitted `bco_jax.step.train_step` as `bco_jax.build.build` makes it (mesh 1,1,1, one CPU device,
         reward_shift=ema, state donated), timed per step from the host batch to the finished step:
-        `to_device_batch` (host -> device) + the step + block_until_ready. Compilation (trace + XLA
+        `put_batch` (host -> device) + the step + block_until_ready. Compilation (trace + XLA
         compile, done ahead of time) is timed separately and XLA's memory analysis is reported.
   trl   BCOTrainer (torch CPU float32, bf16 off, activation_checkpointing off, optim adamw_torch),
         timed by a TrainerCallback from on_step_begin to on_step_end: forward of policy and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -77,7 +76,7 @@ def write_rows(path, args, n_rows):
     rng = np.random.default_rng(0)
     n_prompt = args.seq // 2 - 1  # + BOS
     n_completion = args.seq - args.seq // 2 - 1  # + EOS
-    words = lambda n: " ".join(f"w{i}" for i in rng.integers(0, args.vocab - len(SPECIAL), n))  # noqa: E731
+    words = lambda n: " ".join(f"w{i}" for i in rng.integers(0, args.vocab - len(SPECIAL), n))
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n_rows):
             f.write(json.dumps({"prompt": words(n_prompt), "completion": " " + words(n_completion),
@@ -104,14 +103,12 @@ def _summary(times, args, extra):
 
 
 def setup_ours(args, work):
-    """Our step as bco_jax.train builds it, its state, the reference and the host batches."""
+    """Our run as `python -m bco_jax.train` builds it (`bco_jax.build.build`), and its host batches."""
     import jax
 
-    from bco_jax import losses as L
-    from bco_jax import train
+    from bco_jax.build import build
     from bco_jax.config import parse_args
-    from bco_jax.data import BatchIterator, load_dataset
-    from bco_jax.step import StepConfig, init_state, make_optimizer, train_step
+    from bco_jax.precompute import attach_tables
 
     total = args.warmup + args.steps
     cfg = parse_args([
@@ -120,44 +117,28 @@ def setup_ours(args, work):
         "--max_grad_norm", "1.0", "--loss_type", "bco", "--reward_shift", "ema", "--shuffle", "false",
         "--mesh", "1,1,1", "--dtype", "float32", "--ref_dtype", "float32", "--remat", args.remat,
         "--max_length", str(args.seq), "--length_buckets", str(args.seq)])
-    mesh = train.build_mesh((1, 1, 1))
-    tokenizer = train.load_tokenizer(cfg.model.model)
-    data = load_dataset(cfg.data.train_data, tokenizer, cfg.data)
-    iterator = BatchIterator(data, cfg.data, seed=cfg.run.seed, global_batch_size=args.batch)
-    batches = []
-    for _ in range(total):  # host batches made up front: the pipeline is not what is measured
-        local = next(iterator)
-        local.pop("example_index")
-        batches.append(local)
+    run = build(cfg, output_dir=os.path.join(work["dir"], "ours"))
+    # Host batches made up front: the pipeline is not what is measured.
+    batches = [attach_tables(next(run.iterator)) for _ in range(total)]
     first = batches[0]
     assert first["input_ids"].shape == (args.batch, args.seq), first["input_ids"].shape
     assert int(first["attention_mask"].sum()) == args.batch * args.seq, "rows must fill seq exactly"
-
-    graphdef, params, param_shardings, ref_graphdef, reference, _, _ = train._load_models(cfg, mesh)
-    optimizer, schedule = make_optimizer(cfg.optim, total)
-    shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
-    make_state = lambda p: init_state(p, optimizer, shift, cfg.run.seed)  # noqa: E731
-    shardings = train._state_shardings(jax.eval_shape(make_state, params), param_shardings, mesh, optimizer)
-    state = jax.jit(make_state, out_shardings=shardings)(params)
-    del params
-    step_cfg = StepConfig(loss_type="bco", beta=cfg.loss.beta)
-    step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=step_cfg,
-                                        optimizer=optimizer, schedule=schedule),
-                      out_shardings=(shardings, None), donate_argnums=0)
-    jax.block_until_ready((state, reference))
-    return {"jax": jax, "train": train, "mesh": mesh, "batches": batches, "step_fn": step_fn, "state": state,
-            "reference": reference, "graphdef": graphdef, "ref_graphdef": ref_graphdef}
+    jax.block_until_ready((run.state, run.reference))
+    return run, batches
 
 
 def run_ours(args, work, gate):
-    o = setup_ours(args, work)
-    jax, train, mesh, batches, state, reference = (o[k] for k in ("jax", "train", "mesh", "batches", "state",
-                                                                  "reference"))
+    import jax
+
+    from bco_jax.sharding import put_batch
+
+    run, batches = setup_ours(args, work)
+    state, reference = run.state, run.reference
     rss_setup = _peak_rss_mib()
 
-    example = train.to_device_batch(batches[0], mesh, 1)
+    example = put_batch(batches[0], run.mesh)
     t0 = time.perf_counter()
-    lowered = o["step_fn"].lower(state, reference, example)
+    lowered = run.step_fn.lower(state, reference, example)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -173,7 +154,7 @@ def run_ours(args, work, gate):
     for i, local in enumerate(batches):
         gate.wait()
         start = time.perf_counter()
-        state, metrics = compiled(state, reference, train.to_device_batch(local, mesh, 1))
+        state, metrics = compiled(state, reference, put_batch(local, run.mesh))
         jax.block_until_ready((state, metrics))
         elapsed = time.perf_counter() - start
         gate.signal()
@@ -186,15 +167,15 @@ def run_ours(args, work, gate):
     start = time.perf_counter()
     pending = None
     for local in batches[args.warmup:]:
-        state, metrics = compiled(state, reference, train.to_device_batch(local, mesh, 1))
+        state, metrics = compiled(state, reference, put_batch(local, run.mesh))
         if pending is not None:
             float(pending["loss"])
         pending = metrics
     jax.block_until_ready((state, pending))
     pipelined = (time.perf_counter() - start) / args.steps
 
-    parts = measure_parts(args, o["graphdef"], o["ref_graphdef"], state.params, reference,
-                          train.to_device_batch(batches[0], mesh, 1)) if args.parts else {}
+    parts = measure_parts(args, run.graphdef, run.ref_graphdef, state.params, reference,
+                          put_batch(batches[0], run.mesh)) if args.parts else {}
     return _summary(times, args, {
         "compile_s": {"trace_lower": t1 - t0, "xla_compile": t2 - t1},
         "pipelined_step_s_mean": pipelined, "examples_per_s_pipelined": args.batch / pipelined,
@@ -397,7 +378,7 @@ def run_sides(args, work):
 
 def markdown(rec):
     o, t, a = rec["ours"], rec["trl"], rec["args"]
-    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
     lines = [
         f"# train step: bco-jax vs TRL {rec['versions']['trl']} BCOTrainer ({rec['time_utc']})", "",
         f"Llama {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads / {a['kv_heads']} kv, "
@@ -421,14 +402,18 @@ def markdown(rec):
         f"**ours / TRL, examples/s: {rec['ratio_examples_per_s']:.2f}x**"
         + (f" (median of {len(rec['ratio_by_round'])} rounds: " + ", ".join(f"{x:.2f}" for x in rec["ratio_by_round"])
            + "; the table shows round 1)" if len(rec["ratio_by_round"]) > 1 else "") + " "
-        f"(ours pipelined as the trainer runs it, no per-step block: {o['examples_per_s_pipelined']:.2f} examples/s, "
+        f"(ours pipelined as the trainer runs it, no per-step block: "
+        f"{o['examples_per_s_pipelined']:.2f} examples/s, "
         f"{o['examples_per_s_pipelined'] / t['examples_per_s']:.2f}x).",
         "",
-        f"Memory. Ours, XLA memory analysis of the compiled step: arguments {mib(o['xla_memory']['argument_size_in_bytes'])}, "
-        f"temporaries {mib(o['xla_memory']['temp_size_in_bytes'])}, outputs {mib(o['xla_memory']['output_size_in_bytes'])} "
-        f"(aliased {mib(o['xla_memory']['alias_size_in_bytes'])}); peak RSS {o['peak_rss_mib']['after_setup']:.0f} MiB "
-        f"after setup, {o['peak_rss_mib']['after_compile']:.0f} after compile, {o['peak_rss_mib']['end']:.0f} at the end. "
-        f"TRL: peak RSS {t['peak_rss_mib']['after_setup']:.0f} MiB after setup, {t['peak_rss_mib']['end']:.0f} at the end "
+        f"Memory. Ours, XLA memory analysis of the compiled step: arguments "
+        f"{mib(o['xla_memory']['argument_size_in_bytes'])}, temporaries {mib(o['xla_memory']['temp_size_in_bytes'])}, "
+        f"outputs {mib(o['xla_memory']['output_size_in_bytes'])} "
+        f"(aliased {mib(o['xla_memory']['alias_size_in_bytes'])}); "
+        f"peak RSS {o['peak_rss_mib']['after_setup']:.0f} MiB after setup, {o['peak_rss_mib']['after_compile']:.0f} "
+        f"after compile, {o['peak_rss_mib']['end']:.0f} at the end. "
+        f"TRL: peak RSS {t['peak_rss_mib']['after_setup']:.0f} MiB after setup, {t['peak_rss_mib']['end']:.0f} "
+        "at the end "
         f"(+{t['peak_rss_mib']['end'] - t['peak_rss_mib']['after_setup']:.0f} MiB while training).",
         "",
         f"Losses, first / last step: ours {o['losses'][0]:.4f} / {o['losses'][-1]:.4f}, "
@@ -505,7 +490,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     now = datetime.datetime.now(datetime.timezone.utc)
     rec = {
-        "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "command": " ".join(["python", "bench/bench_train_step.py", *argv]),
+        "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["python", "bench/bench_train_step.py", *argv]),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("passthrough", "results")},
         "machine": machine_info(), "versions": versions(), "git_commit": git_commit(),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],

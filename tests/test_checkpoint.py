@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from bco_jax import udm
-from bco_jax.checkpoint import (REFERENCE_FINGERPRINT, REFERENCE_PATH, Checkpointer, check_reference,
-                                params_fingerprint)
+from bco_jax.checkpoint import REFERENCE_FINGERPRINT, REFERENCE_PATH, Checkpointer, check_reference, params_fingerprint
 
 
 def _mesh(shape, names):

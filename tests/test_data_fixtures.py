@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -34,7 +34,7 @@ def _backend():
     return tok.to_str()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_tokenizer(bos: bool = True, pad: bool = True, chat: bool = True):
     """A small byte-level BPE tokenizer; variants without BOS or without a pad token."""
     from tokenizers import Tokenizer

@@ -5,12 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from test_data_fixtures import make_tokenizer, unpaired_rows, write_jsonl
 
 from bco_jax.data import DataConfig, DataError, load_dataset, records_from_rows
 from bco_jax.data.formats import TRL_UNPAIR_BLOCK, Example, Pair
-from test_data_fixtures import make_tokenizer, unpaired_rows, write_jsonl
 
-MSG = lambda role, text: {"role": role, "content": text}  # noqa: E731
+MSG = lambda role, text: {"role": role, "content": text}
 
 
 def load(specs, **kw):
@@ -96,7 +96,7 @@ def test_hf_save_to_disk(tmp_path):
         load([str(tmp_path / "hfd")], split="validation")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tfds_builder_class(chat: bool = False):
     import tensorflow_datasets as tfds
 

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
-
-from bco_jax.data import (BatchIterator, DataConfig, class_prompts, load_dataset, ordered_batches,
-                          prompt_batches)
 from test_data_fixtures import make_tokenizer, unpaired_rows, write_jsonl
+
+from bco_jax.data import BatchIterator, DataConfig, class_prompts, load_dataset, ordered_batches, prompt_batches
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_batch_contract(files):
 
 def test_deterministic_and_reshuffled_per_epoch(files):
     data, cfg = data_for([files["big"]])
-    mk = lambda seed: BatchIterator(data, cfg, seed=seed, global_batch_size=37, prefetch=0)  # noqa: E731
+    mk = lambda seed: BatchIterator(data, cfg, seed=seed, global_batch_size=37, prefetch=0)
     a, b = take(mk(3), 2), take(mk(3), 2)
     for x, y in zip(a, b):
         same(x, y)
@@ -162,14 +161,15 @@ def test_ordered_batches_and_class_prompts(files):
     np.testing.assert_array_equal(b["input_ids"][0, :b["attention_mask"][0].sum()], seq.ids(i)[:seq.prompt_lens[i]])
 
 
-def test_to_global_shards_batch_over_mesh(files):
+def test_put_batch_shards_batch_over_mesh(files):
     import jax
 
-    from bco_jax.data import to_global
-    from bco_jax.sharding import make_mesh
+    from bco_jax.sharding import make_mesh, put_batch
 
     data, cfg = data_for([files["big"]])
-    b = next(BatchIterator(data, cfg, seed=0, global_batch_size=8, prefetch=0))
-    g = to_global(b, make_mesh())
-    assert g["input_ids"].shape == b["input_ids"].shape and len(g["labels"].sharding.device_set) == jax.device_count()
-    np.testing.assert_array_equal(np.asarray(g["input_ids"]), b["input_ids"])
+    b = next(BatchIterator(data, cfg, seed=0, global_batch_size=16, prefetch=0))
+    g = put_batch(b, make_mesh(), accumulation=2)
+    assert b["input_ids"].shape[0] == 16
+    assert g["input_ids"].shape == (2, 8, *b["input_ids"].shape[1:])
+    assert len(g["labels"].sharding.device_set) == jax.device_count()
+    np.testing.assert_array_equal(np.asarray(g["input_ids"]).reshape(b["input_ids"].shape), b["input_ids"])

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from test_data_fixtures import make_tokenizer
 
 from bco_jax.data import DataConfig, DataError, assemble, pad_token_id
 from bco_jax.data.dataset import TokenizedDataset
 from bco_jax.data.errors import Issues
 from bco_jax.data.formats import Example, extract_prompt
 from bco_jax.data.tokenize import TruncationStats, encode, split_ids, tokenize_examples
-from test_data_fixtures import make_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -78,7 +78,7 @@ def test_completion_truncation_matches_trl_where_trl_is_sane(max_length):
     trl = trl_ids(tok, examples, max_length)
     assert stats.completion_truncated > 0 and stats.prompt_truncated == 0
     assert all(len(ids) <= max_length for ids, _ in ours)
-    for (p, c, _), mine, theirs in zip(examples, ours, trl):
+    for (_, c, _), mine, theirs in zip(examples, ours, trl):
         if c.endswith("</s>") and len(theirs[0]) > max_length:
             # TRL reserves no EOS slot for a completion ending in EOS, cuts it off, then appends
             # one: max_length + 1 tokens. We keep the slot, so only the last kept token differs.
@@ -151,7 +151,8 @@ def test_pad_token_chosen_once(caplog):
     assert sum("no pad token" in r.message for r in caplog.records) <= 1
 
 
-WORDS = "The sky is blue and the sea green. What color? It is bl ue bird berry Hello! ,".split(" ")
+WORDS = ["The", "sky", "is", "blue", "and", "the", "sea", "green.", "What", "color?", "It", "is", "bl", "ue", "bird",
+         "berry", "Hello!", ","]
 
 
 @given(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8),
@@ -193,11 +194,12 @@ def trl_pipeline(rows, tok, max_length):
 
 @pytest.mark.parametrize("kind", ["text", "implicit_chat"])
 def test_whole_dataset_matches_trl_in_order(tmp_path, kind):
-    from bco_jax.data import load_dataset, ordered_batches
     from test_data_fixtures import write_jsonl
 
-    user = lambda t: {"role": "user", "content": t}  # noqa: E731
-    bot = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    from bco_jax.data import load_dataset, ordered_batches
+
+    user = lambda t: {"role": "user", "content": t}
+    bot = lambda t: {"role": "assistant", "content": t}
     if kind == "text":
         rows = [{"prompt": f"What color is the sky {i}? It is bl", "chosen": "ue.", "rejected": " green."}
                 for i in range(5)]

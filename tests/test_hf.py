@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import tiny_hf
-from bco_jax.models import load_hf, read_config, save_hf
+from bco_jax.models import Decoder, ModelConfig, load_hf, read_config, save_hf
+from bco_jax.models.hf import config_to_hf
 from bco_jax.models import safetensors_io as st
 
 
@@ -155,3 +157,28 @@ def test_qwen2_sliding_window_flag_is_refused():
 def test_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(rope_type="llama3", rope_factor=8.0, rope_original_max_positions=16, rope_theta=5e5, eos_token_ids=(1, 2)),
+    dict(architecture="MistralForCausalLM", sliding_window=4),
+    dict(architecture="Qwen2ForCausalLM", qkv_bias=True, tie_word_embeddings=True),
+])
+def test_model_without_source_config_saves_what_transformers_loads(fields, tmp_path):
+    """A Decoder built from a bare ModelConfig (no config.json behind it) writes one field by field."""
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, **fields)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    save_hf(model, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == cfg.architecture
+    ids, mask = tiny_hf.padded_batch(seed=13, side="right")
+    assert max_diff(model, reloaded, ids, mask) < 1e-4
+
+
+def test_config_without_a_config_json_form_is_refused():
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                      num_kv_heads=2, head_dim=4, architecture="MistralForCausalLM", qkv_bias=True)
+    with pytest.raises(ValueError, match=r"\['qkv_bias'\] have no MistralForCausalLM config.json form"):
+        config_to_hf(cfg, "float32")

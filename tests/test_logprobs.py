@@ -1,13 +1,16 @@
-"""sequence_logps: equal to a float64 log-softmax gather, differentiable under jit, and chunked so
-the full [B, T, V] float32 logits never exist (XLA's compiled memory analysis)."""
+"""sequence_logps / token_logps: equal to a float64 log-softmax gather, differentiable under jit, the
+completion-only head equal to the full one, and chunked so the full [B, T, V] float32 logits never
+exist (XLA's compiled memory analysis)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from bco_jax import sharding
 from bco_jax.models import sequence_logps
 from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.models.logprobs import chunk_slots, token_logps
 
 
 def tiny(vocab=96, abstract=False, **kw):
@@ -64,6 +67,61 @@ def test_matches_float64_log_softmax_gather(batch, reference, chunk):
     assert logps.dtype == jnp.float32 and counts.dtype == jnp.int32
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_allclose(np.asarray(logps), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity, chunk", [(7, 8), (9, 128)])  # exact fit, 2 slots a chunk; slack, one chunk
+def test_completion_only_head_matches_full_and_float64(batch, reference, capacity, chunk):
+    model, (want, want_counts) = reference
+    ids, mask, loss_mask = batch
+    graphdef, state = nnx.split(model)
+
+    def logps(s, capacity):
+        return sequence_logps(nnx.merge(graphdef, s), ids, mask, loss_mask, completion_capacity=capacity,
+                              chunk_tokens=chunk)
+
+    (full, _), (short, counts) = jax.jit(logps, static_argnums=1)(state, None), jax.jit(logps, static_argnums=1)(
+        state, capacity)
+    np.testing.assert_array_equal(counts, want_counts)
+    np.testing.assert_allclose(np.asarray(short), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full), rtol=1e-5, atol=1e-5)
+    total = lambda s, capacity: logps(s, capacity)[0].sum()  # noqa: E731
+    g_full, g_short = (jax.jit(jax.grad(total), static_argnums=1)(state, c) for c in (None, capacity))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_full, g_short)
+
+
+def test_token_logps_index_the_scored_tokens(batch, reference):
+    model, _ = reference
+    ids, mask, loss_mask = batch
+    logps, weights, index = token_logps(model, ids, mask, loss_mask, 7, chunk_tokens=8)
+    assert logps.shape == weights.shape == index.shape == (4, 7)
+    for b in range(4):
+        scored = np.flatnonzero(loss_mask[b] * mask[b])
+        scored = scored[scored > 0]
+        n = len(scored)
+        np.testing.assert_array_equal(index[b, :n], scored)
+        assert (weights[b, :n] == 1).all() and (weights[b, n:] == 0).all() and (logps[b, n:] == 0).all()
+    full_logps, full_weights, full_index = token_logps(model, ids, mask, loss_mask)
+    np.testing.assert_array_equal(full_index, np.broadcast_to(np.arange(1, 13), (4, 12)))
+    for b in range(4):  # the same per-token values as the full path, at the same token index
+        n = int(weights[b].sum())
+        np.testing.assert_allclose(logps[b, :n], full_logps[b, index[b, :n] - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_is_sized_per_device(batch):
+    """chunk_tokens bounds the logits on each device: a mesh that splits the batch 4 ways allows 4x
+    the slots per chunk; a mesh axis that does not divide the batch does not split it."""
+    assert chunk_slots(4, 12, 8) == 2
+    with jax.set_mesh(sharding.make_mesh((8, 1, 1))):
+        assert chunk_slots(4, 12, 8) == 2
+    ids, mask, loss_mask = batch
+    graphdef, state = nnx.split(tiny())
+    fn = jax.jit(lambda s: sequence_logps(nnx.merge(graphdef, s), ids, mask, loss_mask,
+                                          completion_capacity=8, chunk_tokens=8)[0])
+    with jax.set_mesh(sharding.make_mesh((4, 1, 2))):
+        assert chunk_slots(4, 12, 8) == 8
+        assert chunk_slots(4, 12, 1024) == 12
+        meshed = fn(state)
+    np.testing.assert_allclose(meshed, fn(state), rtol=1e-6)
 
 
 def test_gradient_matches_unchunked(batch):

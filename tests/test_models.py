@@ -9,11 +9,17 @@ import pytest
 from flax import nnx
 
 import tiny_hf
-from bco_jax.models import load_hf, read_config
-from bco_jax.models.hf import replace_config
-from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.models import Decoder, ModelConfig, compute_dtype, decays, load_hf, read_config, weight_decay_mask
 
 TOL = 1e-4
+
+
+def replace_config(model, **changes):
+    """The same weights under a changed ModelConfig field."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, state)
+    model.config = dataclasses.replace(model.config, **changes)
+    return model
 
 
 @pytest.fixture(scope="module", params=sorted(tiny_hf.FAMILIES))
@@ -25,7 +31,7 @@ def family(request, tmp_path_factory):
 
 def jitted_logits(model):
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)), state
+    return jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(input_ids=ids, attention_mask=mask)), state
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -88,7 +94,7 @@ def test_hidden_states_and_params_carry_logical_axes(family):
     _, _, _, model = family
     ids, mask = tiny_hf.padded_batch(seed=3)
     graphdef, state = nnx.split(model)
-    h = jax.jit(lambda s: nnx.merge(graphdef, s).hidden_states(ids, mask))(state)
+    h = jax.jit(lambda s: nnx.merge(graphdef, s).hidden_states(input_ids=ids, attention_mask=mask))(state)
     assert h.shape == (*ids.shape, model.config.hidden_size)
     _, state = nnx.split(model)
     for path, var in nnx.to_flat_state(state):
@@ -138,6 +144,40 @@ def test_bfloat16_compute_is_close_to_float32():
 def test_bad_options_name_the_key():
     with pytest.raises(ValueError, match="remat"):
         tiny_config(remat="sometimes")
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('auto', 'xla'"):
+        tiny_config(attn_implementation="flash")
+
+
+def test_attention_impl_is_a_deprecated_alias(tmp_path):
+    folder = str(tmp_path)
+    tiny_hf.build("llama3", folder)
+    with pytest.warns(DeprecationWarning, match="attn_implementation"):
+        assert read_config(folder, attention_impl="xla").attn_implementation == "xla"
+    with pytest.warns(DeprecationWarning):
+        assert load_hf(folder, attention_impl=None).config.attn_implementation == "auto"
+
+
+def test_compute_dtype():
+    assert compute_dtype() == jnp.float32  # tests run on CPU
+    assert compute_dtype("bfloat16") == jnp.bfloat16
+    assert Decoder(tiny_config(), rngs=nnx.Rngs(0)).dtype == compute_dtype()
+
+
+def test_weight_decay_follows_logical_axes():
+    """As transformers: matrices and embeddings decay, norm scales and biases do not; init follows."""
+    model = Decoder(tiny_config(qkv_bias=True, o_bias=True, mlp_bias=True), rngs=nnx.Rngs(0))
+    _, state = nnx.split(model)
+    mask = weight_decay_mask(state)
+    assert jax.tree.structure(mask) == jax.tree.structure(nnx.to_pure_dict(state))
+    flat = {"/".join(map(str, path)): flag for path, flag in nnx.to_flat_state(nnx.State(mask))}
+    no_decay = {"final_norm", "layers/attn_norm", "layers/mlp_norm", "layers/bq", "layers/bk", "layers/bv",
+                "layers/bo", "layers/b_gate", "layers/b_up", "layers/b_down"}
+    assert {name for name, flag in flat.items() if not flag} == no_decay
+    assert len(flat) == len(no_decay) + 9  # embed, lm_head, 4 attention and 3 MLP matrices
+    assert decays(("vocab", "embed")) and not decays(("layers", "norm")) and not decays(("q_heads", "head_dim"))
+    values = dict((("/".join(map(str, p))), np.asarray(v[...])) for p, v in nnx.to_flat_state(state))
+    assert (values["layers/attn_norm"] == 1).all() and (values["layers/bo"] == 0).all()
+    assert 0.01 < values["layers/wq"].std() < 0.03
 
 
 

@@ -128,7 +128,7 @@ def test_shipped_feedback_parses_and_agrees_with_the_oracle():
         assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
         assert all(task.is_success(r["prompt"], r["chosen"]) and r["rejected"]
                    and not task.is_success(r["prompt"], r["rejected"]) for r in rows)
-    assert 2000 <= len(binary) and 200 <= len(read_jsonl("eval_binary.jsonl"))
+    assert len(binary) >= 2000 and len(read_jsonl("eval_binary.jsonl")) >= 200
 
 
 def test_shipped_feedback_keeps_held_out_prompts_out():
@@ -168,6 +168,7 @@ def test_shipped_model_is_small_and_loads_in_transformers():
 
 def test_shipped_model_reproduces_its_stated_success_rate():
     from transformers import AutoTokenizer
+
     from bco_jax.models import load_hf
     from bco_jax.oracle.sampling import success_rate
     model, tok = load_hf(MODEL_DIR), AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -181,6 +182,7 @@ def test_shipped_model_reproduces_its_stated_success_rate():
 
 def test_trainer_data_pipeline_reads_every_shipped_set():
     from transformers import AutoTokenizer
+
     from bco_jax.data import DataConfig, load_dataset
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     binary = load_dataset([os.path.join(FEEDBACK, "binary.jsonl")], tok, DataConfig())

@@ -2,10 +2,11 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import tiny_hf
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from bco_jax import sharding
 from bco_jax.models import load_hf, sequence_logps
 

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from bco_jax import losses as L
-from bco_jax.config import OptimOptions
+from bco_jax.config import LossOptions, OptimOptions
 from bco_jax.models import Decoder, ModelConfig, sequence_logps
-from bco_jax.step import StepConfig, eval_step, init_state, learning_rate_schedule, make_optimizer, train_step
+from bco_jax.step import eval_step, init_state, learning_rate_schedule, make_optimizer, train_step
 
 CFG = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -54,7 +54,7 @@ def split(batch, a):
     return {k: jnp.asarray(v).reshape(a, B // a, *v.shape[1:]) for k, v in batch.items()}
 
 
-OPTIMIZER, SCHEDULE = make_optimizer(OptimOptions(learning_rate=1e-3, warmup_ratio=0.0), 10)
+OPTIMIZER, SCHEDULE = make_optimizer(OptimOptions(learning_rate=1e-3, warmup_ratio=0.0), 10, decay_mask=None)
 
 
 @functools.cache
@@ -64,7 +64,10 @@ def jitted_step(graphdef, cfg):
                                      optimizer=OPTIMIZER, schedule=SCHEDULE))
 
 
-def run(models, batches, *, accumulation=1, cfg=StepConfig(), shift_mode="ema", precomputed=None):
+BCO = LossOptions()
+
+
+def run(models, batches, *, accumulation=1, cfg=BCO, shift_mode="ema", precomputed=None):
     graphdef, params, ref = models
     state = init_state(params, OPTIMIZER, L.reward_shift_init(shift_mode, 0.5), 0)
     step = jitted_step(graphdef, cfg)
@@ -130,7 +133,7 @@ def test_precomputed_reference_equals_live_reference(models):
                                            ("input_ids", "attention_mask", "loss_mask")))[0]
 
     batches = [make_batch(s) for s in range(2)]
-    live, h_live = run(models, batches, cfg=StepConfig())
+    live, h_live = run(models, batches, cfg=LossOptions())
     pre, h_pre = run(models, batches, precomputed=precompute)
     assert_trees_close(live.params, pre.params)
     for a, b in zip(h_live, h_pre):
@@ -139,7 +142,7 @@ def test_precomputed_reference_equals_live_reference(models):
 
 def test_nonfinite_step_is_skipped_and_counted(models):
     graphdef, params, _ = models
-    bad = lambda batch: np.full(B, np.nan, np.float32)  # noqa: E731
+    bad = lambda batch: np.full(B, np.nan, np.float32)
     state, hist = run(models, [make_batch(0)], precomputed=bad)
     assert hist[0]["skipped"] == 1
     assert int(state.nonfinite_in_row) == 1 and int(state.skipped_steps) == 1 and int(state.step) == 1
@@ -151,7 +154,7 @@ def test_nonfinite_step_is_skipped_and_counted(models):
 def test_paired_losses_train_and_match_the_loss_function(models, loss_type):
     graphdef, params, ref = models
     batch = make_batch(3, paired=True)
-    _, hist = run(models, [batch], cfg=StepConfig(loss_type=loss_type), accumulation=2)
+    _, hist = run(models, [batch], cfg=LossOptions(loss_type=loss_type), accumulation=2)
     model, ref_model = nnx.merge(graphdef, params), nnx.merge(graphdef, ref)
     lp = {}
     for side in ("chosen", "rejected"):
@@ -169,7 +172,7 @@ def test_paired_losses_train_and_match_the_loss_function(models, loss_type):
 def test_kto_step_uses_mismatched_kl_pairs(models):
     batch = make_batch(4)
     kl = unpaired_batch(40, "kl_")
-    _, hist = run(models, [{**batch, **kl}], cfg=StepConfig(loss_type="kto"))
+    _, hist = run(models, [{**batch, **kl}], cfg=LossOptions(loss_type="kto"))
     assert np.isfinite(hist[0]["loss"]) and hist[0]["delta"] >= 0.0
 
 
@@ -177,7 +180,7 @@ def test_eval_step_does_not_move_trl_running_mean(models):
     graphdef, params, ref = models
     shift = L.reward_shift_update(L.reward_shift_init("trl"), jnp.array([0.3]), jnp.array([True]))
     batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
-    out = eval_step(params, ref, batch, shift, graphdefs=(graphdef, graphdef), cfg=StepConfig())
+    out = eval_step(params, ref, batch, shift, graphdefs=(graphdef, graphdef), cfg=LossOptions())
     # The loss used the state's delta (0.3) as it was, not one moved by this batch's rewards.
     args = [batch[k] for k in ("input_ids", "attention_mask", "loss_mask")]
     pol = sequence_logps(nnx.merge(graphdef, params), *args)[0]

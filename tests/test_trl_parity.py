@@ -45,12 +45,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.experimental.bco import BCOConfig, BCOTrainer
 
 from bco_jax import train
 from bco_jax.config import parse_args
-from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 
 BATCH, STEPS, LR, MAX_LENGTH, MAX_GRAD_NORM = 8, 8, 3e-3, 16, 0.2
 COMPARED = ("loss", "delta", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
@@ -118,6 +118,6 @@ def test_per_step_metrics_match_trl_bco_trainer(tmp_path, accumulation, logging_
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
 
     # TRL logs no counts (BCOTrainer.log deletes them); they are the labels of each step's rows.
-    per_window = lambda x: x.reshape(-1, logging_steps).sum(1)  # noqa: E731
+    per_window = lambda x: x.reshape(-1, logging_steps).sum(1)
     np.testing.assert_array_equal([r["count/chosen"] for r in ours], per_window(labels.sum(1)))
     np.testing.assert_array_equal([r["count/rejected"] for r in ours], per_window((~labels).sum(1)))

@@ -10,12 +10,11 @@ from .config import DataConfig
 from .dataset import TokenizedDataset, format_report, load_dataset
 from .errors import DataError
 from .formats import Example, Pair, records_from_rows
-from .pipeline import (BatchIterator, assemble, class_prompts, ordered_batches, prompt_batches,
-                       to_global)
+from .pipeline import BatchIterator, assemble, class_prompts, ordered_batches, prompt_batches
 from .tokenize import Sequences, pad_token_id
 
 __all__ = [
     "BatchIterator", "DataConfig", "DataError", "Example", "Pair", "Sequences", "TokenizedDataset",
     "assemble", "class_prompts", "format_report", "load_dataset", "ordered_batches", "pad_token_id",
-    "prompt_batches", "records_from_rows", "to_global",
+    "prompt_batches", "records_from_rows",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from bco_jax.files import atomic_write
 
 CACHE_VERSION = 2  # bump when the tokenized layout or tokenization rules change
 
@@ -64,17 +65,6 @@ def save(cache_dir: str, key: str, arrays: dict, meta: dict) -> None:
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, key)
     # The arrays land first; the .json written last marks the entry complete.
-    _atomic(path + ".npz", lambda f: np.savez(f, **arrays))
-    _atomic(path + ".json", lambda f: f.write(json.dumps(meta, default=str).encode()))
+    atomic_write(path + ".npz", lambda f: np.savez(f, **arrays))
+    atomic_write(path + ".json", lambda f: f.write(json.dumps(meta, default=str).encode()))
 
-
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -70,7 +70,7 @@ class DataConfig:
     def buckets(self) -> list[int]:
         """The padded lengths a batch may take, ascending, the last one max_length."""
         if self.length_buckets:
-            return sorted(set(int(b) for b in self.length_buckets) | {self.max_length})
+            return sorted({int(b) for b in self.length_buckets} | {self.max_length})
         sizes, b = [], 64
         while b < self.max_length:
             sizes.append(b)

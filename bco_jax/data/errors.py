@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from bco_jax.errors import DataError
+
 log = logging.getLogger("bco_jax.data")
 
-
-class DataError(ValueError):
-    """A dataset cannot be used as given; the message names the file and row and the reason."""
+__all__ = ["DataError", "Issues"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .config import DataConfig
 from .errors import DataError, Issues
@@ -24,7 +24,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # reproduce TRL's (unshuffled) example order exactly.
 TRL_UNPAIR_BLOCK = 1000
 
-Text = Union[str, list]  # plain text or a list of chat messages
+Text = str | list  # plain text or a list of chat messages
 
 
 @dataclass(frozen=True)

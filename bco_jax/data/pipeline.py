@@ -281,11 +281,3 @@ def prompt_batches(data: TokenizedDataset, cfg: DataConfig, thumbs_up: bool,
         yield {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
                "example_index": index, "example_mask": index >= 0}
 
-
-def to_global(batch: Batch, mesh, batch_axes=("data", "fsdp")) -> dict:
-    """One jax.Array per key over the mesh from every process's local rows (batch dim sharded)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec(tuple(a for a in batch_axes if a in mesh.axis_names)))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -57,7 +57,7 @@ def fingerprint(spec: str, tfds_data_dir: str | None = None) -> list:
 
         try:
             paths = [str(tfds.builder(paths[0], data_dir=tfds_data_dir).data_dir)]
-        except Exception:  # noqa: BLE001 - not found: read_rows reports it with its own message
+        except Exception:
             return [spec]
     out = []
     for p in paths:
@@ -143,7 +143,7 @@ def _read_parquet(path: str) -> Iterator[tuple[Row, str]]:
     try:
         pf = pq.ParquetFile(path)
         batches = list(pf.iter_batches(batch_size=4096))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+    except Exception as e:
         raise DataError(f"{path}: cannot read Parquet file: {e}") from e
     row = 0
     for batch in batches:
@@ -180,7 +180,7 @@ def _read_tfds(name: str, split: str, data_dir: str | None) -> Iterator[tuple[Ro
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 - tfds raises its own registry errors
+    except Exception as e:
         raise DataError(f"tfds:{name}: cannot find this TFDS dataset: {e}") from e
     yield from _read_tfds_builder(builder, split, f"tfds:{name}")
 
@@ -189,7 +189,7 @@ def _read_tfds_dir(path: str, split: str) -> Iterator[tuple[Row, str]]:
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder_from_directory(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{path}: cannot read TFDS dataset folder: {e}") from e
     yield from _read_tfds_builder(builder, split, path)
 
@@ -202,7 +202,7 @@ def _read_tfds_builder(builder, split: str, label: str) -> Iterator[tuple[Row, s
             "or convert it to array_record (e.g. `tfds build --file_format=array_record`)")
     try:
         source = builder.as_data_source(split=split)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{label}: cannot open split {split!r}: {e}") from e
     for i in range(len(source)):
         yield _from_numpy(source[i]), f"{label}[{split}] row {i}"

@@ -52,7 +52,7 @@ class Sequences:
         return self.offsets[which + 1] - self.offsets[which]
 
     @staticmethod
-    def build(seqs: list[list[int]], prompt_lens: list[int]) -> "Sequences":
+    def build(seqs: list[list[int]], prompt_lens: list[int]) -> Sequences:
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -161,7 +161,7 @@ def encode(tokenizer, items: list[tuple[Text, Text, str]], cfg: DataConfig, issu
         try:
             texts.append(as_text(tokenizer, prompt, completion))
             ok.append(True)
-        except Exception as e:  # noqa: BLE001 - a template may reject a conversation in its own way
+        except Exception as e:
             issues.bad(where, f"chat template failed: {e}")
             texts.append(("", "x"))
             ok.append(False)
@@ -199,5 +199,5 @@ def tokenize_paired(tokenizer, records: list[Pair], cfg: DataConfig, issues: Iss
     chosen = encode(tokenizer, [(r.prompt, r.chosen, r.where) for r in records], cfg, issues, stats)
     rejected = encode(tokenizer, [(r.prompt, r.rejected, r.where) for r in records], cfg, issues, stats)
     keep = [i for i in range(len(records)) if chosen[i] is not None and rejected[i] is not None]
-    build = lambda enc: Sequences.build([enc[i][0] for i in keep], [enc[i][1] for i in keep])  # noqa: E731
+    build = lambda enc: Sequences.build([enc[i][0] for i in keep], [enc[i][1] for i in keep])
     return build(chosen), build(rejected), np.array(keep, dtype=np.int64)

@@ -1,7 +1,8 @@
 """Flax NNX decoders (Llama / Mistral / Qwen2), HF checkpoint import/export, log-probs, sampling."""
-from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.models.decoder import Decoder, ModelConfig, compute_dtype, decays, weight_decay_mask
 from bco_jax.models.generate import generate
 from bco_jax.models.hf import load_hf, read_config, save_hf
 from bco_jax.models.logprobs import sequence_logps
 
-__all__ = ["ModelConfig", "Decoder", "read_config", "load_hf", "save_hf", "sequence_logps", "generate"]
+__all__ = ["ModelConfig", "Decoder", "compute_dtype", "decays", "weight_decay_mask", "read_config", "load_hf",
+           "save_hf", "sequence_logps", "generate"]

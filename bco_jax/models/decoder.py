@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax.models.attention import ATTN_IMPLEMENTATIONS, attend, attention_mask
 from bco_jax.sharding import mesh_spec
 
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -48,7 +49,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()  # all ids that end a generation (Llama 3 has several)
     pad_token_id: int | None = None
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None | xla | cudnn
+    attn_implementation: str = "auto"  # attention kernel, see attention.ATTN_IMPLEMENTATIONS
     hf_config_json: str = ""  # the source config.json, written back by save_hf
     generation_config_json: str = ""  # the source generation_config.json, if any
 
@@ -57,12 +58,17 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation!r}")
 
 
-def default_compute_dtype():
-    """bfloat16 on accelerators, float32 on CPU (where bfloat16 matmuls are slow and tests compare
-    against float32 references)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def compute_dtype(name: str = "auto") -> jnp.dtype:
+    """"auto": bfloat16 on accelerators, float32 on CPU (where bfloat16 matmuls are slow and tests
+    compare against float32 references); otherwise the named dtype."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -114,68 +120,43 @@ def rms_norm(x_BxTxD, weight_D, eps: float, dtype):
     return (normed * weight_D.astype(jnp.float32)).astype(dtype)
 
 
-def attention_mask(kv_valid_BxS, q_index_T, window: int | None):
-    """[B, 1, T, S] bool: causal by index, padding keys hidden, Mistral window `q - k < window`
-    (transformers 5 masking_utils.sliding_window_overlay). Indices, not positions: padding is
-    contiguous at one end, so index distances between real tokens equal position distances."""
-    k_index_S = jnp.arange(kv_valid_BxS.shape[1])
-    q_TxS, k_TxS = q_index_T[:, None], k_index_S[None, :]
-    allowed_TxS = k_TxS <= q_TxS
-    if window is not None:
-        allowed_TxS &= k_TxS > q_TxS - window
-    return (allowed_TxS[None] & padding_mask(kv_valid_BxS, q_index_T)[:, 0])[:, None]
+def _linear(x, w, b, dtype, n_in: int = 1):
+    """x[..., in] @ w[in, out] + b, with `n_in` contracted axes. Tokens are flattened into one axis: XLA
+    on CPU runs the backward of 2-D matmuls ~2x faster than of [B, T, ...] dot_generals (the same
+    program on GPU / TPU, where the batch sharding of the leading axis carries over)."""
+    lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(dtype)
+    if b is not None:
+        y = y + b.reshape(-1).astype(dtype)
+    return y.reshape(*lead, *w.shape[n_in:])
 
 
-def padding_mask(kv_valid_BxS, q_index_T):
-    """[B, 1, T, S] bool: real keys. A padding query would see no key at all; letting it see itself
-    avoids NaN rows in fused kernels (its output is never used)."""
-    self_TxS = q_index_T[:, None] == jnp.arange(kv_valid_BxS.shape[1])[None, :]
-    return (kv_valid_BxS[:, None, :].astype(bool) | self_TxS[None])[:, None]
-
-
-def attend(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
-    """`mask` is ("full", [B,1,T,S]) for cached decoding, or ("causal", padding mask) when queries
-    and keys are the same sequence: then causality and the window go to the kernel as flags, which
-    lets cuDNN skip masked blocks instead of reading a dense mask."""
-    kind, mask_Bx1xTxS = mask
-    if kind == "full":
-        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                            implementation=cfg.attention_impl)
-    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=True,
-                                        local_window_size=window, implementation=cfg.attention_impl)
-
-
-def _linear(x, w, b, spec: str, dtype):
-    y = jnp.einsum(spec, x, w.astype(dtype))
-    return y if b is None else y + b.astype(dtype)
-
-
-def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, cache_kv, cache_index):
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index):
     """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
     `cache_index` and attention runs over the whole cache."""
     x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
-    q_BxTxNxH = _linear(x, p["wq"], p.get("bq"), "btd,dnh->btnh", dtype)
-    k_BxTxKxH = _linear(x, p["wk"], p.get("bk"), "btd,dkh->btkh", dtype)
-    v_BxTxKxH = _linear(x, p["wv"], p.get("bv"), "btd,dkh->btkh", dtype)
+    q_BxTxNxH = _linear(x, p["wq"], p.get("bq"), dtype)
+    k_BxTxKxH = _linear(x, p["wk"], p.get("bk"), dtype)
+    v_BxTxKxH = _linear(x, p["wv"], p.get("bv"), dtype)
     q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
         start = (0, cache_index, 0, 0)
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
-    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask)
-    h_BxTxD = h_BxTxD + _linear(attn_BxTxNxH, p["wo"], p.get("bo"), "btnh,nhd->btd", dtype)
+    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal)
+    h_BxTxD = h_BxTxD + _linear(attn_BxTxNxH, p["wo"], p.get("bo"), dtype, n_in=2)
     x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
-    gate_BxTxF = _linear(x, p["w_gate"], p.get("b_gate"), "btd,df->btf", dtype)
-    up_BxTxF = _linear(x, p["w_up"], p.get("b_up"), "btd,df->btf", dtype)
-    down = _linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, p["w_down"], p.get("b_down"), "btf,fd->btd", dtype)
+    gate_BxTxF = _linear(x, p["w_gate"], p.get("b_gate"), dtype)
+    up_BxTxF = _linear(x, p["w_up"], p.get("b_up"), dtype)
+    down = _linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, p["w_down"], p.get("b_down"), dtype)
     new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
     return h_BxTxD + down, new_kv
 
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis."""
+    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis. A bias
+    carries the output axes of its matrix, or "bias" for the hidden size (replicated, like norms)."""
     D, N, K, H, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     shapes = {
         "attn_norm": ((D,), ("norm",)),
@@ -192,24 +173,33 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tup
         shapes.update(bq=((N, H), ("q_heads", "head_dim")), bk=((K, H), ("kv_heads", "head_dim")),
                       bv=((K, H), ("kv_heads", "head_dim")))
     if cfg.o_bias:
-        shapes["bo"] = ((D,), ("norm",))
+        shapes["bo"] = ((D,), ("bias",))
     if cfg.mlp_bias:
-        shapes.update(b_gate=((F,), ("mlp",)), b_up=((F,), ("mlp",)), b_down=((D,), ("norm",)))
+        shapes.update(b_gate=((F,), ("mlp",)), b_up=((F,), ("mlp",)), b_down=((D,), ("bias",)))
     return shapes
 
 
-def _param(rngs, shape, names, dtype, init):
+def decays(logical_axes: tuple[str | None, ...]) -> bool:
+    """Whether weight decay applies (as transformers: not to norms and biases). Every matrix, the
+    embedding and LM head included, reads or writes the hidden size, "embed"; norm scales ("norm")
+    and biases (the output axes of their matrix, "bias" for the hidden size) do not."""
+    return "embed" in logical_axes
+
+
+def weight_decay_mask(param_state: nnx.State) -> dict:
+    """Pure-dict pytree of bools (the structure of `nnx.to_pure_dict(param_state)`): which
+    parameters decay, from their logical axes (`out_sharding` metadata)."""
+    flags = [(path, decays(var.get_metadata()["out_sharding"])) for path, var in nnx.to_flat_state(param_state)]
+    return nnx.to_pure_dict(nnx.from_flat_state(flags))
+
+
+def _param(rngs, shape, names, dtype):
     # eager_sharding=False: logical names are not mesh axes; sharding is applied by load_hf / train.
-    value = init(rngs.params(), shape, dtype)
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _init_for(name: str):
-    if name.endswith("norm"):
-        return nnx.initializers.ones
-    if name.startswith("b"):
-        return nnx.initializers.zeros
-    return nnx.initializers.normal(0.02)
+    if decays(names):
+        init = nnx.initializers.normal(0.02)
+    else:  # ones for norm scales, zeros for biases
+        init = nnx.initializers.ones if names[-1] == "norm" else nnx.initializers.zeros
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class Layers(nnx.Module):
@@ -218,48 +208,46 @@ class Layers(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
         self.names = tuple(layer_param_shapes(cfg))
         for name, (shape, axes) in layer_param_shapes(cfg).items():
-            param = _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype, _init_for(name))
-            setattr(self, name, param)
+            setattr(self, name, _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
 
 
 class Decoder(nnx.Module):
-    """`model(input_ids_BxT, attention_mask_BxT=None) -> logits_BxTxV` (float32)."""
+    """`model(input_ids, attention_mask=None) -> logits` [B, T, V] float32. `dtype`: compute dtype
+    (default `compute_dtype()`); `param_dtype`: storage dtype of the parameters."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         self.config = config
-        self.dtype = jnp.dtype(default_compute_dtype() if dtype is None else dtype)
+        self.dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         V, D = config.vocab_size, config.hidden_size
-        normal = nnx.initializers.normal(0.02)
-        self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype, normal)
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype)
         self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
-        self.final_norm = _param(rngs, (D,), ("norm",), param_dtype, nnx.initializers.ones)
+        self.final_norm = _param(rngs, (D,), ("norm",), param_dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), param_dtype, normal)
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), param_dtype)
 
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None):
-        return self.logits(self.hidden_states(input_ids_BxT, attention_mask_BxT))
+    def __call__(self, input_ids, attention_mask=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask))
 
-    def hidden_states(self, input_ids_BxT, attention_mask_BxT=None):
+    def hidden_states(self, input_ids, attention_mask=None):
         """Final hidden states [B, T, D] (final norm applied, no LM head), compute dtype."""
-        if attention_mask_BxT is None:
-            attention_mask_BxT = jnp.ones_like(input_ids_BxT)
-        positions_BxT = positions_from_mask(attention_mask_BxT)
-        q_index_T = jnp.arange(input_ids_BxT.shape[1])
-        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, attention_mask_BxT, q_index_T)
+        input_ids_BxT = input_ids
+        mask_BxT = jnp.ones_like(input_ids_BxT) if attention_mask is None else attention_mask
+        positions_BxT = positions_from_mask(mask_BxT)
+        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, mask_BxT, jnp.arange(input_ids_BxT.shape[1]))
         return h_BxTxD
 
     def lm_head_weight(self):
-        """[D, V] in compute dtype (the transposed embedding when tied)."""
-        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.dtype)
+        """[D, V] in the parameter dtype (the transposed embedding when tied), uncast: callers cast
+        it where they use it, so its gradient accumulates in the parameter dtype."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def logits(self, h_BxTxD):
         """LM head with float32 accumulation and output."""
-        return jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight(),
+        return jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight().astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0):
@@ -269,14 +257,14 @@ class Decoder(nnx.Module):
         # mode="clip": padding may use an id >= vocab_size (an added [PAD]); it is masked, but must not be NaN.
         h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip").astype(dtype))
         cos, sin = rope_cos_sin(cfg, positions_BxT)
-        if cache is None:  # queries and keys are the same sequence
-            mask = ("causal", padding_mask(kv_valid_BxS, q_index_T))
+        if cache is None:  # queries and keys are the same sequence: the padding mask suffices
+            mask, is_causal = kv_valid_BxS, True
         else:
-            mask = ("full", attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window))
+            mask, is_causal = attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window), False
 
         def body(h, xs):
             p, kv = xs
-            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, kv, cache_index)
+            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index)
             return constrain_batch(h), kv
 
         body = _remat(body, cfg.remat)
@@ -293,6 +281,15 @@ def constrain_batch(x_Bx):
         return x_Bx
     spec = mesh_spec(("batch",) + (None,) * (x_Bx.ndim - 1), mesh, shape=x_Bx.shape)
     return jax.lax.with_sharding_constraint(x_Bx, spec) if spec[0] else x_Bx
+
+
+def batch_shards(batch_size: int) -> int:
+    """How many ways `constrain_batch` splits a batch of `batch_size` (1 without a mesh context)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = mesh_spec(("batch",), mesh, shape=(batch_size,))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def _remat(fn, policy: str):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,17 @@ def _sliding_window(hf: dict, family: str):
     return None
 
 
+def _renamed(overrides: dict) -> dict:
+    if "attention_impl" in overrides:
+        warnings.warn("attention_impl is deprecated; use attn_implementation", DeprecationWarning, stacklevel=3)
+        overrides = dict(overrides)
+        overrides["attn_implementation"] = overrides.pop("attention_impl") or "auto"
+    return overrides
+
+
 def read_config(path_or_dict, **overrides) -> ModelConfig:
     """ModelConfig from an HF folder / config.json path / dict. `overrides` set our own fields
-    (remat, attention_impl). generation_config.json next to config.json supplies the EOS ids."""
+    (remat, attn_implementation). generation_config.json next to config.json supplies the EOS ids."""
     generation = {}
     if isinstance(path_or_dict, dict):
         hf = path_or_dict
@@ -150,7 +159,7 @@ def read_config(path_or_dict, **overrides) -> ModelConfig:
         generation_config_json=json.dumps(generation, sort_keys=True) if generation else "",
         **_rope_fields(hf),
     )
-    fields.update(overrides)
+    fields.update(_renamed(overrides))
     return ModelConfig(**fields)
 
 
@@ -169,7 +178,7 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
         rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_positions)
     eos = list(cfg.eos_token_ids)
-    return dict(
+    hf = dict(
         architectures=[cfg.architecture], model_type=ARCHITECTURES[cfg.architecture],
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -179,6 +188,14 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
         mlp_bias=cfg.mlp_bias, tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=cfg.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
         pad_token_id=cfg.pad_token_id, dtype=dtype_name)
+    # Some field combinations (e.g. q/k/v biases on Mistral) have no config.json form: refuse them.
+    ours = {f.name for f in dataclasses.fields(ModelConfig)} - {"remat", "attn_implementation", "hf_config_json",
+                                                               "generation_config_json"}
+    back = read_config(hf)
+    lost = sorted(f for f in ours if getattr(back, f) != getattr(cfg, f))
+    if lost:
+        raise ValueError(f"ModelConfig fields {lost} have no {cfg.architecture} config.json form")
+    return hf
 
 
 # ----------------------------------------------------------------------------- layout transforms
@@ -279,9 +296,9 @@ def _load_param(files, opened, hf_name, layered, shape, perm, split, sharding, d
 def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None, **overrides) -> Decoder:
     """Decoder with weights from a local HF folder (safetensors only). With `mesh`, each parameter is
     placed on the sharding its logical axes map to under `rules` (default sharding.LOGICAL_RULES).
-    `overrides` set ModelConfig fields such as remat or attention_impl."""
+    `overrides` set ModelConfig fields such as remat or attn_implementation."""
     files = _checkpoint_files(path)
-    cfg = read_config(path, **overrides)
+    cfg = read_config(path, **_renamed(overrides))
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(model)
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
@@ -361,10 +378,3 @@ def _save_tokenizer(tokenizer, path):
         if os.path.exists(source):
             shutil.copy(source, os.path.join(path, name))
 
-
-def replace_config(model: Decoder, **changes) -> Decoder:
-    """The same weights under a changed ModelConfig field (e.g. remat, attention_impl)."""
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, state)
-    model.config = dataclasses.replace(model.config, **changes)
-    return model

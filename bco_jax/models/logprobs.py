@@ -1,64 +1,87 @@
-"""Sequence log-probabilities, the quantity every loss consumes.
+"""Log-probabilities of the scored (completion) tokens, the quantity every loss consumes.
 
-The LM head runs over chunks of the sequence inside a rematerialised scan, so only
-[B, chunk_tokens / B, V] float32 logits exist at once, in the forward and in the backward pass.
-Vocabularies are 128k-152k: full [B, T, V] float32 logits of a 16 x 4k batch would be ~32 GB; one
-512-token chunk is ~250 MB whatever the batch size. Chunks cut the sequence axis, never the batch
-axis, so each chunk keeps the batch sharding (every data-parallel device works on every chunk).
+Only positions that predict a scored token need the LM head. With `completion_capacity=C`, each row's
+predicting positions are gathered into [B, C] slots (per row: the batch axis keeps its sharding), so
+the head costs C / T of the full one (about half for BCO's prompt + completion rows).
+
+The head runs over chunks of the slots inside a rematerialised scan, so only [B, chunk, V] float32
+logits exist at once, in the forward and in the backward pass. Vocabularies are 128k-152k: full
+[B, T, V] float32 logits of a 16 x 4k batch would be ~32 GB; one 512-token chunk is ~250 MB. Chunks
+cut the slot axis, never the batch axis, so every data-parallel device works on every chunk.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from bco_jax.models.decoder import batch_shards
+
 DEFAULT_CHUNK_TOKENS = 512
 
 
-def sequence_logps(model, input_ids, attention_mask, loss_mask, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+def sequence_logps(model, input_ids, attention_mask, loss_mask, *, completion_capacity: int | None = None,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """(logps_B float32, counts_B int32): sum of log p(input_ids[b, t] | tokens < t) over positions
     with loss_mask[b, t] = 1 (the completion; each predicted from position t - 1), and their count.
-    A loss-mask bit on position 0 or on a padding token is ignored. `chunk_tokens` bounds the logits
-    held at once (over the whole batch)."""
+    A loss-mask bit on position 0 or on a padding token is ignored. See `token_logps` for
+    `completion_capacity` and `chunk_tokens`."""
+    logps_BxC, weights_BxC, _ = token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity,
+                                            chunk_tokens=chunk_tokens)
+    return jnp.sum(logps_BxC, axis=1), jnp.sum(weights_BxC, axis=1).astype(jnp.int32)
+
+
+def token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity: int | None = None, *,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """Per-token log-probs of the scored tokens, in C slots per row, in sequence order.
+
+    Returns (logps_BxC float32, weights_BxC float32, token_index_BxC int32): slot c of row b holds
+    log p(input_ids[b, i] | tokens < i) for i = token_index[b, c], weighted by loss_mask & attention_mask
+    at i; unused slots have weight 0 and log-prob 0. `completion_capacity=None`: C = T - 1, every
+    token from index 1. Else C must be a static int >= the largest number of scored tokens in a row
+    (rows with more lose their last ones). `chunk_tokens` bounds the logits held at once per device."""
+    B, T = input_ids.shape
+    # Position t predicts token t + 1.
+    weights_BxP = (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+    if completion_capacity is None:
+        positions_BxC = jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1))
+    else:  # scored positions first, in order; a stable sort keeps the batch axis where it is
+        positions_BxC = jnp.argsort(weights_BxP == 0, axis=1, stable=True)[:, :completion_capacity]
+    positions_BxC = positions_BxC.astype(jnp.int32)
     h_BxTxD = model.hidden_states(input_ids, attention_mask)
-    B, T, _ = h_BxTxD.shape
-    # Position t predicts token t + 1: shift targets and weights left by one.
-    targets_BxT = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-    weights_BxT = jnp.pad((loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32), ((0, 0), (0, 1)))
-    chunk = max(1, min(T, chunk_tokens // B))
+    h_BxCxD = jnp.take_along_axis(h_BxTxD, positions_BxC[..., None], axis=1)
+    targets_BxC = jnp.take_along_axis(input_ids, positions_BxC + 1, axis=1)
+    weights_BxC = jnp.take_along_axis(weights_BxP, positions_BxC, axis=1)
+    chunk = chunk_slots(B, positions_BxC.shape[1], chunk_tokens)
     # The weight enters the scan in its parameter dtype and is cast inside each chunk: its gradient
     # is then summed over chunks in float32 (a bfloat16 sum loses precision with every chunk).
-    w = model.embed[...].T if model.config.tie_word_embeddings else model.lm_head[...]
-    logps_B = _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w, chunk, model.dtype)
-    counts_B = jnp.sum(weights_BxT, axis=1).astype(jnp.int32)
-    return logps_B, counts_B
+    logps_BxC = _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, model.lm_head_weight(), chunk, model.dtype)
+    return logps_BxC, weights_BxC, positions_BxC + 1
 
 
-def _chunked_logps(h_BxTxD, targets_BxT, weights_BxT, w_DxV, chunk: int, dtype):
-    B, T, D = h_BxTxD.shape
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
-    h_KxBxCxD = _split(jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))), n_chunks)
-    targets_KxBxC = _split(jnp.pad(targets_BxT, ((0, 0), (0, pad))), n_chunks)
-    weights_KxBxC = _split(jnp.pad(weights_BxT, ((0, 0), (0, pad))), n_chunks)
+def chunk_slots(batch_size: int, slots: int, chunk_tokens: int) -> int:
+    """Slots per chunk so that one chunk holds about `chunk_tokens` tokens on each device (the batch
+    split as `constrain_batch` splits it under `jax.set_mesh`)."""
+    return max(1, min(slots, chunk_tokens * batch_shards(batch_size) // batch_size))
+
+
+def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype):
+    B, C, _ = h_BxCxD.shape
+    n_chunks = -(-C // chunk)
+    pad = n_chunks * chunk - C
+
+    def split(x_BxCx):  # [B, K*c, ...] -> [K, B, c, ...]: scan walks the slots, each step the whole batch
+        x_BxCx = jnp.pad(x_BxCx, ((0, 0), (0, pad)) + ((0, 0),) * (x_BxCx.ndim - 2))
+        return jnp.moveaxis(x_BxCx.reshape(B, n_chunks, chunk, *x_BxCx.shape[2:]), 1, 0)
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them all
-    def chunk_logps(h_BxCxD, targets_BxC, weights_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(dtype), w_DxV.astype(dtype),
+    def chunk_logps(_, xs):
+        h_BxcxD, targets_Bxc, weights_Bxc = xs
+        logits_BxcxV = jnp.einsum("bcd,dv->bcv", h_BxcxD.astype(dtype), w_DxV.astype(dtype),
                                   preferred_element_type=jnp.float32)
         # mode="clip": a pad id >= vocab_size (an added [PAD]) must not turn the row into NaN.
-        target_logits_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1,
+        target_logits_Bxc = jnp.take_along_axis(logits_BxcxV, targets_Bxc[..., None], axis=-1,
                                                 mode="clip")[..., 0]
-        logps_BxC = target_logits_BxC - jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        return jnp.sum(logps_BxC * weights_BxC, axis=1)
+        return None, (target_logits_Bxc - jax.nn.logsumexp(logits_BxcxV, axis=-1)) * weights_Bxc
 
-    def body(total_B, xs):
-        return total_B + chunk_logps(*xs), None
-
-    total_B, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (h_KxBxCxD, targets_KxBxC, weights_KxBxC))
-    return total_B
-
-
-def _split(x_BxTx, n_chunks):
-    """[B, K*C, ...] -> [K, B, C, ...]: scan walks the sequence, each step sees the whole batch."""
-    B, T = x_BxTx.shape[:2]
-    return jnp.moveaxis(x_BxTx.reshape(B, n_chunks, T // n_chunks, *x_BxTx.shape[2:]), 1, 0)
+    _, logps_KxBxc = jax.lax.scan(chunk_logps, None, (split(h_BxCxD), split(targets_BxC), split(weights_BxC)))
+    return jnp.moveaxis(logps_KxBxc, 0, 1).reshape(B, n_chunks * chunk)[:, :C]

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import os
 
-from bco_jax.oracle.task import (FAMILIES, answer, graded_reward, is_success, parse_prompt,
-                                 prompt_family, rating, reward, split_prompts)
+from bco_jax.oracle.task import (
+                                 FAMILIES,
+                                 answer,
+                                 graded_reward,
+                                 is_success,
+                                 parse_prompt,
+                                 prompt_family,
+                                 rating,
+                                 reward,
+                                 split_prompts,
+)
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "oracle")
 MODEL_DIR = os.path.join(ASSETS, "sft")  # HF folder: LlamaForCausalLM + tokenizer
@@ -30,7 +39,26 @@ EVAL_PROMPTS = os.path.join(FEEDBACK_DIR, "eval_prompts.jsonl")  # == split_prom
 DEMO_SETTINGS = dict(loss_type="bco", beta=0.1, learning_rate=1e-3, max_steps=200, batch_size=64,
                      warmup_ratio=0.1, lr_scheduler_type="linear")
 
-__all__ = ["ASSETS", "MODEL_DIR", "TOKENIZER_DIR", "FEEDBACK_DIR", "TRAIN_FEEDBACK", "TRAIN_PAIRED",
-           "TRAIN_LIKERT", "TRAIN_MISMATCH", "EVAL_FEEDBACK", "EVAL_PAIRED", "EVAL_PROMPTS",
-           "DEMO_SETTINGS", "FAMILIES", "answer", "graded_reward", "is_success", "parse_prompt",
-           "prompt_family", "rating", "reward", "split_prompts"]
+__all__ = [
+                                 "ASSETS",
+                                 "DEMO_SETTINGS",
+                                 "EVAL_FEEDBACK",
+                                 "EVAL_PAIRED",
+                                 "EVAL_PROMPTS",
+                                 "FAMILIES",
+                                 "FEEDBACK_DIR",
+                                 "MODEL_DIR",
+                                 "TOKENIZER_DIR",
+                                 "TRAIN_FEEDBACK",
+                                 "TRAIN_LIKERT",
+                                 "TRAIN_MISMATCH",
+                                 "TRAIN_PAIRED",
+                                 "answer",
+                                 "graded_reward",
+                                 "is_success",
+                                 "parse_prompt",
+                                 "prompt_family",
+                                 "rating",
+                                 "reward",
+                                 "split_prompts",
+]

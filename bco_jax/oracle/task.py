@@ -13,7 +13,7 @@ setting binary feedback is for: the model can already produce good answers, the 
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -75,7 +75,7 @@ def mismatch_rows(prompts, answers, mismatch: float, rng):
     rows = []
     for family, up_fraction in (("add", mismatch), ("sub", 1.0 - mismatch)):
         idx = [i for i, p in enumerate(prompts) if task.prompt_family(p) == family]
-        n_up = int(round(up_fraction * len(idx)))
+        n_up = round(up_fraction * len(idx))
         for rank, i in enumerate(idx):
             want = rank < n_up
             c = first(answers[i], prompts[i], want)

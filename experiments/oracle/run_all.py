@@ -184,7 +184,7 @@ def one_run(method, seed, steps, scorer, work, model_dir) -> dict:
         record["score_seconds"] = time.perf_counter() - t0
         record.update(delta=state["delta"], curve=read_curve(run_dir), status="ok",
                       final_train={k: v for k, v in final.items() if isinstance(v, (int, float))})
-    except Exception as err:  # noqa: BLE001 - a failed method is a row of the table, not the end of the run
+    except Exception as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         log.error("%s seed %d failed:\n%s", method, seed, record["traceback"])
     finally:
@@ -280,7 +280,7 @@ def table(results) -> str:
         if s["n"] == 0:
             lines.append(f"| {method} | 0 (failed) |" + " - |" * (len(head) - 2))
             continue
-        cell = lambda k: f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-"  # noqa: E731
+        cell = lambda k: f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-"
         gain = f"{100 * (s['success'][0] - sft):+.1f} pts" if method != "sft" else "-"
         seeds = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {method} | {seeds} | {cell('success')} | {gain} | "
@@ -333,7 +333,8 @@ def plots(results, folder: str) -> list[str]:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for ax, (key, title) in zip(axes.flat, panels):
         for m in methods:
-            curves = [r["curve"] for r in results["runs"] if r["method"] == m and r["status"] == "ok" and r.get("curve")]
+            curves = [r["curve"] for r in results["runs"]
+                      if r["method"] == m and r["status"] == "ok" and r.get("curve")]
             if not curves:
                 continue
             steps = [row["step"] for row in curves[0]]
@@ -413,7 +414,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seed 0, 100 steps, results under /tmp (a smoke test)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {BUDGET['max_steps']}; --quick: 100)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {BUDGET['max_steps']}; --quick: 100)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--out", default=None, help="results folder (default experiments/oracle/results; --quick: /tmp/...)")
     p.add_argument("--plots", default=None, help="PNG folder (default docs/; --quick: the results folder)")
