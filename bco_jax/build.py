@@ -1,27 +1,34 @@
 """Everything a training run is made of, built from its config: `build(cfg, mesh) -> Run`.
 
-    run = build(cfg, mesh)                      # models on the mesh, data, optimizer, jitted step
-    state, udm_params, start = restore(run, checkpointer)
-    tables = precompute(run, udm_params)        # reference log-probs, UDM weights (optional)
-    if tables.ref_table is not None:
-        run = dataclasses.replace(run, reference=None)   # log-probs come with the batch: free the weights
-    state = bco_jax.train.train_loop(run, state, tables, checkpointer, writer, start)
+    run = build(cfg, mesh)                      # data, models on the mesh, optimizer, jitted step
+    state, udm_state, start = restore(run, checkpointer)   # or the initial state, at step 0
+    tables = precompute(run, udm_state)         # reference log-probs, UDM weights (optional)
+    state, last = bco_jax.train.train_loop(run, state, tables, checkpointer, writer, start)
 
 `Run` is frozen: what changes during training (the state, the data position inside `iterator`) is
 passed along explicitly. Benchmarks and experiments build their runs here, as the CLI does.
+
+A run keeps what it needs to resume under `output_dir`: the policy's config and tokenizer
+(`model/`) and the reference weights (`reference/`, Orbax, saved once), so that re-running the same
+command resumes when the original model folders are gone. The policy's weights are read from
+`--model` only when there is no checkpoint to resume.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import shutil
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax import losses as L
@@ -29,11 +36,14 @@ from bco_jax import udm
 from bco_jax.config import TrainConfig, mesh_shape
 from bco_jax.data import BatchIterator, TokenizedDataset, load_dataset
 from bco_jax.errors import ConfigError, log
+from bco_jax.files import atomic_write_json
 from bco_jax.metrics import truncate_metrics
-from bco_jax.models import compute_dtype, load_hf, weight_decay_mask
+from bco_jax.models import Decoder, compute_dtype, load_hf, read_config, weight_decay_mask
 from bco_jax.precompute import fit_udm, reference_table
-from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, model_shardings
+from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, data_shard, model_shardings
 from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
+
+MODEL_COPY, REFERENCE_COPY = "model", "reference"  # under output_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +52,13 @@ class Run:
 
     `step_fn(state, reference, batch) -> (state, metrics)` with `batch` from `sharding.put_batch`
     ([A, b, ...] arrays); `eval_fn(params, reference, batch, reward_shift) -> per-row outputs` on
-    [1, b, ...] batches. `reference` is the reference's parameters, or None when its log-probs are
-    precomputed into the batch.
+    [1, b, ...] batches. `reference` holds the reference's parameters, or None when its log-probs are
+    precomputed into the batch. `abstract_state` is the state's shapes, dtypes and shardings.
     """
     cfg: TrainConfig
     mesh: jax.sharding.Mesh
     output_dir: str
+    model_dir: str  # the policy's HF folder: --model, or the copy under output_dir once that is gone
     tokenizer: Any
     train_data: TokenizedDataset
     eval_data: TokenizedDataset | None
@@ -55,13 +66,13 @@ class Run:
     steps: int  # optimizer steps of the whole run
     graphdef: nnx.GraphDef
     ref_graphdef: nnx.GraphDef
-    state: TrainState  # the initial state, on its shardings
-    shardings: TrainState
-    reference: dict
-    step_fn: Any
-    eval_fn: Any
+    abstract_state: TrainState
+    init_fn: Any  # policy params -> initial TrainState on its shardings
+    reference: dict | None
     ref_path: str
     ref_fingerprint: str
+    step_fn: Any
+    eval_fn: Any
     hidden_size: int
 
     @property
@@ -70,11 +81,10 @@ class Run:
 
 
 class Tables(NamedTuple):
-    """What `precompute` produced; all None when nothing was precomputed."""
+    """What `precompute` produced; None where nothing was precomputed."""
     ref_table: np.ndarray | None = None  # reference log-probs of train_data, by example
     eval_ref_table: np.ndarray | None = None
-    weights: np.ndarray | None = None  # UDM weights of train_data, by example
-    udm_params: dict | None = None  # the classifier, checkpointed
+    udm: dict | None = None  # {"classifier": params, "weights": [n] per example}: checkpointed
     udm_log: dict | None = None
 
 
@@ -84,9 +94,6 @@ class Tables(NamedTuple):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"model: {path} is not a folder (a local HF model folder is expected; nothing is "
-                          "downloaded)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -111,16 +118,6 @@ def load_data(cfg: TrainConfig, tokenizer):
     return train_data, eval_data
 
 
-def load_models(cfg: TrainConfig, mesh):
-    """(policy, reference) as `nnx.split` pairs of (graphdef, state), placed on the mesh."""
-    options = dict(dtype=compute_dtype(cfg.model.dtype), mesh=mesh, rules=LOGICAL_RULES, remat=cfg.model.remat,
-                   attn_implementation=cfg.model.attn_implementation)
-    policy = nnx.split(load_hf(cfg.model.model, param_dtype=jnp.float32, **options))
-    reference = nnx.split(load_hf(cfg.model.ref_model or cfg.model.model,
-                                  param_dtype=jnp.dtype(cfg.model.ref_dtype), **options))
-    return policy, reference
-
-
 def check_layout(cfg: TrainConfig, mesh) -> None:
     accumulation = cfg.run.gradient_accumulation_steps
     data_devices = data_parallel_size(mesh)
@@ -142,64 +139,165 @@ def mesh_for(cfg: TrainConfig):
         raise ConfigError(f"mesh: {err}") from None
 
 
+def model_folder(path: str, saved: str, key: str) -> str:
+    """`path` when it is a folder, else the copy a previous start saved under output_dir."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(os.path.join(saved, "config.json")):
+        log.warning("%s: %s is gone; using the copy saved in %s", key, path, saved)
+        return saved
+    raise ConfigError(f"{key}: {path} is not a folder (a local HF model folder is expected; nothing is "
+                      "downloaded)")
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    return dict(dtype=compute_dtype(cfg.model.dtype), remat=cfg.model.remat,
+                attn_implementation=cfg.model.attn_implementation)
+
+
+def abstract_model(path: str, param_dtype, cfg: TrainConfig):
+    """(graphdef, abstract nnx.State) of the model in HF folder `path`, without reading weights."""
+    options = model_options(cfg)
+    dtype = options.pop("dtype")
+    model_cfg = read_config(path, **options)
+    model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    return nnx.split(model)
+
+
+def fingerprint_once(path: str) -> str:
+    """The reference weights' content hash, computed by process 0 alone and shared."""
+    value = ckpt_lib.params_fingerprint(path) if jax.process_index() == 0 else ""
+    if jax.process_count() == 1:
+        return value
+    data = np.frombuffer(value.ljust(80).encode(), np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(data)).decode().strip()
+
+
 # ------------------------------------------------------------------------------------------- build
 
 
 def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
-    """Load and place everything the run needs, build the initial state and jit the step."""
+    """Load and place everything the run needs and jit the step; the initial state is made by
+    `initial_state(run)` (when there is no checkpoint to resume)."""
     from bco_jax.config import run_name
 
     mesh = mesh_for(cfg) if mesh is None else mesh
     check_layout(cfg, mesh)
     output_dir = output_dir or cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
-    tokenizer = load_tokenizer(cfg.model.model)
+    model_dir = model_folder(cfg.model.model, os.path.join(output_dir, MODEL_COPY), "model")
+    tokenizer = load_tokenizer(model_dir)
     train_data, eval_data = load_data(cfg, tokenizer)
+    shard, shards = data_shard(mesh)
     iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=shard, process_count=shards)
     steps = total_steps(cfg, iterator.steps_per_epoch)
-    (graphdef, param_state), (ref_graphdef, ref_state) = load_models(cfg, mesh)
-    params = nnx.to_pure_dict(param_state)
-    optimizer, schedule = make_optimizer(cfg.optim, steps, weight_decay_mask(param_state))
+
+    graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg)
+    optimizer, schedule = make_optimizer(cfg.optim, steps, weight_decay_mask(abstract_params))
     shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
     make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=cfg.run.seed)
-    shardings = state_shardings(jax.eval_shape(make_state, params),
-                                nnx.to_pure_dict(model_shardings(param_state, mesh)), mesh, optimizer)
+    params_shape = nnx.to_pure_dict(abstract_params)
+    shardings = state_shardings(jax.eval_shape(make_state, params_shape),
+                                nnx.to_pure_dict(model_shardings(abstract_params, mesh)), mesh, optimizer)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  jax.eval_shape(make_state, params_shape), shardings)
     # Built under jit straight onto its shardings: on several hosts no process holds all of it.
-    state = jax.jit(make_state, out_shardings=shardings)(params)
+    init_fn = jax.jit(make_state, out_shardings=shardings)
+
+    ref_graphdef, reference, ref_path, fingerprint = load_reference(cfg, mesh, output_dir)
     graphdefs = (graphdef, ref_graphdef)
     step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
                                         schedule=schedule),
                       out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(lambda p, r, b, s: eval_step(p, r, {k: v[0] for k, v in b.items()}, s,
                                                    graphdefs=graphdefs, cfg=cfg.loss))
-    ref_path = cfg.model.ref_model or cfg.model.model
-    return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, tokenizer=tokenizer, train_data=train_data,
-               eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef, ref_graphdef=ref_graphdef,
-               state=state, shardings=shardings, reference=nnx.to_pure_dict(ref_state), step_fn=step_fn,
-               eval_fn=eval_fn, ref_path=ref_path, ref_fingerprint=ckpt_lib.params_fingerprint(ref_path),
-               hidden_size=int(params["embed"].shape[-1]))
+    return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer,
+               train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
+               ref_graphdef=ref_graphdef, abstract_state=abstract_state, init_fn=init_fn, reference=reference,
+               ref_path=ref_path, ref_fingerprint=fingerprint, step_fn=step_fn, eval_fn=eval_fn,
+               hidden_size=int(params_shape["embed"].shape[-1]))
+
+
+def initial_state(run: Run) -> TrainState:
+    """The state at step 0: the policy's weights from its HF folder, on the state's shardings."""
+    policy = load_hf(run.model_dir, param_dtype=jnp.float32, mesh=run.mesh, rules=LOGICAL_RULES,
+                     **model_options(run.cfg))
+    return run.init_fn(nnx.to_pure_dict(nnx.split(policy)[1]))
+
+
+# ---------------------------------------------------------------------- the reference and its copy
+
+
+def load_reference(cfg: TrainConfig, mesh, output_dir: str):
+    """(graphdef, params, path, fingerprint) of the frozen reference: from its HF folder, or from the
+    Orbax copy a previous start saved under output_dir when that folder is gone."""
+    path = cfg.model.ref_model or cfg.model.model
+    saved = os.path.join(output_dir, REFERENCE_COPY)
+    folder = model_folder(path, os.path.join(saved, "hf"), "ref_model")
+    param_dtype = jnp.dtype(cfg.model.ref_dtype)
+    graphdef, abstract = abstract_model(folder, param_dtype, cfg)
+    if folder == path:
+        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
+        return graphdef, nnx.to_pure_dict(nnx.split(model)[1]), path, fingerprint_once(path)
+    with open(os.path.join(saved, "reference.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    if record.get("ref_dtype") != cfg.model.ref_dtype:
+        raise ConfigError(f"ref_dtype: the saved reference copy in {saved} is {record.get('ref_dtype')}, "
+                          f"not {cfg.model.ref_dtype}; keep ref_dtype or restore the original {path}")
+    shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), shardings)
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(os.path.abspath(os.path.join(saved, "params")), target)
+    return graphdef, params, record["path"], record["fingerprint"]
+
+
+def save_model_copies(run: Run) -> None:
+    """Once per output_dir: the policy's config + tokenizer (`model/`) and, unless save_reference is
+    off, the reference weights (`reference/`, Orbax) with its config and fingerprint. Every process
+    calls it (the Orbax write is collective); process 0 writes the small files."""
+    model_copy = os.path.join(run.output_dir, MODEL_COPY)
+    if run.main_process and run.model_dir != model_copy and not os.path.exists(model_copy):
+        _copy_hf_files(run.model_dir, model_copy, run.tokenizer)
+    saved = os.path.join(run.output_dir, REFERENCE_COPY)
+    if not run.cfg.run.save_reference or run.reference is None or os.path.exists(os.path.join(saved, "reference.json")):
+        return
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(saved, "params")), run.reference, force=True)
+    if run.main_process:
+        _copy_hf_files(run.ref_path, os.path.join(saved, "hf"), None)
+        atomic_write_json(os.path.join(saved, "reference.json"),  # written last: marks the copy complete
+                          {"path": os.path.abspath(run.ref_path), "fingerprint": run.ref_fingerprint,
+                           "ref_dtype": run.cfg.model.ref_dtype}, indent=2)
+
+
+def _copy_hf_files(source: str, target: str, tokenizer) -> None:
+    tmp = f"{target}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------- resume, precompute
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def restore(run: Run, checkpointer) -> tuple[TrainState, dict | None, int]:
-    """(state, UDM classifier or None, step) of the newest complete checkpoint, onto this run's mesh;
-    the initial state at step 0 when there is none. `run.state` is consumed either way (its buffers
-    are freed before the checkpoint is read, so two states never sit in memory together)."""
+    """(state, UDM state or None, step) of the newest complete checkpoint, onto this run's mesh;
+    the initial state at step 0 when there is none. Reference weights that differ from the
+    checkpoint's are refused before anything is read."""
     start = checkpointer.latest_step()
     if start is None:
-        return run.state, None, 0
-    target = {"train": _abstract(run.state, run.shardings)}
+        return initial_state(run), None, 0
+    target = {"train": run.abstract_state}
     if run.cfg.loss.udm:
-        target["udm"] = udm.abstract_params(run.hidden_size)
-    jax.tree.map(lambda x: x.delete() if hasattr(x, "delete") else None, run.state)
+        target["udm"] = {"classifier": udm.abstract_params(run.hidden_size),
+                         "weights": jax.ShapeDtypeStruct((len(run.train_data),), jnp.float32)}
+    ckpt_lib.check_reference(checkpointer.extras(start), run.ref_fingerprint)
     restored, saved = checkpointer.restore(start, target)
-    ckpt_lib.check_reference(saved, run.ref_fingerprint)
     run.iterator.restore(saved["data"])
     if run.main_process:
         truncate_metrics(run.output_dir, start, finished=start == run.steps)
@@ -207,23 +305,31 @@ def restore(run: Run, checkpointer) -> tuple[TrainState, dict | None, int]:
     return restored["train"], restored.get("udm"), start
 
 
-def precompute(run: Run, udm_params=None) -> Tables:
-    """UDM weights (fit, or from the restored classifier) and reference log-probs, as configured."""
+def precompute(run: Run, udm_state=None) -> Tables:
+    """UDM weights (fit, or from the checkpoint) and reference log-probs, as configured."""
     cfg = run.cfg
     tables = Tables(udm_log={})
     if cfg.loss.udm:
-        params, weights, udm_log = fit_udm(run.train_data, cfg.data, cfg.loss, cfg.run.eval_batch, cfg.run.seed,
-                                           run.ref_graphdef, run.reference, restored=udm_params)
-        tables = tables._replace(weights=weights, udm_params=params, udm_log=udm_log)
+        if udm_state is None:
+            udm_state, udm_log = fit_udm(run.train_data, cfg.data, cfg.loss, cfg.run.eval_batch, cfg.run.seed,
+                                         run.ref_graphdef, _needs_reference(run), run.mesh)
+            tables = tables._replace(udm_log=udm_log)
+        tables = tables._replace(udm=jax.tree.map(np.asarray, udm_state))
     if cfg.run.precompute_ref_log_probs:
-        os.makedirs(run.output_dir, exist_ok=True)
         ref_id = run.ref_fingerprint.split(":")[-1][:16]
 
         def table(data):
-            path = os.path.join(run.output_dir, f"reference_logps-{ref_id}-{data.fingerprint()[:16]}.npy")
+            dtypes = f"{jnp.dtype(compute_dtype(cfg.model.dtype)).name}-{cfg.model.ref_dtype}"
+            name = f"reference_logps-{ref_id}-{dtypes}-{data.fingerprint()[:16]}.npy"
             return reference_table(data, cfg.data, cfg.run.eval_batch, run.ref_graphdef, run.reference, run.mesh,
-                                   path)
+                                   os.path.join(run.output_dir, name))
 
         tables = tables._replace(ref_table=table(run.train_data),
                                  eval_ref_table=table(run.eval_data) if run.eval_data is not None else None)
     return tables
+
+
+def _needs_reference(run: Run):
+    if run.reference is None:
+        raise ConfigError("udm: fitting the classifier needs the reference model, which is not available")
+    return run.reference

@@ -121,6 +121,12 @@ class Checkpointer:
             abstract_state, out["state"])
         return state, dict(out["extras"] or {})
 
+    def extras(self, step: int) -> dict:
+        """The JSON extras of checkpoint `step` alone (cheap: no arrays are read)."""
+        self.wait()
+        out = self._manager.restore(int(step), args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
+        return dict(out["extras"] or {})
+
     def wait(self) -> None:
         """Block until the async save in flight (if any) is written and finalized."""
         self._manager.wait_until_finished()

@@ -108,6 +108,8 @@ class RunOptions:
     sigterm_exit_code: int = _opt(0, "exit code after saving on SIGTERM (non-zero makes schedulers requeue)")
     tensorboard: bool = _opt(True, "also write TensorBoard scalars to output_dir/tensorboard")
     export_hf: bool = _opt(True, "export the final policy to output_dir/hf as an HF folder")
+    save_reference: bool = _opt(True, "save the reference weights once under output_dir/reference (Orbax), "
+                                      "so a resume needs no model folder (off for very large references)")
     demo_samples: int = _opt(1200, "answers sampled on held-out prompts for the demo's before/after oracle table")
 
     @property

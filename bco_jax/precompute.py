@@ -1,31 +1,33 @@
 """One-pass work before training: the reference log-prob table and the UDM fit, and the host-side
 lookup that attaches their per-example values to each batch (by `example_index`).
 
-Both passes run the frozen reference once over the data. The log-prob table is cached under
-`output_dir` by a key of the reference weights and the tokenized examples, so a resumed run reuses it;
-the step then reads reference log-probs from the batch and the reference weights can be freed.
+Both passes run the frozen reference over the data as global batches on the mesh, every process
+feeding its own rows, and bring back only per-example numbers (log-probs, weights): nothing of size
+examples x hidden is ever held. The log-prob table is cached under `output_dir` by a key of the
+reference weights, the dtypes and the tokenized examples, written once (by process 0), so a resumed
+run reuses it; the step then reads reference log-probs from the batch and the weights can be freed.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from bco_jax import udm
 from bco_jax.data import ordered_batches, prompt_batches
 from bco_jax.errors import log
 from bco_jax.files import atomic_write
-from bco_jax.sharding import host_gather, put_batch
+from bco_jax.sharding import data_shard, host_gather, put_batch
 from bco_jax.step import PAIR_SIDES, batch_logps
 
 
 def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh, cache_path) -> np.ndarray:
     """Reference log-probs of every example ([n] unpaired, [n, 2] chosen/rejected), one pass in
-    order, cached at `cache_path` (written atomically)."""
+    order, cached at `cache_path` (process 0 writes it, atomically; every process gets the table)."""
     if os.path.exists(cache_path):
         log.info("reference log-probs: reusing %s", cache_path)
         return np.load(cache_path)
@@ -37,41 +39,58 @@ def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh,
         return jnp.stack([batch_logps(graphdef, params, mb, prefix)[0] for prefix in prefixes], axis=-1)
 
     table = np.zeros((len(data), len(prefixes)), np.float32)
-    for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count()):
+    shard, shards = data_shard(mesh)
+    for batch in ordered_batches(data, data_cfg, batch_size, shard, shards):
         index = batch.pop("example_index")
-        arrays = put_batch(batch, mesh)
-        idx = host_gather(put_batch({"i": index}, mesh)["i"]).reshape(-1)  # the whole global batch
-        values = host_gather(logps_fn(ref_params, arrays))
+        idx = host_gather(put_batch({"i": index.astype(np.int32)}, mesh)["i"]).reshape(-1)  # whole global batch
+        values = host_gather(logps_fn(ref_params, put_batch(batch, mesh))).reshape(len(idx), -1)
         table[idx[idx >= 0]] = values[idx >= 0]
     table = table if data.paired else table[:, 0]
-    atomic_write(cache_path, lambda f: np.save(f, table))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        atomic_write(cache_path, lambda f: np.save(f, table))
     return table
 
 
-def fit_udm(data, data_cfg, loss_cfg, batch_size: int, seed: int, graphdef, ref_params, restored=None):
-    """UDM: the prompt classifier (fit, or `restored` from a checkpoint) and every example's weight.
-    Returns (classifier params, weights [n], metrics to log)."""
-    embed = jax.jit(lambda p, ids, mask: udm.mean_pool(nnx.merge(graphdef, p).hidden_states(ids, mask), mask))
-    emb = np.zeros((len(data), 0), np.float32)
-    for thumbs_up in (True, False):
-        for batch in prompt_batches(data, data_cfg, thumbs_up, batch_size):
-            e = np.asarray(embed(ref_params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
-            if emb.shape[1] == 0:
-                emb = np.zeros((len(data), e.shape[1]), np.float32)
-            keep = batch["example_index"] >= 0
-            emb[batch["example_index"][keep]] = e[keep]
+def _embeddings(data, data_cfg, indices, batch_size: int, graphdef, ref_params, mesh, classifier=None):
+    """Mean-pooled reference embeddings of the prompts of `indices` ([len, D]); or, given a UDM
+    `classifier`, only their density-ratio weights ([len]) computed on the devices."""
+
+    @jax.jit
+    def embed(params, batch, classifier):
+        ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+        emb_BxD = udm.mean_pool(nnx.merge(graphdef, params).hidden_states(ids, attention_mask=mask), mask)
+        return emb_BxD if classifier is None else udm.log_density_ratio(classifier, emb_BxD)
+
+    shard, shards = data_shard(mesh)
+    out = []
+    for batch in prompt_batches(data, data_cfg, indices, batch_size, shard, shards):
+        arrays = put_batch({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
+        index = host_gather(put_batch({"i": batch["example_index"].astype(np.int32)}, mesh)["i"]).reshape(-1)
+        values = host_gather(embed(ref_params, arrays, classifier))
+        out.append(values.reshape(len(index), *values.shape[1:])[index >= 0])
+    return np.concatenate(out)
+
+
+def fit_udm(data, data_cfg, loss_cfg, batch_size: int, seed: int, graphdef, ref_params, mesh):
+    """UDM: fit the prompt classifier on a sample of prompts per class, then weigh every thumbs-down
+    example by its clipped density ratio. Returns ({"classifier", "weights" [n]}, metrics to log)."""
     labels = data.labels
-    if restored is None:
-        sample = udm.sample_per_class(labels, loss_cfg.prompt_sample_size, seed)
-        up, down = sample[labels[sample]], sample[~labels[sample]]
-        params = udm.fit_prompt_classifier(emb[up], emb[down])
-        acc_up, acc_down = udm.classifier_accuracy(params, emb[up], emb[down])
-        log.info("UDM classifier: training accuracy %.3f thumbs-up, %.3f thumbs-down", acc_up, acc_down)
-    else:
-        params, acc_up, acc_down = restored, math.nan, math.nan
-    weights = np.asarray(udm.density_ratio_weights(params, emb, labels, min_density_ratio=loss_cfg.min_density_ratio,
-                                                   max_density_ratio=loss_cfg.max_density_ratio))
-    return params, weights, {"udm/accuracy_chosen": acc_up, "udm/accuracy_rejected": acc_down}
+    sample = udm.sample_per_class(labels, loss_cfg.prompt_sample_size, seed)
+    emb_SxD = _embeddings(data, data_cfg, sample, batch_size, graphdef, ref_params, mesh)
+    up = labels[sample]
+    classifier = udm.fit_prompt_classifier(emb_SxD[up], emb_SxD[~up])
+    acc_up, acc_down = udm.classifier_accuracy(classifier, emb_SxD[up], emb_SxD[~up])
+    log.info("UDM classifier: training accuracy %.3f thumbs-up, %.3f thumbs-down", acc_up, acc_down)
+    down = np.flatnonzero(~labels)
+    logits = _embeddings(data, data_cfg, down, batch_size, graphdef, ref_params, mesh, classifier)
+    weights = np.ones(len(data), np.float32)
+    weights[down] = np.asarray(udm.ratio_from_logit(logits, loss_cfg.min_density_ratio,
+                                                    loss_cfg.max_density_ratio))
+    if jax.process_count() > 1:  # every process must hold the same classifier: fit once, agree
+        classifier = multihost_utils.broadcast_one_to_all(classifier)
+    state = {"classifier": jax.tree.map(np.asarray, classifier), "weights": weights}
+    return state, {"udm/accuracy_chosen": acc_up, "udm/accuracy_rejected": acc_down}
 
 
 def attach_tables(batch: dict, ref_table=None, weights=None) -> dict:

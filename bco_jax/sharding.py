@@ -163,13 +163,20 @@ def model_shardings(state, mesh, rules=None):
 
 
 def build_mesh(shape) -> jax.sharding.Mesh:
-    """The configured mesh; a fully specified mesh smaller than the machine uses the first devices.
-    Raises ValueError naming the shape when the devices do not fit it."""
-    devices = jax.devices()
+    """The configured mesh; a fully specified mesh smaller than the machine uses the first devices
+    (of every process alike, so that no process is left without one). Raises ValueError naming the
+    shape when the devices do not fit it."""
+    devices, processes = jax.devices(), jax.process_count()
     wanted = int(np.prod(shape))
     if -1 not in shape and 0 < wanted < len(devices):
         log.warning("mesh %s uses %d of %d devices", shape, wanted, len(devices))
-        devices = devices[:wanted]
+        if wanted % processes:
+            raise ValueError(f"{list(shape)} needs {wanted} devices, which do not split evenly over "
+                             f"{processes} processes")
+        per_process = {}
+        for d in devices:
+            per_process.setdefault(d.process_index, []).append(d)
+        devices = [d for p in sorted(per_process) for d in per_process[p][:wanted // processes]]
     return make_mesh(shape, devices)
 
 
@@ -178,17 +185,33 @@ def data_parallel_size(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes() if a in mesh.axis_names]))
 
 
+def data_shard(mesh) -> tuple[int, int]:
+    """(index, count): which block of every global batch's rows this process feeds, of how many.
+    One block per process in a data-parallel job; processes whose devices hold the same rows (a
+    tensor axis across hosts) feed the same block. Raises ValueError when this process's devices
+    do not hold one contiguous block of rows (reorder the mesh)."""
+    n = data_parallel_size(mesh)
+    probe = NamedSharding(mesh, PartitionSpec(batch_axes()))
+    rows = sorted({index[0].start or 0 for index in probe.addressable_devices_indices_map((n,)).values()})
+    block = len(rows)
+    if rows != list(range(rows[0], rows[0] + block)) or n % block or rows[0] % block:
+        raise ValueError(f"mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold batch "
+                         f"rows {rows} of {n}, not one aligned block; give each host whole data/fsdp slices")
+    return rows[0] // block, n // block
+
+
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
     """[A, b, ...] micro-batched arrays: rows sharded over the batch axes, micro-batches not."""
     return NamedSharding(mesh, PartitionSpec(None, batch_axes(), *([None] * (ndim - 2))))
 
 
 def put_batch(local: dict, mesh, accumulation: int = 1) -> dict:
-    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh (A = accumulation)."""
-    out = {}
+    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh (A = accumulation).
+    The rows are this process's block of the global batch (`data_shard`)."""
+    out, (_, blocks) = {}, data_shard(mesh)
     for key, value in local.items():
         value = np.asarray(value).reshape(accumulation, -1, *np.shape(value)[1:])
-        global_shape = (accumulation, value.shape[1] * jax.process_count(), *value.shape[2:])
+        global_shape = (accumulation, value.shape[1] * blocks, *value.shape[2:])
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
                                                           global_shape)
     return out

@@ -224,7 +224,8 @@ def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: LossOptio
     metrics = {k: jnp.sum(v) for k, v in stats.items() if k != "delta"}
     # The delta this step's loss used; in TRL mode it moves per micro-batch and TRL logs their mean.
     metrics["delta"] = jnp.mean(stats["delta"])
-    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+    # The rate of this step's update: the schedule counts applied updates (a skipped step applies none).
+    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step - state.skipped_steps),
                    skipped=(~finite).astype(jnp.int32), tokens=_tokens(batch),
                    nonfinite_in_row=new_state.nonfinite_in_row)
     return new_state, metrics

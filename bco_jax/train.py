@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
-from bco_jax.build import Run, Tables, build, precompute, restore
+from bco_jax.build import Run, Tables, build, precompute, restore, save_model_copies
 from bco_jax.config import TrainConfig, parse_args
 from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, log
 from bco_jax.evaluate import eval_pass
@@ -36,23 +36,43 @@ from bco_jax.step import TrainState
 
 
 class _Preemption:
-    """SIGTERM (TPU VM preemption notice, SLURM): finish the current step, save, exit."""
+    """SIGTERM (a TPU VM preemption notice, SLURM's) or Ctrl-C: finish the current step, save, exit.
+
+    One process: a Python handler notes the signal. Several: JAX's preemption service owns SIGTERM
+    and names one step at which every process stops (`reached_preemption_sync_point`, called every
+    step, costs no host sync); Ctrl-C is turned into a SIGTERM to take the same path. A second
+    Ctrl-C aborts at once.
+    """
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = self.interrupted = False
+        self.multi = jax.process_count() > 1
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
+        if not self.multi:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
 
-    def _handle(self, signum, frame):
+    def _terminate(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        """Whether any process got the signal: all of them must save and stop at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    def _interrupt(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("Ctrl-C: saving after this step and exiting (Ctrl-C again to abort at once)")
+        if self.multi:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; the same answer on every process."""
+        if self.multi:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int = 0) -> dict:
@@ -67,7 +87,7 @@ def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int
 
 
 def save(run: Run, checkpointer, step: int, state: TrainState, tables: Tables) -> None:
-    item = {"train": state} if tables.udm_params is None else {"train": state, "udm": tables.udm_params}
+    item = {"train": state} if tables.udm is None else {"train": state, "udm": tables.udm}
     checkpointer.save(step, item, {"data": run.iterator.state(), "config": flat_config(run.cfg),
                                    ckpt_lib.REFERENCE_PATH: os.path.abspath(run.ref_path),
                                    ckpt_lib.REFERENCE_FINGERPRINT: run.ref_fingerprint})
@@ -86,15 +106,16 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
                         epoch_length=run.iterator.epoch_length, logging_steps=cfg.logging_steps,
                         max_nonfinite_steps=cfg.max_nonfinite_steps, show=run.main_process)
     preemption, pending = _Preemption(), None
+    weights = None if tables.udm is None else tables.udm["weights"]
     try:
         for step in range(start + 1, run.steps + 1):
-            local = attach_tables(next(run.iterator), tables.ref_table, tables.weights)
+            local = attach_tables(next(run.iterator), tables.ref_table, weights)
             batch = put_batch(local, run.mesh, cfg.gradient_accumulation_steps)
             state, metrics = run.step_fn(state, run.reference, batch)
             if pending is not None:  # read step N-1's metrics while step N runs
                 reporter.add(*pending)
             pending = (step, metrics)
-            stop = preemption.agreed()  # read once: the save and the exit must agree
+            stop = preemption.reached(step)  # read once: the save and the exit must agree
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != run.steps:
                 evaluate(run, state, tables, writer, step)  # before the save: a resume replays it if lost
             if step % cfg.save_steps == 0 or step == run.steps or stop:
@@ -103,7 +124,8 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
                 pending = None
                 save(run, checkpointer, step, state, tables)
             if stop:
-                log.warning("SIGTERM: saved step %d, exiting with code %d", step, cfg.sigterm_exit_code)
+                log.warning("stopped by a signal: saved step %d, exiting with code %d", step,
+                            cfg.sigterm_exit_code)
                 writer.close()
                 raise SystemExit(cfg.sigterm_exit_code)
     finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
@@ -120,19 +142,21 @@ def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
         raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
                           "for the embedded demo")
     built = build(cfg)
+    if cfg.run.dry_run:
+        with jax.set_mesh(built.mesh):
+            return dry_run(built)
+    checkpointer = ckpt_lib.Checkpointer(built.output_dir, save_total_limit=cfg.run.save_total_limit)
+    state, udm_state, start = restore(built, checkpointer)  # outside the mesh context, as model loading is
     # Under the mesh context the models pin activations to the batch axes, so with FSDP XLA gathers
     # weights rather than the whole batch's activations.
     with jax.set_mesh(built.mesh):
-        if cfg.run.dry_run:
-            return dry_run(built)
-        return _train(built, demo)
+        return _train(built, checkpointer, state, udm_state, start, demo)
 
 
-def _train(run: Run, demo: bool) -> dict:
+def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool) -> dict:
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
-    checkpointer = ckpt_lib.Checkpointer(output_dir, save_total_limit=cfg.run.save_total_limit)
-    state, udm_params, start = restore(run, checkpointer)
-    tables = precompute(run, udm_params)
+    save_model_copies(run)
+    tables = precompute(run, udm_state)
     if tables.ref_table is not None:
         run = dataclasses.replace(run, reference=None)  # log-probs come with the batch: free the weights
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
@@ -155,7 +179,7 @@ def _train(run: Run, demo: bool) -> dict:
     if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
         save_hf(nnx.merge(run.graphdef, state.params), os.path.join(output_dir, "hf"), tokenizer=run.tokenizer)
         log.info("exported the policy to %s", os.path.join(output_dir, "hf"))
-    result = {**last, **final, **tables.udm_log, "output_dir": output_dir}
+    result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}
     if demo:
         after = {**final, **score_oracle(run, state)}
         if main_process:
@@ -182,7 +206,7 @@ def dry_run(run: Run) -> dict:
         for key in [k for k in local if k.endswith("input_ids")]:
             local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)
-    mem = run.step_fn.lower(run.state, reference, batch).compile().memory_analysis()
+    mem = run.step_fn.lower(run.abstract_state, reference, batch).compile().memory_analysis()
     report = {k: int(getattr(mem, k, 0) or 0) for k in
               ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")}
     report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]
@@ -206,7 +230,7 @@ def join(launch) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

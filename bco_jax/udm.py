@@ -83,10 +83,14 @@ def density_ratio_weights(params: dict, emb_BxD: jax.Array, labels_B: jax.Array,
     The logit is clipped before exp, so the result never overflows and the bounds are hit exactly.
     Jittable; `params` may be traced.
     """
-    logit_B = log_density_ratio(params, emb_BxD)
-    ratio_B = jnp.exp(jnp.clip(logit_B, math.log(min_density_ratio), math.log(max_density_ratio)))
-    ratio_B = jnp.clip(ratio_B, min_density_ratio, max_density_ratio)  # exp(log(b)) may miss b by 1 ulp
+    ratio_B = ratio_from_logit(log_density_ratio(params, emb_BxD), min_density_ratio, max_density_ratio)
     return jnp.where(jnp.asarray(labels_B, bool), jnp.float32(1.0), ratio_B)
+
+
+def ratio_from_logit(logit_B, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0) -> jax.Array:
+    """exp(logit) clipped to [min, max]; the logit is clipped first, so it never overflows."""
+    ratio_B = jnp.exp(jnp.clip(logit_B, math.log(min_density_ratio), math.log(max_density_ratio)))
+    return jnp.clip(ratio_B, min_density_ratio, max_density_ratio)  # exp(log(b)) may miss b by 1 ulp
 
 
 def classifier_accuracy(params: dict, emb_up_NxD: jax.Array, emb_down_MxD: jax.Array):

@@ -28,6 +28,7 @@ Writes bench/results/train_step-<UTC time>.json and .md (and prints the table).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -106,7 +107,7 @@ def setup_ours(args, work):
     """Our run as `python -m bco_jax.train` builds it (`bco_jax.build.build`), and its host batches."""
     import jax
 
-    from bco_jax.build import build
+    from bco_jax.build import build, initial_state, precompute
     from bco_jax.config import parse_args
     from bco_jax.precompute import attach_tables
 
@@ -116,15 +117,20 @@ def setup_ours(args, work):
         "--max_steps", str(total), "--learning_rate", str(args.lr), "--warmup_ratio", "0",
         "--max_grad_norm", "1.0", "--loss_type", "bco", "--reward_shift", "ema", "--shuffle", "false",
         "--mesh", "1,1,1", "--dtype", "float32", "--ref_dtype", "float32", "--remat", args.remat,
-        "--max_length", str(args.seq), "--length_buckets", str(args.seq)])
+        "--max_length", str(args.seq), "--length_buckets", str(args.seq),
+        "--precompute_ref_log_probs", str(args.precompute).lower()])
     run = build(cfg, output_dir=os.path.join(work["dir"], "ours"))
+    tables = precompute(run)  # with --precompute: one reference pass, outside the timed steps
+    if tables.ref_table is not None:
+        run = dataclasses.replace(run, reference=None)
     # Host batches made up front: the pipeline is not what is measured.
-    batches = [attach_tables(next(run.iterator)) for _ in range(total)]
+    batches = [attach_tables(next(run.iterator), tables.ref_table) for _ in range(total)]
     first = batches[0]
     assert first["input_ids"].shape == (args.batch, args.seq), first["input_ids"].shape
     assert int(first["attention_mask"].sum()) == args.batch * args.seq, "rows must fill seq exactly"
-    jax.block_until_ready((run.state, run.reference))
-    return run, batches
+    state = initial_state(run)
+    jax.block_until_ready((state, run.reference))
+    return run, state, batches
 
 
 def run_ours(args, work, gate):
@@ -132,8 +138,8 @@ def run_ours(args, work, gate):
 
     from bco_jax.sharding import put_batch
 
-    run, batches = setup_ours(args, work)
-    state, reference = run.state, run.reference
+    run, state, batches = setup_ours(args, work)
+    reference = run.reference
     rss_setup = _peak_rss_mib()
 
     example = put_batch(batches[0], run.mesh)
@@ -175,7 +181,7 @@ def run_ours(args, work, gate):
     pipelined = (time.perf_counter() - start) / args.steps
 
     parts = measure_parts(args, run.graphdef, run.ref_graphdef, state.params, reference,
-                          put_batch(batches[0], run.mesh)) if args.parts else {}
+                          put_batch(batches[0], run.mesh)) if args.parts and reference is not None else {}
     return _summary(times, args, {
         "compile_s": {"trace_lower": t1 - t0, "xla_compile": t2 - t1},
         "pipelined_step_s_mean": pipelined, "examples_per_s_pipelined": args.batch / pipelined,
@@ -240,6 +246,7 @@ def run_trl(args, work, gate):
         learning_rate=args.lr, logging_steps=1, bf16=False, fp16=False, use_cpu=True, report_to=[],
         save_strategy="no", warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", activation_checkpointing=False, gradient_accumulation_steps=1, beta=0.1,
+        precompute_ref_log_probs=args.precompute,
         max_length=args.seq, seed=42, dataloader_num_workers=0, disable_tqdm=True)
 
     class StepTimer(TrainerCallback):
@@ -383,7 +390,8 @@ def markdown(rec):
         f"# train step: bco-jax vs TRL {rec['versions']['trl']} BCOTrainer ({rec['time_utc']})", "",
         f"Llama {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads / {a['kv_heads']} kv, "
         f"intermediate {a['intermediate']}, vocab {a['vocab']}; batch {a['batch']} x {a['seq']} tokens; "
-        f"float32, live reference, ours remat={a['remat']}, TRL activation checkpointing off; "
+        f"float32, {'precomputed reference log-probs' if a.get('precompute') else 'live reference'}, "
+        f"ours remat={a['remat']}, TRL activation checkpointing off; "
         f"median of {a['steps']} steps after {a['warmup']} warm-up; "
         + ("sides in lock-step (TRL's step i, then ours; each in its own process). " if a["lockstep"]
            else "sides one after the other. ")
@@ -456,6 +464,8 @@ def parse(argv=None):
     p.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=True,
                    help="alternate the sides step by step (TRL's step i, then ours) instead of one after the other")
     p.add_argument("--side", choices=["both", "ours", "trl"], default="both")
+    p.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=False,
+                   help="both sides precompute reference log-probs before training (no reference in the step)")
     p.add_argument("--no-save", action="store_true", help="print only, write nothing to the results folder")
     p.add_argument("--results", default=RESULTS, help="folder for the JSON and Markdown results")
     p.add_argument("--_side", help=argparse.SUPPRESS)

@@ -152,9 +152,17 @@ def test_ordered_batches_and_class_prompts(files):
     assert list(idx) == list(range(37)) + [-1] * 11  # oversampling does not apply to a full pass
     prompts, up = class_prompts(data, thumbs_up=True)
     assert list(up) == list(np.flatnonzero(data.labels))
-    batches = list(prompt_batches(data, cfg, thumbs_up=False, batch_size=5))
+    down = np.flatnonzero(~data.labels)
+    batches = list(prompt_batches(data, cfg, down, batch_size=5))
     got = np.concatenate([b["example_index"] for b in batches])
-    assert list(got[got >= 0]) == list(np.flatnonzero(~data.labels))
+    assert list(got[got >= 0]) == list(down)
+    # Two processes split every global batch; the padded length is the same on both.
+    halves = [list(prompt_batches(data, cfg, down, batch_size=6, process_index=p, process_count=2))
+              for p in range(2)]
+    for b0, b1 in zip(*halves):
+        assert b0["input_ids"].shape == b1["input_ids"].shape and len(b0["example_index"]) == 3
+    got = np.concatenate([np.concatenate([b0["example_index"], b1["example_index"]]) for b0, b1 in zip(*halves)])
+    assert list(got[got >= 0]) == list(down)
     b = batches[0]
     seq = data.seqs["completion"]
     i = b["example_index"][0]

@@ -3,9 +3,12 @@ process with 8 devices: each reads its own rows, delta and the loss are reduced 
 checkpoints and the HF export are written once. A missing peer ends the run with a one-line error."""
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -30,42 +33,76 @@ def flags(model, data, out):
             "--tensorboard", "false", "--mesh", "4,2,1"]
 
 
-def launch(n, argv, *, devices=4, timeout=300):
-    """`python -m bco_jax.train` as processes 0 .. n-1 of one job on 127.0.0.1; returns them finished."""
+def launch(n, argv, *, devices=4, timeout=300, slurm=False):
+    """`python -m bco_jax.train` as processes 0 .. n-1 of one job on 127.0.0.1, joined through the
+    CLI's flags, or (`slurm`) through the environment of an n-task SLURM job; returns them finished."""
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, "-m", "bco_jax.train", *argv, "--coordinator_address",
-                               f"127.0.0.1:{port}", "--num_processes", str(n), "--process_id", str(i)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = []
+    for i in range(n):
+        if slurm:
+            extra, penv = [], {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1",
+                               "SLURM_NTASKS": str(n), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                               "JAX_COORDINATOR_PORT": str(port)}
+        else:
+            extra, penv = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(n),
+                           "--process_id", str(i)], env
+        procs.append(subprocess.Popen([sys.executable, "-m", "bco_jax.train", *argv, *extra], env=penv,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         errors = [p.communicate(timeout=timeout)[1] for p in procs]  # bounded: never a hang
     finally:
         for p in procs:
             p.kill()
-    return procs, errors
-
-
-def test_two_processes_match_one(tmp_path):
-    model = tiny_model_dir(tmp_path / "model")
-    data = feedback_file(tmp_path / "train.jsonl", 64)
-    procs, errors = launch(2, flags(model, data, tmp_path / "multi"))
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
 
-    train.run(parse_args(flags(model, data, tmp_path / "single")))
+
+def assert_same_records(a, b, keys, steps=None):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in rb and (steps is None or rb["step"] in steps):
+                np.testing.assert_allclose(ra[key], rb[key], rtol=2e-5, atol=1e-7, err_msg=f"{key} {rb['step']}")
+
+
+def test_two_processes_match_one_and_resume_without_model_folders(tmp_path):
+    # BCO + UDM + precomputed reference log-probs + evaluation, 2 processes x 4 devices vs 1 x 8.
+    model = tiny_model_dir(tmp_path / "model")
+    data = feedback_file(tmp_path / "train.jsonl", 64)
+    extra = ["--udm", "true", "--precompute_ref_log_probs", "true", "--prompt_sample_size", "16"]
+    launch(2, flags(model, data, tmp_path / "multi") + extra)
+    train.run(parse_args(flags(model, data, tmp_path / "single") + extra))
     multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
-    assert [r["step"] for r in multi] == [r["step"] for r in single]
-    for a, b in zip(multi, single):
-        for key in ("loss", "delta", "rewards/chosen", "rewards/rejected", "grad_norm", "count/chosen",
-                    "eval_loss", "eval_reward_auc"):
-            if key in b:
-                np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-7, err_msg=key)
+    assert_same_records(multi, single, ("loss", "delta", "rewards/chosen", "rewards/rejected", "grad_norm",
+                                        "count/chosen", "eval_loss", "eval_reward_auc", "udm/accuracy_chosen"))
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "4"]
+    # Written once (by process 0); train and eval data are the same file here, hence one table.
+    assert len([f for f in os.listdir(tmp_path / "multi") if f.startswith("reference_logps-")]) == 1
     w_multi = load_file(str(tmp_path / "multi" / "hf" / "model.safetensors"))
     w_single = load_file(str(tmp_path / "single" / "hf" / "model.safetensors"))
     for name in w_single:
         np.testing.assert_allclose(w_multi[name], w_single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # The model folder is gone: the multi-process checkpoint resumes in one process from what the
+    # run saved (config, tokenizer, reference weights, UDM weights, reference log-probs).
+    shutil.move(model, tmp_path / "moved")
+    more = [a if a != "4" else "6" for a in flags(model, data, tmp_path / "multi")]  # --max_steps 6
+    train.run(parse_args(more + extra))
+    steps = [r["step"] for r in read_metrics(tmp_path / "multi") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6] and "6" in os.listdir(tmp_path / "multi" / "checkpoints")
+
+
+def test_kto_two_processes_resume_a_one_process_checkpoint_under_slurm(tmp_path):
+    model = tiny_model_dir(tmp_path / "model")
+    data = feedback_file(tmp_path / "train.jsonl", 64)
+    kto = ["--loss_type", "kto", "--eval_data", "", "--export_hf", "false", "--lr_scheduler_type", "constant"]
+    straight = tmp_path / "straight"
+    train.run(parse_args(flags(model, data, straight) + kto))
+    resumed = tmp_path / "resumed"
+    train.run(parse_args([a if a != "4" else "2" for a in flags(model, data, resumed)] + kto))
+    launch(2, flags(model, data, resumed) + kto, slurm=True)  # joins through SLURM's variables
+    assert_same_records(read_metrics(resumed), read_metrics(straight), ("loss", "delta", "grad_norm"))
 
 
 def test_a_missing_peer_is_a_one_line_error(tmp_path):
@@ -79,3 +116,31 @@ def test_a_missing_peer_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: could not join the multi-process job within distributed_timeout=10s")
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    # JAX's preemption service owns SIGTERM with several processes: the one signalled tells the other
+    # at which step to stop; both save that step together and exit with sigterm_exit_code.
+    model = tiny_model_dir(tmp_path / "model")
+    data = feedback_file(tmp_path / "train.jsonl", 64)
+    out = tmp_path / "term"
+    argv = [a if a != "4" else "400" for a in flags(model, data, out)]
+    argv += ["--save_steps", "1000", "--eval_data", "", "--export_hf", "false", "--sigterm_exit_code", "3"]
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "bco_jax.train", *argv, "--coordinator_address",
+                               f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], "\n".join(e[-2000:] for e in errors)
+    steps = [int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 400

@@ -266,18 +266,25 @@ def class_prompts(data: TokenizedDataset, thumbs_up: bool) -> tuple[list[np.ndar
     return [seqs.ids(i)[:seqs.prompt_lens[i]] for i in idx], idx
 
 
-def prompt_batches(data: TokenizedDataset, cfg: DataConfig, thumbs_up: bool,
-                   batch_size: int) -> Iterator[Batch]:
-    """Padded prompt batches of one class: input_ids, attention_mask [b, T], example_index [b]."""
-    prompts, idx = class_prompts(data, thumbs_up)
-    buckets = cfg.buckets()
-    for start in range(0, len(idx), batch_size):
-        chunk = prompts[start:start + batch_size]
-        T = next((t for t in buckets if t >= max(len(p) for p in chunk)), buckets[-1])
-        rows = [(p.tolist(), len(p)) for p in chunk] + [None] * (batch_size - len(chunk))
+def prompt_batches(data: TokenizedDataset, cfg: DataConfig, indices, batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[Batch]:
+    """The prompts of examples `indices`, in order, in global batches of `batch_size` (the last one
+    padded with example_index -1): this process's rows of each, input_ids / attention_mask [b, T]
+    and example_index [b]. T is the smallest bucket holding the whole global batch, the same on every
+    process. For the UDM classifier and its per-example weights."""
+    if data.paired:
+        raise ValueError("prompt batches need unpaired data")
+    seqs, buckets = data.seqs["completion"], cfg.buckets()
+    indices = np.asarray(indices, np.int64)
+    b = batch_size // process_count
+    for start in range(0, len(indices), batch_size):
+        global_ids = np.full(batch_size, -1, np.int64)
+        global_ids[:len(indices[start:start + batch_size])] = indices[start:start + batch_size]
+        longest = max(int(seqs.prompt_lens[i]) for i in global_ids if i >= 0)
+        T = next((t for t in buckets if t >= longest), buckets[-1])
+        local = global_ids[process_index * b:(process_index + 1) * b]
+        rows = [(seqs.ids(i)[:seqs.prompt_lens[i]].tolist(), int(seqs.prompt_lens[i])) if i >= 0 else None
+                for i in local]
         packed = _pad_rows(rows, T, data.pad_id, "")
-        index = np.full(batch_size, -1, np.int64)
-        index[:len(chunk)] = idx[start:start + batch_size]
         yield {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
-               "example_index": index, "example_mask": index >= 0}
-
+               "example_index": local, "example_mask": local >= 0}
