@@ -50,9 +50,10 @@ MODEL_COPY, REFERENCE_COPY = "model", "reference"  # under output_dir
 class Run:
     """A built run: its config, mesh, data, models and jitted functions.
 
-    `step_fn(state, reference, batch) -> (state, metrics)` with `batch` from `sharding.put_batch`
-    ([A, b, ...] arrays); `eval_fn(params, reference, batch, reward_shift) -> per-row outputs` on
-    [1, b, ...] batches. `reference` holds the reference's parameters, or None when its log-probs are
+    `step_fn(state, reference, batch, capacity) -> (state, metrics)` with `batch` from
+    `sharding.put_batch` ([A, b, ...] arrays) and `capacity` = `completion_capacity(batch)` (static);
+    `eval_fn(params, reference, batch, reward_shift, capacity) -> per-row outputs` on [1, b, ...]
+    batches. `reference` holds the reference's parameters, or None when its log-probs are
     precomputed into the batch. `abstract_state` is the state's shapes, dtypes and shardings.
     """
     cfg: TrainConfig
@@ -89,6 +90,13 @@ class Tables(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ pieces
+
+
+def completion_capacity(batch: dict) -> int | None:
+    """The host batch's scored tokens per row at most (the data pipeline's `completion_capacity`),
+    a static argument of the step: the LM head runs on that many positions per row."""
+    value = batch.get("completion_capacity")
+    return None if value is None or len(value) == 0 else int(value[0])
 
 
 def load_tokenizer(path: str):
@@ -208,9 +216,9 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     graphdefs = (graphdef, ref_graphdef)
     step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
                                         schedule=schedule),
-                      out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(lambda p, r, b, s: eval_step(p, r, {k: v[0] for k, v in b.items()}, s,
-                                                   graphdefs=graphdefs, cfg=cfg.loss))
+                      out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
+    eval_fn = jax.jit(lambda p, r, b, s, c: eval_step(p, r, {k: v[0] for k, v in b.items()}, s, c,
+                                                      graphdefs=graphdefs, cfg=cfg.loss), static_argnums=4)
     return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer,
                train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
                ref_graphdef=ref_graphdef, abstract_state=abstract_state, init_fn=init_fn, reference=reference,

@@ -40,7 +40,8 @@ def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_si
     `bco_jax.build.Run.eval_fn`). Every process calls it; each reads its share of the rows."""
     rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
     for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count()):
-        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift)
+        capacity = int(batch["completion_capacity"][0])
+        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift, capacity)
         for key in rows:
             rows[key].append(host_gather(out[key]).reshape(-1))
         loss_sum += float(host_gather(out["loss_sum"]))

@@ -15,6 +15,7 @@ the same inputs and outputs, and its temporaries are reported (the difference is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,8 +23,13 @@ import re
 import sys
 import time
 
+from bco_jax.errors import USER_ERRORS, ConfigError  # imports nothing of jax
+
 HEADROOM = 0.10  # of device memory kept free for the runtime, fragmentation and XLA's own buffers
 FUSED_KERNELS = ("cudnn", "splash")  # targets whose attention never holds the [b, N, T, S] scores
+ESTIMATED = ("Exact: parameters, optimizer state, reference and batch (shapes x dtypes x shardings). Estimated: "
+             "temporaries, from XLA CPU's buffer assignment of the compiled step (the GPU / TPU compiler fuses and "
+             "schedules differently).")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -37,7 +43,7 @@ def parse_bytes(text: str) -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def analytic_parameter_count(cfg) -> int:
@@ -73,11 +79,11 @@ def _mesh(text: str) -> tuple[int, int, int]:
 def device_count(argv: list[str]) -> int:
     """--devices, else the product of a fully given --mesh; read before jax is imported."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--mesh", type=_mesh, default=(1, -1, 1))
+    pre.add_argument("--mesh", type=_mesh, default="1,-1,1")
     pre.add_argument("--devices", type=int, default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.devices:
-        return known.devices
+    if known.devices or {"-h", "--help"} & set(argv):
+        return known.devices or 1
     if -1 in known.mesh:
         raise SystemExit("error: --mesh has a -1: give --devices N (how many devices to plan for)")
     return math.prod(known.mesh)
@@ -88,6 +94,7 @@ def simulate_devices(n: int) -> None:
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings (SPMD remarks) off unless asked
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,24 +105,25 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
 
-    def key(name, default, type=str, extra_choices=()):
+    def key(name, default, type=str, extra_choices=(), help=None):
         section, field = key_table()[name]
         hint = typing.get_type_hints(SECTIONS[section])[name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         choices = tuple(dict.fromkeys((*choices, *extra_choices))) if choices else None
-        p.add_argument(f"--{name}", type=type, default=default, choices=choices,
-                       help=f"{field.metadata['help']} (here: {default})")
+        p.add_argument(f"--{name}", type=type, default=default, choices=choices, required=default is None,
+                       help=f"{help or field.metadata['help']} (here: {default})")
 
-    key("model", None)
-    key("mesh", (1, -1, 1), type=_mesh)
+    key("model", None, help="HF folder of the policy, or its config.json (no weights are read)")
+    key("mesh", "1,-1,1", type=_mesh)
     key("batch_size", 64, type=int)
     key("gradient_accumulation_steps", 1, type=int)
     key("max_length", 1024, type=int)
     key("remat", "full")
     key("precompute_ref_log_probs", False, type=lambda s: {"true": True, "false": False}[s.lower()])
-    key("dtype", "bfloat16")
+    key("dtype", "bfloat16", help="compute dtype (auto: bfloat16, the target being a GPU / TPU)")
     key("ref_dtype", "bfloat16")
-    key("attn_implementation", "auto", extra_choices=FUSED_KERNELS)
+    key("attn_implementation", "auto", extra_choices=FUSED_KERNELS,
+        help="the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and splash do not")
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
@@ -147,7 +155,7 @@ def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal):
+def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *mask_and_flags, **kw):
     """Stand-in for a fused kernel: the same inputs, output and gradients' shapes, O(B T N H) memory."""
     import jax
     import jax.numpy as jnp
@@ -173,7 +181,7 @@ class Planner:
         from bco_jax.sharding import model_shardings
         from bco_jax.step import init_state, make_optimizer, state_shardings, train_step
 
-        self.mesh, self.model_cfg = mesh, model_cfg
+        self.mesh = mesh
         (graphdef, param_state), (ref_graphdef, ref_state) = abstract_models(model_cfg, dtype, ref_dtype)
         params = nnx.to_pure_dict(param_state)
         self.parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
@@ -187,9 +195,9 @@ class Planner:
         self.state = _placed(abstract, shardings)
         self.reference = None if precompute_ref_log_probs else _placed(
             nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
-        self.step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss,
-                                                 optimizer=optimizer, schedule=schedule),
-                               out_shardings=(shardings, None), donate_argnums=0)
+        self.shardings = shardings
+        self.step = functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss, optimizer=optimizer,
+                                      schedule=schedule)
 
     def batch(self, accumulation: int, rows: int, length: int) -> dict:
         """The unpaired BCO batch the step reads: [A, rows, T] tokens, [A, rows] labels and masks."""
@@ -209,17 +217,18 @@ class Planner:
         return batch
 
     def memory(self, batch: dict, fused_attention: bool) -> dict:
-        """XLA's memory analysis of the compiled step (per device), with a score-free attention
-        stand-in when the target's kernel is fused."""
+        """XLA's per-device memory analysis of the step compiled for `batch`; with `fused_attention`
+        the model's attention is the score-free stand-in while the step is traced."""
         from unittest import mock
 
         import jax
 
         from bco_jax.models import decoder
 
-        patch = mock.patch.object(decoder, "attend", score_free_attention) if fused_attention else mock.MagicMock()
-        with jax.set_mesh(self.mesh), patch:
-            analysis = self.step_fn.lower(self.state, self.reference, batch).compile().memory_analysis()
+        stand_in = mock.patch.object(decoder, "attend", score_free_attention) if fused_attention else None
+        step_fn = jax.jit(self.step, out_shardings=(self.shardings, None), donate_argnums=0)  # fresh: no cached trace
+        with jax.set_mesh(self.mesh), stand_in or contextlib.nullcontext():
+            analysis = step_fn.lower(self.state, self.reference, batch).compile().memory_analysis()
         return {k: int(getattr(analysis, k, 0) or 0) for k in
                 ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")}
 
@@ -228,3 +237,136 @@ def _placed(tree, shardings):
     import jax
 
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def fused_target(attn_implementation: str) -> bool:
+    """Whether the target's kernel never holds the scores: cudnn, splash, and auto (the planner's
+    target is a GPU or TPU, where auto picks one of them)."""
+    return attn_implementation in (*FUSED_KERNELS, "auto")
+
+
+def plan(args, mesh) -> dict:
+    """Per-device memory of the configured run on `mesh`, the verdict, and (with --search) the largest
+    micro-batch per device that fits."""
+    from bco_jax.models import read_config
+    from bco_jax.sharding import data_parallel_size
+
+    source = args.model
+    if os.path.isfile(source):  # a config.json under any name
+        with open(source, encoding="utf-8") as f:
+            source = json.load(f)
+    elif not os.path.isfile(os.path.join(source, "config.json")):
+        raise ConfigError(f"model: {args.model} is neither a config.json nor a folder holding one")
+    model_cfg = read_config(source, remat=args.remat, attn_implementation="xla")  # what compiles on CPU
+    accumulation, data_parallel = args.gradient_accumulation_steps, data_parallel_size(mesh)
+    if args.batch_size % (accumulation * data_parallel):
+        raise ConfigError(f"batch_size: {args.batch_size} is not divisible by gradient_accumulation_steps "
+                          f"({accumulation}) x data-parallel devices ({data_parallel})")
+    rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
+    planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
+                      ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs)
+    fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
+
+    def measure(rows_per_device: int) -> dict:
+        batch = planner.batch(accumulation, rows_per_device * data_parallel, args.max_length)
+        start = time.perf_counter()
+        xla = planner.memory(batch, fused)
+        state_bytes, params_bytes = bytes_per_device(planner.state), bytes_per_device(planner.state.params)
+        parts = {"params_bytes": params_bytes,
+                 "optimizer_bytes": state_bytes - params_bytes,  # AdamW moments, and the state's scalars
+                 "reference_bytes": bytes_per_device(planner.reference),
+                 "batch_bytes": bytes_per_device(batch),
+                 # XLA's temporaries, and the outputs not aliased to the donated state (the metrics)
+                 "temporaries_bytes": xla["temp_size_in_bytes"] + xla["output_size_in_bytes"]
+                 - xla["alias_size_in_bytes"]}
+        parts["total_bytes"] = sum(parts.values())
+        return {"per_device": parts, "xla_argument_bytes": xla["argument_size_in_bytes"],
+                "compile_seconds": round(time.perf_counter() - start, 1)}
+
+    measured = measure(rows)
+    fits = measured["per_device"]["total_bytes"] <= usable
+    heads = model_cfg.num_heads // (mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1)
+    out = {"model": args.model, "parameters": planner.parameters,
+           "parameters_analytic": analytic_parameter_count(model_cfg), "mesh": dict(mesh.shape),
+           "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,
+           **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "max_length", "remat",
+                                            "dtype", "ref_dtype", "precompute_ref_log_probs", "attn_implementation")},
+           **measured, "device_memory_bytes": args.device_memory, "headroom": HEADROOM, "usable_bytes": usable,
+           "fits": fits, "max_batch_per_device": None,
+           # one layer's float32 scores [b, N, T, T] on one device: what XLA attention holds, fused kernels not
+           "attention_scores_bytes_per_layer": rows * heads * args.max_length ** 2 * 4,
+           "estimated": ESTIMATED + (f" Attention: a score-free stand-in for the fused {args.attn_implementation} "
+                                     "kernel, no [b, N, T, T] scores counted." if fused else
+                                     " Attention: XLA's, its [b, N, T, T] float32 scores counted.")}
+    if args.search:
+        out["max_batch_per_device"] = search(lambda r: measure(r)["per_device"]["total_bytes"] <= usable,
+                                             known_fit=rows if fits else 0, known_fail=None if fits else rows)
+    return out
+
+
+def search(fits, known_fit: int = 0, known_fail: int | None = None, limit: int = 4096) -> int:
+    """Largest r in [0, limit] with fits(r), memory growing with r: doubling, then bisection."""
+    lo, hi = known_fit, known_fail
+    while hi is None:
+        candidate = max(1, 2 * lo)
+        if candidate > limit:
+            return lo
+        lo, hi = (candidate, None) if fits(candidate) else (lo, candidate)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def table(out: dict) -> str:
+    d, mesh = out["per_device"], ", ".join(f"{k}={v}" for k, v in out["mesh"].items())
+    reference = "precomputed (not in memory)" if out["precompute_ref_log_probs"] else out["ref_dtype"]
+    lines = [f"model {out['model']}: {out['parameters']:,} parameters (analytic {out['parameters_analytic']:,})",
+             f"mesh {mesh} on {out['devices']} simulated devices; batch {out['batch_size']} = "
+             f"{out['gradient_accumulation_steps']} micro-batch(es) x {out['batch_per_device']} rows per device x "
+             f"{out['data_parallel']} data-parallel devices; max_length {out['max_length']}, remat {out['remat']}, "
+             f"compute {out['dtype']}, reference {reference}, attention {out['attn_implementation']}",
+             "per device:"]
+    for name, key in [("parameters (float32 master)", "params_bytes"), ("optimizer state (AdamW)", "optimizer_bytes"),
+                      ("reference", "reference_bytes"), ("batch", "batch_bytes"),
+                      ("temporaries (estimated)", "temporaries_bytes"), ("total", "total_bytes")]:
+        lines.append(f"  {name:30s} {gib(d[key]):>12s}")
+    lines.append(f"verdict: {'fits' if out['fits'] else 'does NOT fit'} in {gib(out['device_memory_bytes'])} per "
+                 f"device, keeping {out['headroom']:.0%} free for the runtime and fragmentation (usable "
+                 f"{gib(out['usable_bytes'])})")
+    if out["max_batch_per_device"] is not None:
+        most = out["max_batch_per_device"]
+        lines.append(f"largest micro-batch that fits: {most} rows per device (batch_size "
+                     f"{most * out['data_parallel'] * out['gradient_accumulation_steps']} with this accumulation)")
+    lines.append(f"{out['estimated']} Compiled in {out['compile_seconds']:.0f} s.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative(list(sys.argv[1:] if argv is None else argv))
+    simulate_devices(device_count(argv))  # before jax is imported, which happens from here on
+    args = parser().parse_args(argv)
+    import jax
+
+    from bco_jax.sharding import make_mesh
+
+    try:
+        n = args.devices or math.prod(args.mesh)
+        if len(jax.devices()) < n:
+            raise ConfigError(f"devices: {n} wanted, jax has {len(jax.devices())} (was jax imported before main?)")
+        out = plan(args, make_mesh(args.mesh, jax.devices()[:n]))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if args.json else table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ run reuses it; the step then reads reference log-probs from the batch and the we
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -33,17 +34,18 @@ def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh,
         return np.load(cache_path)
     prefixes = [f"{side}_" for side in PAIR_SIDES] if data.paired else [""]
 
-    @jax.jit
-    def logps_fn(params, batch):  # every prefix of a [1, b, ...] batch: the step's own helper
+    @functools.partial(jax.jit, static_argnums=2)
+    def logps_fn(params, batch, capacity):  # every prefix of a [1, b, ...] batch: the step's own helper
         mb = {k: v[0] for k, v in batch.items()}
-        return jnp.stack([batch_logps(graphdef, params, mb, prefix)[0] for prefix in prefixes], axis=-1)
+        return jnp.stack([batch_logps(graphdef, params, mb, prefix, capacity)[0] for prefix in prefixes], axis=-1)
 
     table = np.zeros((len(data), len(prefixes)), np.float32)
     shard, shards = data_shard(mesh)
     for batch in ordered_batches(data, data_cfg, batch_size, shard, shards):
         index = batch.pop("example_index")
         idx = host_gather(put_batch({"i": index.astype(np.int32)}, mesh)["i"]).reshape(-1)  # whole global batch
-        values = host_gather(logps_fn(ref_params, put_batch(batch, mesh))).reshape(len(idx), -1)
+        capacity = int(batch["completion_capacity"][0])
+        values = host_gather(logps_fn(ref_params, put_batch(batch, mesh), capacity)).reshape(len(idx), -1)
         table[idx[idx >= 0]] = values[idx >= 0]
     table = table if data.paired else table[:, 0]
     if jax.process_index() == 0:

@@ -106,17 +106,19 @@ def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -
 # ---------------------------------------------------------------------------------------- forward
 
 
-def batch_logps(graphdef, params, mb, prefix=""):
-    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict."""
+def batch_logps(graphdef, params, mb, prefix="", capacity=None):
+    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict. `capacity`: scored
+    tokens a row may hold (the batch's `completion_capacity`); the LM head runs on that many
+    positions per row, or on all of them when None."""
     model = nnx.merge(graphdef, params)
     return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
-                          mb[prefix + "loss_mask"])
+                          mb[prefix + "loss_mask"], completion_capacity=capacity)
 
 
-def _reference_logps(ref_graphdef, reference, mb, prefix=""):
+def _reference_logps(ref_graphdef, reference, mb, prefix="", capacity=None):
     if reference is None:  # precomputed: the loop put them in the batch
         return mb[prefix + "reference_logps"]
-    return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, mb, prefix)[0])
+    return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, mb, prefix, capacity)[0])
 
 
 def _masked_sum(x, mask):
@@ -133,17 +135,19 @@ def _class_stats(rewards, logps, up, mask):
     }
 
 
-def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta):
+def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta, capacity=None):
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
     examples; for paired ones, rows are pairs, expanded to 2 rows (chosen, rejected) in what it returns.
     """
     graphdef, ref_graphdef = graphdefs
+    policy_logps = functools.partial(batch_logps, graphdef, params, mb, capacity=capacity)
+    reference_logps = functools.partial(_reference_logps, ref_graphdef, reference, mb, capacity=capacity)
     mask = mb["example_mask"].astype(bool)
     if cfg.loss_type in L.PAIRED_LOSSES:
-        (pol_w, n_w), (pol_l, n_l) = (batch_logps(graphdef, params, mb, f"{s}_") for s in PAIR_SIDES)
-        ref_w, ref_l = (_reference_logps(ref_graphdef, reference, mb, f"{s}_") for s in PAIR_SIDES)
+        (pol_w, n_w), (pol_l, n_l) = (policy_logps(f"{s}_") for s in PAIR_SIDES)
+        ref_w, ref_l = (reference_logps(f"{s}_") for s in PAIR_SIDES)
         if cfg.loss_type == "ipo":  # IPO on length-averaged log-probs, as TRL
             pol_w, ref_w = pol_w / jnp.maximum(n_w, 1), ref_w / jnp.maximum(n_w, 1)
             pol_l, ref_l = pol_l / jnp.maximum(n_l, 1), ref_l / jnp.maximum(n_l, 1)
@@ -155,12 +159,12 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
         row_mask = jnp.concatenate([mask, mask])
         used_delta = delta
     else:
-        logps, _ = batch_logps(graphdef, params, mb)
-        ref = _reference_logps(ref_graphdef, reference, mb)
+        logps, _ = policy_logps()
+        ref = reference_logps()
         labels, row_mask = mb["labels"].astype(bool), mask
         if cfg.loss_type == "kto":
-            pol_kl = jax.lax.stop_gradient(batch_logps(graphdef, params, mb, "kl_")[0])
-            ref_kl = _reference_logps(ref_graphdef, reference, mb, "kl_")
+            pol_kl = jax.lax.stop_gradient(policy_logps("kl_")[0])
+            ref_kl = reference_logps("kl_")
             kl = L.kto_kl(pol_kl, ref_kl, mask)
             losses, rewards = L.kto_loss(logps, ref, labels, kl, beta=cfg.beta,
                                          desirable_weight=cfg.desirable_weight,
@@ -179,12 +183,14 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
     return _masked_sum(losses, mask), (jax.lax.stop_gradient(rewards), labels, row_mask, shift, stats)
 
 
-def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: LossOptions, optimizer, schedule):
+def train_step(state: TrainState, reference, batch, completion_capacity=None, *, graphdefs, cfg: LossOptions,
+               optimizer, schedule):
     """One optimizer step over a global batch of [A, b, ...] arrays. Returns (state, metrics).
 
     The gradient is that of the mean per-example loss over every real example of the step (TRL's
     reduction), whatever A is. A non-finite loss or gradient skips the update, the reward-shift update
-    included (one NaN would poison delta for good), and is counted.
+    included (one NaN would poison delta for good), and is counted. `completion_capacity` (static):
+    the batch's scored tokens per row at most; the LM head runs on that many positions per row.
     """
     n_examples = jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
     delta = L.reward_shift_delta(state.reward_shift)
@@ -193,7 +199,8 @@ def train_step(state: TrainState, reference, batch, *, graphdefs, cfg: LossOptio
     def body(carry, mb):
         grads, loss_sum, shift = carry
         (mb_loss, (rewards, labels, mask, shift, stats)), g = grad_fn(
-            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta)
+            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta,
+            capacity=completion_capacity)
         grads = jax.tree.map(lambda acc, x: acc + x / n_examples, grads, g)
         return (grads, loss_sum + mb_loss, shift), (rewards, labels, mask, stats)
 
@@ -236,13 +243,13 @@ def _tokens(batch):
     return sum(jnp.sum(batch[k]).astype(jnp.float32) for k in keys)
 
 
-def eval_step(params, reference, batch, shift, *, graphdefs, cfg: LossOptions):
+def eval_step(params, reference, batch, shift, completion_capacity=None, *, graphdefs, cfg: LossOptions):
     """Per-row rewards, labels, mask and losses of one [b, ...] batch, for accuracy / AUC on the host.
     Uses the state's current delta and does not move it."""
     delta = L.reward_shift_delta(shift)
     # Any mode but "trl" uses the delta given; evaluation must not move TRL's running mean either.
     shift = dataclasses.replace(shift, mode="none")
     loss_sum, (rewards, labels, mask, _, stats) = micro_batch_loss(
-        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta)
+        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, capacity=completion_capacity)
     return {"rewards": rewards, "labels": labels, "mask": mask, "loss_sum": loss_sum, **stats,
             "delta": delta, "n_examples": jnp.sum(batch["example_mask"])}

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
-from bco_jax.build import Run, Tables, build, precompute, restore, save_model_copies
+from bco_jax.build import Run, Tables, build, completion_capacity, precompute, restore, save_model_copies
 from bco_jax.config import TrainConfig, parse_args
 from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, log
 from bco_jax.evaluate import eval_pass
@@ -111,7 +111,7 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
         for step in range(start + 1, run.steps + 1):
             local = attach_tables(next(run.iterator), tables.ref_table, weights)
             batch = put_batch(local, run.mesh, cfg.gradient_accumulation_steps)
-            state, metrics = run.step_fn(state, run.reference, batch)
+            state, metrics = run.step_fn(state, run.reference, batch, completion_capacity(local))
             if pending is not None:  # read step N-1's metrics while step N runs
                 reporter.add(*pending)
             pending = (step, metrics)
@@ -206,7 +206,8 @@ def dry_run(run: Run) -> dict:
         for key in [k for k in local if k.endswith("input_ids")]:
             local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)
-    mem = run.step_fn.lower(run.abstract_state, reference, batch).compile().memory_analysis()
+    compiled = run.step_fn.lower(run.abstract_state, reference, batch, completion_capacity(local)).compile()
+    mem = compiled.memory_analysis()
     report = {k: int(getattr(mem, k, 0) or 0) for k in
               ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")}
     report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]

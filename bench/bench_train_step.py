@@ -136,6 +136,7 @@ def setup_ours(args, work):
 def run_ours(args, work, gate):
     import jax
 
+    from bco_jax.build import completion_capacity
     from bco_jax.sharding import put_batch
 
     run, state, batches = setup_ours(args, work)
@@ -144,7 +145,7 @@ def run_ours(args, work, gate):
 
     example = put_batch(batches[0], run.mesh)
     t0 = time.perf_counter()
-    lowered = run.step_fn.lower(state, reference, example)
+    lowered = run.step_fn.lower(state, reference, example, completion_capacity(batches[0]))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 import tiny_hf
+from bco_jax import sharding
+from bco_jax.models import attention
 from bco_jax.models import Decoder, ModelConfig, compute_dtype, decays, load_hf, read_config, weight_decay_mask
 
 TOL = 1e-4
@@ -144,7 +146,7 @@ def test_bfloat16_compute_is_close_to_float32():
 def test_bad_options_name_the_key():
     with pytest.raises(ValueError, match="remat"):
         tiny_config(remat="sometimes")
-    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('auto', 'xla'"):
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('auto', 'xla', 'cudnn', 'splash'\)"):
         tiny_config(attn_implementation="flash")
 
 
@@ -190,3 +192,85 @@ def test_program_size_does_not_grow_with_depth():
         text = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.ones((1, 4), jnp.int32))).lower(state).as_text()
         sizes.append(len(text))
     assert abs(sizes[1] - sizes[0]) < 0.02 * sizes[0]
+
+
+# ------------------------------------------------------------------------------------ attention kernels
+
+
+def qkv(B=3, T=13, N=4, K=2, H=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (B, T, N, H)), jax.random.normal(keys[1], (B, T, K, H)),
+            jax.random.normal(keys[2], (B, T, K, H)))
+
+
+def padding(B, T, side):
+    """Row 0 full, row 1 a few pads, row 2 mostly padding."""
+    lengths = [T, T - 3, 2][:B]
+    index = np.arange(T)[None]
+    n = np.array(lengths)[:, None]
+    return jnp.asarray(index < n if side == "right" else index >= T - n, jnp.int32)
+
+
+def dense_reference(q, k, v, valid, window):
+    mask = attention.attention_mask(valid, jnp.arange(q.shape[1]), window)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def assert_same_attention(kernel, valid, window, T, atol=1e-5):
+    """Equal outputs on real queries, and equal gradients, to XLA's dense masked attention."""
+    q, k, v = qkv(T=T)
+    real = np.asarray(valid, bool)
+    weights = jnp.sin(jnp.arange(q.size).reshape(q.shape)) * valid[:, :, None, None]  # real queries only
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v, valid, window) * weights), (0, 1, 2)))
+
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v, valid, window))[real],
+                               np.asarray(dense_reference(q, k, v, valid, window))[real], atol=atol)
+    (got, got_grads), (want, want_grads) = loss(kernel)(q, k, v), loss(dense_reference)(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=atol)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_blocked_xla_attention_equals_dense(side, window):
+    """Blocks of 4 queries over 13 tokens: a partial last block, windows that drop whole key blocks."""
+    kernel = lambda *a: attention.xla_causal(*a, block=4)  # noqa: E731
+    assert_same_attention(kernel, padding(3, 13, side), window, T=13)
+
+
+@pytest.mark.parametrize("side, window, T", [("right", None, 12), ("left", 4, 12), ("right", 5, 200)])
+def test_splash_attention_equals_dense(side, window, T):
+    """Pallas interpret mode on CPU; T = 200 is padded to two 128-blocks."""
+    assert_same_attention(attention.splash_causal, padding(3, T, side), window, T=T, atol=2e-5)
+
+
+def test_splash_attention_under_a_mesh_runs_per_batch_shard():
+    q, k, v = qkv(B=4, T=12)
+    valid = jnp.concatenate([padding(3, 12, "right"), jnp.ones((1, 12), jnp.int32)])
+    want = dense_reference(q, k, v, valid, None)
+    with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
+        got = jax.jit(attention.splash_causal, static_argnums=4)(q, k, v, valid, None)
+    real = np.asarray(valid, bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+def test_decoder_logits_do_not_depend_on_the_kernel(family, implementation):
+    name, _, torch_model, model = family
+    ids, mask = tiny_hf.padded_batch(seed=1, side="right", length=12)
+    expected = tiny_hf.torch_logits(torch_model, ids, mask)
+    got = np.asarray(replace_config(model, attn_implementation=implementation)(ids, mask))
+    assert np.abs(got - expected)[mask.astype(bool)].max() < TOL, name
+
+
+def test_auto_picks_the_kernel_by_backend(monkeypatch):
+    assert attention.resolve("auto", jnp.float32) == "xla"  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.resolve("auto", jnp.bfloat16) == "cudnn"
+    assert attention.resolve("auto", jnp.float32) == "xla"  # cuDNN flash attention needs 16-bit inputs
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attention.resolve("auto", jnp.float32) == "splash"
+    assert attention.resolve("xla", jnp.bfloat16) == "xla"

@@ -102,6 +102,20 @@ def test_accumulation_does_not_change_the_update_or_delta(models):
     assert h1[2]["count/chosen"] + h1[2]["count/rejected"] == B - 1
 
 
+def test_completion_capacity_changes_no_number(models):
+    # Scored tokens are positions 4 .. 11 of 12: a capacity of 8 runs the LM head on 8 positions per row.
+    graphdef, params, ref = models
+    batch = split(make_batch(7, pad_rows=1), 2)
+    step = jax.jit(functools.partial(train_step, graphdefs=(graphdef, graphdef), cfg=BCO, optimizer=OPTIMIZER,
+                                     schedule=SCHEDULE), static_argnums=3)
+    state = init_state(params, OPTIMIZER, L.reward_shift_init("ema", 0.5), 0)
+    full, m_full = step(state, ref, batch, None)
+    slim, m_slim = step(state, ref, batch, 8)
+    for key in ("loss", "grad_norm", "rewards_sum/chosen", "logps_sum/rejected"):
+        np.testing.assert_allclose(m_slim[key], m_full[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert_trees_close(slim.params, full.params, rtol=1e-5, atol=1e-6)
+
+
 def test_trl_mode_moves_delta_per_micro_batch_like_trl(models):
     graphdef, params, ref = models
     batch = make_batch(7)

@@ -178,7 +178,8 @@ def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, pr
     kl_partner = _kl_partners(global_ids) if cfg.kl_pairs and not data.paired else None
     T = _bucket(data, global_ids, kl_partner, buckets)
     valid = local >= 0
-    batch: Batch = {"example_mask": valid, "example_index": local.copy()}
+    batch: Batch = {"example_mask": valid, "example_index": local.copy(),
+                    "completion_capacity": np.full(len(local), completion_capacity(data, global_ids, T), np.int32)}
     if data.paired:
         for name in ("chosen", "rejected"):
             batch.update(_pack(data.seqs[name], local, T, data.pad_id, f"{name}_"))
@@ -225,6 +226,17 @@ def _bucket(data: TokenizedDataset, global_ids: np.ndarray, kl_partner, buckets:
         partners = kl_partner[global_ids >= 0]
         longest = max(longest, int((plens[ids] + seqs.lengths(partners) - plens[partners]).max()))
     return next((t for t in buckets if t >= longest), buckets[-1])
+
+
+def completion_capacity(data: TokenizedDataset, global_ids: np.ndarray, T: int) -> int:
+    """How many scored (completion) tokens a row of this global batch may hold, from {T/4, T/2, T}:
+    the log-prob pass runs the LM head on that many positions per row instead of T. The same on
+    every process; three values per length bucket keep compilations few. (KTO's KL rows hold other
+    rows' completions, cut to fit: never longer.)"""
+    ids = global_ids[global_ids >= 0]
+    longest = max((int((s.lengths(ids) - s.prompt_lens[ids]).max()) for s in data.seqs.values()), default=1) \
+        if len(ids) else 1
+    return next(c for c in (max(T // 4, 1), max(T // 2, 1), T) if c >= min(longest, T))
 
 
 def _pack(seqs, local: np.ndarray, T: int, pad_id: int, prefix: str) -> Batch:

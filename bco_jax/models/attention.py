@@ -1,49 +1,122 @@
 """Attention, one entry point `attend`, with the kernel chosen by `ModelConfig.attn_implementation`.
 
 Two masking forms, as in transformers: self-attention over one sequence takes the 2-D padding mask
-[B, S] and `is_causal=True` (causality and Mistral's window are then kernel flags, which lets fused
-kernels skip masked blocks); cached decoding takes a full boolean mask [B, 1, T, S] and
-`is_causal=False`.
+[B, S] and `is_causal=True` (causality and Mistral's window are then known to the kernel, which skips
+masked blocks); cached decoding takes a full boolean mask [B, 1, T, S] and `is_causal=False`, and
+always runs on XLA.
+
+Kernels for `is_causal=True`:
+- "xla": plain XLA, in query blocks that each read only the keys they can see (any backend).
+- "cudnn" (GPU): cuDNN flash attention, padding given as sequence lengths, so rows must be
+  right-padded (real tokens, then padding), the training layout.
+- "splash" (TPU): Pallas splash attention, padding given as segment ids (any padding side).
+- "auto": cudnn on GPU (bfloat16 / float16), splash on TPU, xla otherwise.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-ATTN_IMPLEMENTATIONS = ("auto", "xla")
+from bco_jax.sharding import mesh_spec
+
+ATTN_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+XLA_QUERY_BLOCK = 128
+SPLASH_BLOCK = 128
 
 
-def resolve(attn_implementation: str) -> str:
-    """The kernel "auto" stands for on the default backend."""
+def resolve(attn_implementation: str, dtype) -> str:
+    """The kernel "auto" stands for on the default backend, for inputs of `dtype`."""
     if attn_implementation != "auto":
         return attn_implementation
-    return "xla"
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "splash" if backend == "tpu" else "xla"
 
 
 def attention_mask(kv_valid_BxS, q_index_T, window: int | None):
     """[B, 1, T, S] bool: causal by index, padding keys hidden, Mistral window `q - k < window`
     (transformers 5 masking_utils.sliding_window_overlay). Indices, not positions: padding is
-    contiguous at one end, so index distances between real tokens equal position distances."""
-    k_index_S = jnp.arange(kv_valid_BxS.shape[1])
-    q_TxS, k_TxS = q_index_T[:, None], k_index_S[None, :]
+    contiguous at one end, so index distances between real tokens equal position distances. A
+    padding query would see no key at all; it sees itself instead (its output is never used)."""
+    q_TxS, k_TxS = q_index_T[:, None], jnp.arange(kv_valid_BxS.shape[1])[None, :]
     allowed_TxS = k_TxS <= q_TxS
     if window is not None:
         allowed_TxS &= k_TxS > q_TxS - window
-    return (allowed_TxS[None] & padding_mask(kv_valid_BxS, q_index_T)[:, 0])[:, None]
-
-
-def padding_mask(kv_valid_BxS, q_index_T):
-    """[B, 1, T, S] bool: real keys. A padding query would see no key at all; letting it see itself
-    avoids NaN rows in fused kernels (its output is never used)."""
-    self_TxS = q_index_T[:, None] == jnp.arange(kv_valid_BxS.shape[1])[None, :]
-    return (kv_valid_BxS[:, None, :].astype(bool) | self_TxS[None])[:, None]
+    return (allowed_TxS[None] & (kv_valid_BxS[:, None, :].astype(bool) | (k_TxS == q_TxS)[None]))[:, None]
 
 
 def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool):
     """Attention output [B, T, N, H]. `is_causal=True`: `mask` is the padding mask [B, S] of a
     sequence attending to itself (S == T). `is_causal=False`: `mask` is [B, 1, T, S] bool, complete."""
     if not is_causal:
-        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask)
-    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=padding_mask(mask, jnp.arange(mask.shape[1])),
-                                        is_causal=True, local_window_size=window, implementation="xla")
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation="xla")
+    kernel = {"xla": xla_causal, "cudnn": cudnn_causal, "splash": splash_causal}
+    implementation = resolve(cfg.attn_implementation, q_BxTxNxH.dtype)
+    return kernel[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg.sliding_window)
+
+
+def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None, block: int = XLA_QUERY_BLOCK):
+    """Causal self-attention in blocks of queries, each against the keys it can see: about half the
+    work of one [T, T] score matrix, which XLA cannot skip (2x faster on CPU, forward and backward).
+    Grouped-query heads read their shared key/value head, never a repeated copy."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxTxKxH.shape[2]
+    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, T, block):
+        stop = min(T, start + block)
+        lo = 0 if window is None else max(0, start - window + 1)  # keys before lo are out of every window
+        # indices relative to lo: causality, window and padding as for one [Q, S] block of the matrix
+        allowed_BxQxS = attention_mask(valid_BxT[:, lo:stop], jnp.arange(start - lo, stop - lo), window)[:, 0]
+        scores_BxKxGxQxS = jnp.einsum("bkgqh,bksh->bkgqs", q_BxKxGxTxH[:, :, :, start:stop], k_BxKxTxH[:, :, lo:stop],
+                                      preferred_element_type=jnp.float32) / np.sqrt(H)
+        scores_BxKxGxQxS = jnp.where(allowed_BxQxS[:, None, None], scores_BxKxGxQxS, -1e30)
+        probs_BxKxGxQxS = jax.nn.softmax(scores_BxKxGxQxS, axis=-1).astype(v_BxKxTxH.dtype)
+        outs.append(jnp.einsum("bkgqs,bksh->bkgqh", probs_BxKxGxQxS, v_BxKxTxH[:, :, lo:stop]))
+    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None):
+    """cuDNN flash attention. Right-padded rows: the first `sum(valid)` tokens are real."""
+    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B, local_window_size=None if window is None else (window - 1, 0),
+        implementation="cudnn")
+
+
+def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None):
+    """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). Padding is
+    segment 0, real tokens segment 1, so neither attends to the other. Under `jax.set_mesh`, one
+    kernel per batch shard."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxTxKxH.shape[2]
+    P = -(-T // SPLASH_BLOCK) * SPLASH_BLOCK  # the default 128-blocks must tile the sequence
+    head_mask = sa.CausalMask((P, P)) if window is None else sa.LocalMask((P, P), (window - 1, 0), 0)
+    kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([head_mask] * (N // K)),
+                                              block_sizes=sa.BlockSizes.get_default(),
+                                              interpret=jax.default_backend() != "tpu")
+
+    def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT):
+        b = q_BxTxNxH.shape[0]
+        pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
+        q_BxKxGxPxH = jnp.pad(q_BxTxNxH / np.sqrt(H), pad).reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
+        k_BxKxPxH = jnp.pad(k_BxTxKxH, pad).transpose(0, 2, 1, 3)
+        v_BxKxPxH = jnp.pad(v_BxTxKxH, pad).transpose(0, 2, 1, 3)
+        segment_BxP = jnp.pad(valid_BxT.astype(jnp.int32), ((0, 0), (0, P - T)))
+        per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # one MQA kernel per key/value head
+        out = jax.vmap(per_kv_head)(q_BxKxGxPxH, k_BxKxPxH, v_BxKxPxH, sa.SegmentIds(q=segment_BxP, kv=segment_BxP))
+        return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, N, H)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = None if mesh.empty else mesh_spec(("batch",), mesh, shape=(B,))[0]
+    if batch is None:
+        return run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT)
+    spec = jax.sharding.PartitionSpec(batch)  # a Pallas call is not partitioned by XLA: shard it by hand
+    return jax.shard_map(run, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT)

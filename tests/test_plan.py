@@ -1,0 +1,89 @@
+"""The memory planner: parameter counts against the paper-scale config, and one real compile through the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from bco_jax import plan
+from bco_jax.models import read_config
+
+LLAMA_31_8B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    attention_bias=False, mlp_bias=False, tie_word_embeddings=False, bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009])
+TINY = dict(LLAMA_31_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def test_llama_8b_parameter_count_analytic_equals_abstract_model():
+    cfg = read_config(LLAMA_31_8B)
+    (_, param_state), _ = plan.abstract_models(cfg, "bfloat16", "bfloat16")
+    abstract = sum(math.prod(x.shape) for x in jax.tree.leaves(param_state))
+    assert plan.analytic_parameter_count(cfg) == abstract == 8_030_261_248
+
+
+@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(attention_bias=True, mlp_bias=True),
+                                       dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"])])
+def test_analytic_count_follows_ties_and_biases(overrides):
+    cfg = read_config(dict(TINY, **overrides))
+    (_, param_state), _ = plan.abstract_models(cfg, "float32", "float32")
+    assert plan.analytic_parameter_count(cfg) == sum(math.prod(x.shape) for x in jax.tree.leaves(param_state))
+
+
+@pytest.mark.parametrize("text, expected", [("16GiB", 16 * 2**30), ("80 GB", 80 * 10**9), ("512MiB", 2**29),
+                                            ("1.5GiB", 3 * 2**29), ("1000", 1000)])
+def test_parse_bytes(text, expected):
+    assert plan.parse_bytes(text) == expected
+
+
+def test_search_finds_the_largest_that_fits():
+    calls = []
+
+    def fits(rows):
+        calls.append(rows)
+        return rows <= 37
+
+    assert plan.search(fits) == 37
+    assert len(calls) <= 2 * math.ceil(math.log2(37)) + 1  # compiles, each minutes at scale
+    assert plan.search(fits, known_fit=8) == 37
+    assert plan.search(lambda r: r <= 3, known_fail=5) == 3
+    assert plan.search(lambda r: False) == 0
+    assert plan.search(lambda r: True, limit=64) == 64
+
+
+def _plan_cli(folder, *flags):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the planner sets its own device count
+    done = subprocess.run([sys.executable, "-m", "bco_jax.plan", "--model", str(folder / "config.json"),
+                           "--mesh", "1,2,1", "--batch_size", "4", "--max_length", "32", "--json", *flags],
+                          capture_output=True, text=True, env=env, timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cli_compiles_the_step_and_reports_consistent_bytes(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = _plan_cli(tmp_path, "--device_memory", "1TiB")
+    cfg = read_config(TINY)
+    d = out["per_device"]
+    assert out["parameters"] == out["parameters_analytic"] == plan.analytic_parameter_count(cfg)
+    assert out["devices"] == 2 and out["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert d["total_bytes"] == sum(v for k, v in d.items() if k != "total_bytes")
+    # float32 master weights split over 2 fsdp shards; only the norm scales [D] are replicated
+    replicated = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    assert d["params_bytes"] == 4 * (out["parameters"] - replicated) // 2 + 4 * replicated
+    # AdamW: two float32 moments like the parameters, plus scalars (count, step, reward shift, rng)
+    assert 2 * d["params_bytes"] <= d["optimizer_bytes"] < 2 * d["params_bytes"] + 1024
+    assert d["reference_bytes"] == d["params_bytes"] // 2  # bfloat16 reference, same shardings
+    assert d["temporaries_bytes"] > 0 and out["xla_argument_bytes"] == (
+        d["params_bytes"] + d["optimizer_bytes"] + d["reference_bytes"] + d["batch_bytes"])
+    assert out["fits"] is True and out["max_batch_per_device"] is None
+
+    tight = _plan_cli(tmp_path, "--device_memory", "1MiB", "--precompute_ref_log_probs", "true")
+    assert tight["fits"] is False and tight["per_device"]["reference_bytes"] == 0
