@@ -1,21 +1,21 @@
 """Will a run fit? Per-device memory of the real train step, compiled ahead of time on simulated devices.
 
     python -m bco_jax.plan --model /models/Llama-3.1-8B-Instruct --mesh 1,8,1 --batch_size 64 \
-        --max_length 1024 --remat full --device_memory 80GiB [--search] [--json]
+        --max_length 1024 --device_memory 80GiB [--search] [--json]
 
-Needs only the model's config.json (no weights, no accelerator): the policy, reference, optimizer
-and state are built as `jax.ShapeDtypeStruct`s on their shardings exactly as `bco_jax.build.build`
-builds them, and `step.train_step` is lowered and compiled by XLA for N simulated CPU devices.
-Parameters, optimizer state, reference and batch are exact (shapes x dtypes x shardings); the
-temporaries are XLA CPU's buffer assignment, an estimate for a GPU / TPU compile. One difference is
-corrected: XLA attention materialises [b, N, T, T] float32 scores that the fused kernels (cuDNN flash,
-Pallas splash) never hold; for those targets the step is also compiled with a score-free stand-in of
-the same inputs and outputs, and its temporaries are reported (the difference is shown).
+Needs only the model's config.json (no weights, no accelerator). The policy, reference, AdamW state
+and batch are built as `jax.ShapeDtypeStruct`s on their shardings as `bco_jax.build.build` builds
+them, and `step.train_step` is compiled by XLA for N simulated CPU devices. Parameters, optimizer
+state, reference and batch bytes are exact; the temporaries are XLA CPU's buffer assignment, an
+estimate for the GPU / TPU compile. XLA attention holds [b, N, T, T] float32 scores that fused kernels
+(cuDNN flash, Pallas splash) never hold: for those targets the model's attention is replaced, while
+the step is traced, by a score-free stand-in with the same inputs and outputs.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -76,6 +76,12 @@ def _mesh(text: str) -> tuple[int, int, int]:
     return shape
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
 def device_count(argv: list[str]) -> int:
     """--devices, else the product of a fully given --mesh; read before jax is imported."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -105,11 +111,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
 
-    def key(name, default, type=str, extra_choices=(), help=None):
+    def key(name, default, type=str, help=None):
         section, field = key_table()[name]
         hint = typing.get_type_hints(SECTIONS[section])[name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
-        choices = tuple(dict.fromkeys((*choices, *extra_choices))) if choices else None
         p.add_argument(f"--{name}", type=type, default=default, choices=choices, required=default is None,
                        help=f"{help or field.metadata['help']} (here: {default})")
 
@@ -119,10 +124,10 @@ def parser() -> argparse.ArgumentParser:
     key("gradient_accumulation_steps", 1, type=int)
     key("max_length", 1024, type=int)
     key("remat", "full")
-    key("precompute_ref_log_probs", False, type=lambda s: {"true": True, "false": False}[s.lower()])
+    key("precompute_ref_log_probs", False, type=_bool)
     key("dtype", "bfloat16", help="compute dtype (auto: bfloat16, the target being a GPU / TPU)")
     key("ref_dtype", "bfloat16")
-    key("attn_implementation", "auto", extra_choices=FUSED_KERNELS,
+    key("attn_implementation", "auto",
         help="the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and splash do not")
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
@@ -156,7 +161,8 @@ def bytes_per_device(tree) -> int:
 
 
 def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *mask_and_flags, **kw):
-    """Stand-in for a fused kernel: the same inputs, output and gradients' shapes, O(B T N H) memory."""
+    """Stand-in for a fused attention kernel (`models.attention.attend`'s signature): the same inputs,
+    output and gradients, O(B T N H) memory. Its values mean nothing; only its memory is planned."""
     import jax
     import jax.numpy as jnp
 
@@ -167,11 +173,10 @@ def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *mask_and_flags, 
 
 
 class Planner:
-    """Everything of a plan but the batch: the abstract state, reference and jitted step on `mesh`."""
+    """Everything of a plan but the batch: the abstract state and reference on `mesh`, the jitted step.
+    `fused_attention`: trace the model with `score_free_attention` in place of its attention."""
 
-    def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs):
-        import functools
-
+    def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention):
         import jax
         from flax import nnx
 
@@ -181,13 +186,13 @@ class Planner:
         from bco_jax.sharding import model_shardings
         from bco_jax.step import init_state, make_optimizer, state_shardings, train_step
 
-        self.mesh = mesh
+        self.mesh, self.fused_attention = mesh, fused_attention
         (graphdef, param_state), (ref_graphdef, ref_state) = abstract_models(model_cfg, dtype, ref_dtype)
         params = nnx.to_pure_dict(param_state)
         self.parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-        # As build(): the same optimizer (the schedule's length does not change memory), state and shardings.
-        loss, optim = LossOptions(), OptimOptions()
-        optimizer, schedule = make_optimizer(optim, 1000, weight_decay_mask(param_state))
+        # As build(): the same optimizer (its schedule's length changes no memory), state and shardings.
+        loss = LossOptions()
+        optimizer, schedule = make_optimizer(OptimOptions(), 1000, weight_decay_mask(param_state))
         shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay)
         make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=0)
         abstract = jax.eval_shape(make_state, params)
@@ -195,9 +200,9 @@ class Planner:
         self.state = _placed(abstract, shardings)
         self.reference = None if precompute_ref_log_probs else _placed(
             nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
-        self.shardings = shardings
-        self.step = functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss, optimizer=optimizer,
-                                      schedule=schedule)
+        self.step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss,
+                                                 optimizer=optimizer, schedule=schedule),
+                               out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
 
     def batch(self, accumulation: int, rows: int, length: int) -> dict:
         """The unpaired BCO batch the step reads: [A, rows, T] tokens, [A, rows] labels and masks."""
@@ -209,28 +214,35 @@ class Planner:
         def spec(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(self.mesh, len(shape)))
 
-        tokens, rows_ = (accumulation, rows, length), (accumulation, rows)
-        batch = {k: spec(tokens, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-        batch.update(labels=spec(rows_, jnp.bool_), example_mask=spec(rows_, jnp.bool_))
+        tokens_AxBxT, rows_AxB = (accumulation, rows, length), (accumulation, rows)
+        batch = {k: spec(tokens_AxBxT, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        batch.update(labels=spec(rows_AxB, jnp.bool_), example_mask=spec(rows_AxB, jnp.bool_))
         if self.reference is None:
-            batch["reference_logps"] = spec(rows_, jnp.float32)
+            batch["reference_logps"] = spec(rows_AxB, jnp.float32)
         return batch
 
-    def memory(self, batch: dict, fused_attention: bool) -> dict:
-        """XLA's per-device memory analysis of the step compiled for `batch`; with `fused_attention`
-        the model's attention is the score-free stand-in while the step is traced."""
+    def per_device(self, accumulation: int, rows: int, length: int) -> tuple[dict, int]:
+        """(bytes per device by part and their total, XLA's argument bytes) of the step compiled for
+        [accumulation, rows, length] batches."""
         from unittest import mock
 
         import jax
 
         from bco_jax.models import decoder
 
-        stand_in = mock.patch.object(decoder, "attend", score_free_attention) if fused_attention else None
-        step_fn = jax.jit(self.step, out_shardings=(self.shardings, None), donate_argnums=0)  # fresh: no cached trace
+        batch = self.batch(accumulation, rows, length)
+        stand_in = mock.patch.object(decoder, "attend", score_free_attention) if self.fused_attention else None
         with jax.set_mesh(self.mesh), stand_in or contextlib.nullcontext():
-            analysis = step_fn.lower(self.state, self.reference, batch).compile().memory_analysis()
-        return {k: int(getattr(analysis, k, 0) or 0) for k in
-                ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")}
+            # completion_capacity = T: the LM head on every position, the most the data pipeline asks for
+            xla = self.step_fn.lower(self.state, self.reference, batch, length).compile().memory_analysis()
+        params = bytes_per_device(self.state.params)
+        parts = {"params_bytes": params,
+                 "optimizer_bytes": bytes_per_device(self.state) - params,  # AdamW moments, the state's scalars
+                 "reference_bytes": bytes_per_device(self.reference),
+                 "batch_bytes": bytes_per_device(batch),
+                 # XLA's temporaries, and the outputs not aliased to the donated state (the metrics)
+                 "temporaries_bytes": xla.temp_size_in_bytes + xla.output_size_in_bytes - xla.alias_size_in_bytes}
+        return {**parts, "total_bytes": sum(parts.values())}, xla.argument_size_in_bytes
 
 
 def _placed(tree, shardings):
@@ -248,62 +260,55 @@ def fused_target(attn_implementation: str) -> bool:
     return attn_implementation in (*FUSED_KERNELS, "auto")
 
 
+def model_config(path: str, remat: str):
+    """`ModelConfig` from an HF folder or a config.json under any name; XLA attention, what compiles on CPU."""
+    from bco_jax.models import read_config
+
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return read_config(json.load(f), remat=remat, attn_implementation="xla")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model: {path} is neither a config.json nor a folder holding one")
+    return read_config(path, remat=remat, attn_implementation="xla")
+
+
 def plan(args, mesh) -> dict:
     """Per-device memory of the configured run on `mesh`, the verdict, and (with --search) the largest
     micro-batch per device that fits."""
-    from bco_jax.models import read_config
     from bco_jax.sharding import data_parallel_size
 
-    source = args.model
-    if os.path.isfile(source):  # a config.json under any name
-        with open(source, encoding="utf-8") as f:
-            source = json.load(f)
-    elif not os.path.isfile(os.path.join(source, "config.json")):
-        raise ConfigError(f"model: {args.model} is neither a config.json nor a folder holding one")
-    model_cfg = read_config(source, remat=args.remat, attn_implementation="xla")  # what compiles on CPU
+    model_cfg = model_config(args.model, args.remat)
     accumulation, data_parallel = args.gradient_accumulation_steps, data_parallel_size(mesh)
     if args.batch_size % (accumulation * data_parallel):
         raise ConfigError(f"batch_size: {args.batch_size} is not divisible by gradient_accumulation_steps "
                           f"({accumulation}) x data-parallel devices ({data_parallel})")
     rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
-    planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
-                      ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs)
     fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
-
-    def measure(rows_per_device: int) -> dict:
-        batch = planner.batch(accumulation, rows_per_device * data_parallel, args.max_length)
-        start = time.perf_counter()
-        xla = planner.memory(batch, fused)
-        state_bytes, params_bytes = bytes_per_device(planner.state), bytes_per_device(planner.state.params)
-        parts = {"params_bytes": params_bytes,
-                 "optimizer_bytes": state_bytes - params_bytes,  # AdamW moments, and the state's scalars
-                 "reference_bytes": bytes_per_device(planner.reference),
-                 "batch_bytes": bytes_per_device(batch),
-                 # XLA's temporaries, and the outputs not aliased to the donated state (the metrics)
-                 "temporaries_bytes": xla["temp_size_in_bytes"] + xla["output_size_in_bytes"]
-                 - xla["alias_size_in_bytes"]}
-        parts["total_bytes"] = sum(parts.values())
-        return {"per_device": parts, "xla_argument_bytes": xla["argument_size_in_bytes"],
-                "compile_seconds": round(time.perf_counter() - start, 1)}
-
-    measured = measure(rows)
-    fits = measured["per_device"]["total_bytes"] <= usable
-    heads = model_cfg.num_heads // (mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1)
+    planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
+                      ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
+                      fused_attention=fused)
+    start = time.perf_counter()
+    per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
+    fits = per_device["total_bytes"] <= usable
+    tensor = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
     out = {"model": args.model, "parameters": planner.parameters,
            "parameters_analytic": analytic_parameter_count(model_cfg), "mesh": dict(mesh.shape),
            "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,
            **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "max_length", "remat",
                                             "dtype", "ref_dtype", "precompute_ref_log_probs", "attn_implementation")},
-           **measured, "device_memory_bytes": args.device_memory, "headroom": HEADROOM, "usable_bytes": usable,
-           "fits": fits, "max_batch_per_device": None,
+           "per_device": per_device, "xla_argument_bytes": xla_argument_bytes,
+           "compile_seconds": round(time.perf_counter() - start, 1), "device_memory_bytes": args.device_memory,
+           "headroom": HEADROOM, "usable_bytes": usable, "fits": fits, "max_batch_per_device": None,
            # one layer's float32 scores [b, N, T, T] on one device: what XLA attention holds, fused kernels not
-           "attention_scores_bytes_per_layer": rows * heads * args.max_length ** 2 * 4,
+           "attention_scores_bytes_per_layer": rows * model_cfg.num_heads // tensor * args.max_length ** 2 * 4,
            "estimated": ESTIMATED + (f" Attention: a score-free stand-in for the fused {args.attn_implementation} "
                                      "kernel, no [b, N, T, T] scores counted." if fused else
                                      " Attention: XLA's, its [b, N, T, T] float32 scores counted.")}
     if args.search:
-        out["max_batch_per_device"] = search(lambda r: measure(r)["per_device"]["total_bytes"] <= usable,
-                                             known_fit=rows if fits else 0, known_fail=None if fits else rows)
+        def fits_rows(r):
+            return planner.per_device(accumulation, r * data_parallel, args.max_length)[0]["total_bytes"] <= usable
+        out["max_batch_per_device"] = search(fits_rows, known_fit=rows if fits else 0,
+                                             known_fail=None if fits else rows)
     return out
 
 

@@ -11,6 +11,9 @@ import pytest
 from bco_jax import plan
 from bco_jax.models import read_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "experiments", "recipes")
+
 LLAMA_31_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
     intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -63,7 +66,7 @@ def _plan_cli(folder, *flags):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the planner sets its own device count
     done = subprocess.run([sys.executable, "-m", "bco_jax.plan", "--model", str(folder / "config.json"),
                            "--mesh", "1,2,1", "--batch_size", "4", "--max_length", "32", "--json", *flags],
-                          capture_output=True, text=True, env=env, timeout=300, check=True)
+                          capture_output=True, text=True, env=env, timeout=300, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -87,3 +90,22 @@ def test_cli_compiles_the_step_and_reports_consistent_bytes(tmp_path):
 
     tight = _plan_cli(tmp_path, "--device_memory", "1MiB", "--precompute_ref_log_probs", "true")
     assert tight["fits"] is False and tight["per_device"]["reference_bytes"] == 0
+
+
+def test_score_free_stand_in_matches_attention_shapes_and_gradients():
+    q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16)) for i in (1, 2))
+    out = plan.score_free_attention(None, q, k, v, None, True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grads = jax.grad(lambda q, k, v: plan.score_free_attention(None, q, k, v, None, True).sum(), (0, 1, 2))(q, k, v)
+    assert all(g.shape == x.shape and bool(abs(g).sum() > 0) for g, x in zip(grads, (q, k, v)))
+
+
+def test_recipe_is_a_valid_trainer_config():
+    from bco_jax.config import parse_args
+
+    cfg = parse_args(["--config", os.path.join(RECIPES, "llama3.1-8b-instruct-bco.yaml")])
+    assert (cfg.loss.loss_type, cfg.optim.learning_rate, cfg.data.max_length) == ("bco", 5e-7, 1024)
+    counts = {name: plan.analytic_parameter_count(read_config(os.path.join(RECIPES, "models", name)))
+              for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-3.1-70B")}
+    assert counts == {"Llama-3.2-1B": 1_235_814_400, "Llama-3.1-8B": 8_030_261_248, "Llama-3.1-70B": 70_553_706_496}
