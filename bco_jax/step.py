@@ -213,17 +213,20 @@ def train_step(state: TrainState, reference, batch, completion_capacity=None, *,
     loss = loss_sum / n_examples
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
 
-    def keep(new, old):
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    def update(_):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state, shift
 
+    # A branch, not a select between old and new: the update then happens in place (a select holds
+    # both the old and the new parameters and moments at once).
+    params, opt_state, shift = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state,
+                                                                        state.reward_shift), None)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        reward_shift=keep(shift, state.reward_shift),
+        params=params,
+        opt_state=opt_state,
+        reward_shift=shift,
         rng=jax.random.fold_in(state.rng, state.step),
         nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
