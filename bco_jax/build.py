@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax import losses as L
@@ -37,13 +36,23 @@ from bco_jax.config import TrainConfig, mesh_shape
 from bco_jax.data import BatchIterator, TokenizedDataset, load_dataset
 from bco_jax.errors import ConfigError, log
 from bco_jax.files import atomic_write_json
+from bco_jax.guards import (
+    MODEL_COPY,
+    check_finite_weights,
+    check_model_files,
+    check_pairing,
+    check_resume,
+    fingerprint_once,
+    reading_weights,
+    run_identity,
+)
 from bco_jax.metrics import truncate_metrics
 from bco_jax.models import Decoder, compute_dtype, load_hf, read_config, weight_decay_mask
 from bco_jax.precompute import fit_udm, reference_table
 from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, data_shard, model_shardings
 from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
 
-MODEL_COPY, REFERENCE_COPY = "model", "reference"  # under output_dir
+REFERENCE_COPY = "reference"  # under output_dir, beside MODEL_COPY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +159,10 @@ def mesh_for(cfg: TrainConfig):
 def model_folder(path: str, saved: str, key: str) -> str:
     """`path` when it is a folder, else the copy a previous start saved under output_dir."""
     if os.path.isdir(path):
-        return path
+        return check_model_files(path, key)
     if os.path.exists(os.path.join(saved, "config.json")):
         log.warning("%s: %s is gone; using the copy saved in %s", key, path, saved)
-        return saved
+        return check_model_files(saved, key)
     raise ConfigError(f"{key}: {path} is not a folder (a local HF model folder is expected; nothing is "
                       "downloaded)")
 
@@ -170,15 +179,6 @@ def abstract_model(path: str, param_dtype, cfg: TrainConfig):
     model_cfg = read_config(path, **options)
     model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     return nnx.split(model)
-
-
-def fingerprint_once(path: str) -> str:
-    """The reference weights' content hash, computed by process 0 alone and shared."""
-    value = ckpt_lib.params_fingerprint(path) if jax.process_index() == 0 else ""
-    if jax.process_count() == 1:
-        return value
-    data = np.frombuffer(value.ljust(80).encode(), np.uint8)
-    return bytes(multihost_utils.broadcast_one_to_all(data)).decode().strip()
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -242,11 +242,15 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     path = cfg.model.ref_model or cfg.model.model
     saved = os.path.join(output_dir, REFERENCE_COPY)
     folder = model_folder(path, os.path.join(saved, "hf"), "ref_model")
+    check_pairing(cfg, folder, output_dir)
     param_dtype = jnp.dtype(cfg.model.ref_dtype)
     graphdef, abstract = abstract_model(folder, param_dtype, cfg)
     if folder == path:
-        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
-        return graphdef, nnx.to_pure_dict(nnx.split(model)[1]), path, fingerprint_once(path)
+        with reading_weights(path, "ref_model"):
+            model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
+        params = nnx.to_pure_dict(nnx.split(model)[1])
+        check_finite_weights(params, path, "ref_model")
+        return graphdef, params, path, fingerprint_once(path)
     with open(os.path.join(saved, "reference.json"), encoding="utf-8") as f:
         record = json.load(f)
     if record.get("ref_dtype") != cfg.model.ref_dtype:
@@ -293,19 +297,30 @@ def _copy_hf_files(source: str, target: str, tokenizer) -> None:
 # ------------------------------------------------------------------------------- resume, precompute
 
 
-def restore(run: Run, checkpointer) -> tuple[TrainState, dict | None, int]:
-    """(state, UDM state or None, step) of the newest complete checkpoint, onto this run's mesh;
-    the initial state at step 0 when there is none. Reference weights that differ from the
-    checkpoint's are refused before anything is read."""
-    start = checkpointer.latest_step()
-    if start is None:
-        return initial_state(run), None, 0
+def restore(run: Run, checkpointer, identity: dict | None = None) -> tuple[TrainState, dict | None, int]:
+    """(state, UDM state or None, step) of the newest complete checkpoint that reads, onto this run's
+    mesh; the initial state at step 0 when there is none. Before any array is read, a checkpoint of
+    other reference weights, of another model's shapes, or of a config whose meaning differs
+    (`check_resume`; `identity`: `run_identity(run)`) is refused."""
     target = {"train": run.abstract_state}
     if run.cfg.loss.udm:
         target["udm"] = {"classifier": udm.abstract_params(run.hidden_size),
                          "weights": jax.ShapeDtypeStruct((len(run.train_data),), jnp.float32)}
-    ckpt_lib.check_reference(checkpointer.extras(start), run.ref_fingerprint)
-    restored, saved = checkpointer.restore(start, target)
+    identity = run_identity(run) if identity is None else identity
+
+    def check(step, extras):
+        ckpt_lib.check_reference(extras, run.ref_fingerprint)
+        check_resume(run, step, extras, identity)
+
+    found = checkpointer.restore_latest(target, check)
+    if found is None:
+        if run.main_process:  # a run that died before its first checkpoint: its rows are stale
+            truncate_metrics(run.output_dir, 0, finished=False, keep_start=False)
+        with reading_weights(run.model_dir, "model"):
+            state = initial_state(run)
+        check_finite_weights(state.params, run.model_dir, "model")
+        return state, None, 0
+    start, restored, saved = found
     run.iterator.restore(saved["data"])
     if run.main_process:
         truncate_metrics(run.output_dir, start, finished=start == run.steps)

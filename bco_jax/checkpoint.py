@@ -9,6 +9,12 @@ Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step
 is written (and, on object stores, adds a commit marker). A run killed mid-save leaves only the tmp
 folder, which `latest_step` ignores, so a resume never sees half a checkpoint.
 
+`classify` is the one place that decides whether a `<step>` folder is a complete checkpoint: Orbax's
+`_CHECKPOINT_METADATA`, the state's `_METADATA` and the extras all present. A torn one (a stray empty
+folder, a missing `_METADATA`) is set aside as `<step>.torn` when a Checkpointer opens the folder;
+one whose arrays do not read (truncated, corrupt) is set aside as `<step>.corrupt` by `restore_latest`,
+which then falls back to the previous one. Nothing is deleted.
+
 Typed PRNG keys (`jax.random.key`) are stored as their raw `key_data` and re-wrapped on restore with the
 implementation named by the abstract state's dtype, so the abstract state stays the real one.
 """
@@ -17,20 +23,91 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from bco_jax import losses as L
-from bco_jax.files import atomic_write_json
+from bco_jax.errors import TrainError, log
+from bco_jax.files import atomic_write_json, atomic_write_text
 
 REFERENCE_FINGERPRINT = "reference_fingerprint"  # extras key written by the trainer
 REFERENCE_PATH = "reference_path"
 FINAL_STATE_FILE = "bco_state.json"  # beside hf/: what `python -m bco_jax.evaluate` needs
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 _WEIGHT_NAMES = ("config.json",)
+# What a finalized checkpoint holds, besides the arrays (see `classify`).
+COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "extras/metadata")
+
+
+def classify(directory) -> tuple[list[int], list[int]]:
+    """(complete steps, torn steps), ascending, of the `<step>` entries of a checkpoints folder: the
+    one place that decides. Complete: every file of COMPLETE_MARKERS is there; torn: anything else
+    named by a step (an empty folder, a missing `_METADATA`, a file)."""
+    folder = Path(directory)
+    complete, torn = [], []
+    for path in sorted(folder.iterdir() if folder.is_dir() else [], key=lambda p: p.name):
+        if path.name.isdigit():
+            ok = path.is_dir() and all((path / marker).is_file() for marker in COMPLETE_MARKERS)
+            (complete if ok else torn).append(int(path.name))
+    return sorted(complete), sorted(torn)
+
+
+def set_aside(path, why: str) -> Path:
+    """Rename checkpoint folder `path` to `<step>.<why>` (a name Orbax does not read as a step)."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}.{why}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{why}{n}"), n + 1
+    os.replace(path, target)
+    return target
+
+
+def _path_name(path) -> str:
+    """`train/params/embed` from a jax key path (dict keys, attributes and indices alike)."""
+    parts = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    return "/".join(str(p) for p in parts)
+
+
+def shape_differences(state_dir, abstract_state) -> list[str]:
+    """`key: checkpoint shape -> expected shape` for every array of `abstract_state` that the
+    checkpoint's `state` item (folder `state_dir`) stores with another shape or lacks."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(epath.Path(Path(state_dir).absolute()))
+    finally:
+        handler.close()
+    saved = {_path_name(p): tuple(x.shape) for p, x in
+             jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))[0] if hasattr(x, "shape")}
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+        if not hasattr(x, "shape"):
+            continue
+        name, shape = _path_name(path), tuple(_abstract_key_data(x).shape if _is_key(x) else x.shape)
+        if name not in saved:
+            out.append(f"{name}: missing -> {shape}")
+        elif saved[name] != shape:
+            out.append(f"{name}: {saved[name]} -> {shape}")
+    return out
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """Key paths of the floating-point arrays of `tree` that hold a NaN or an inf. One jitted
+    reduction per array and one host transfer; every process gets the same answer."""
+    items = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    if not items:
+        return []
+    flags = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))([x for _, x in items])
+    if not flags.is_fully_addressable:
+        flags = multihost_utils.process_allgather(flags, tiled=True)
+    return [_path_name(path) for (path, _), ok in zip(items, np.asarray(flags)) if not ok]
 
 
 def _is_key(x) -> bool:
@@ -60,14 +137,18 @@ class Checkpointer:
         ckpt.close()                                   # waits for the async save in flight
 
     Saves are asynchronous: `save` returns once the arrays are copied off the devices, the write goes on in
-    the background; the next `save`, `wait` or `close` waits for it. `save_total_limit=None` keeps all.
+    the background; the next `save`, `wait` or `close` waits for it. `save_total_limit=None` keeps all;
+    `constant_extras` go into every save's extras (e.g. what the run's steps were computed from).
     Usable as a context manager (closes on exit). Call every method on every process (multi-host).
     """
 
-    def __init__(self, output_dir, *, save_total_limit: int | None = None, async_save: bool = True):
+    def __init__(self, output_dir, *, save_total_limit: int | None = None, async_save: bool = True,
+                 constant_extras: dict | None = None):
         if save_total_limit is not None and save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None, got {save_total_limit}")
         self.directory = Path(output_dir).absolute() / "checkpoints"
+        self.constant_extras = dict(constant_extras or {})
+        self._set_aside_torn()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=save_total_limit, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -81,13 +162,72 @@ class Checkpointer:
         """
         if step in self._manager.all_steps():
             return False
-        extras = dict(extras or {})
+        extras = {**self.constant_extras, **(extras or {})}
         json.dumps(extras)  # fail here, with the caller's stack, not later in Orbax's writer thread
         state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
         return self._manager.save(
             int(step), force=True,  # the trainer decides when to save; no Orbax interval policy
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     extras=ocp.args.JsonSave(extras)))
+
+    def _set_aside_torn(self) -> None:
+        """Torn step folders (see `classify`) are renamed `<step>.torn` before Orbax lists the steps."""
+        if jax.process_index() == 0:
+            for step in classify(self.directory)[1]:
+                where = set_aside(self.directory / str(step), "torn")
+                log.warning("checkpoint %s is incomplete (no %s): ignored, set aside as %s", step,
+                            " / ".join(COMPLETE_MARKERS), where.name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("bco_jax: torn checkpoints set aside")
+
+    def restore_latest(self, abstract_state, check=None):
+        """(step, state, extras) of the newest checkpoint that reads, or None when there is none.
+
+        `check(step, extras)` may raise to refuse a checkpoint (other reference weights, config, ...);
+        arrays stored with other shapes than `abstract_state`'s (another model) raise TrainError naming
+        them. A checkpoint whose files do not read (truncated, corrupt) is set aside as
+        `<step>.corrupt`, with a warning, and the previous one is tried; when none reads, TrainError
+        names them and nothing is moved.
+        """
+        failed = []
+        for step in reversed(self.all_steps()):
+            try:
+                extras = self.extras(step)
+                mismatch = shape_differences(self.directory / str(step) / "state", abstract_state)
+            except Exception as err:
+                failed.append((step, err))
+                continue
+            if check is not None:
+                check(step, extras)
+            if mismatch:
+                more = f" (and {len(mismatch) - 3} more)" if len(mismatch) > 3 else ""
+                raise TrainError(f"checkpoint {step} in {self.directory} is of another model: "
+                                 f"{'; '.join(mismatch[:3])}{more} (checkpoint -> now); use the model it was "
+                                 "trained from, or another output_dir")
+            try:
+                state, extras = self.restore(step, abstract_state)
+            except Exception as err:
+                failed.append((step, err))
+                continue
+            self._set_aside_unreadable(failed)
+            return step, state, extras
+        if failed:
+            steps = ", ".join(str(s) for s, _ in failed)
+            raise TrainError(f"no checkpoint in {self.directory} reads: step {steps} ({_first_line(failed[0][1])}); "
+                             "move them away to start over, or use another output_dir")
+        return None
+
+    def _set_aside_unreadable(self, failed) -> None:
+        if not failed:
+            return
+        if jax.process_index() == 0:
+            for step, err in failed:
+                where = set_aside(self.directory / str(step), "corrupt")
+                log.warning("checkpoint %d does not read (%s): set aside as %s, resuming from an earlier one",
+                            step, _first_line(err), where.name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("bco_jax: unreadable checkpoints set aside")
+        self._manager.reload()
 
     def all_steps(self) -> list[int]:
         """Steps of the complete (finalized) checkpoints, ascending (after any save in flight ends)."""
@@ -143,6 +283,11 @@ class Checkpointer:
         self.close()
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
 def _as_abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "shape"):
         return x  # already abstract, or a Python scalar that Orbax restores as itself
@@ -188,6 +333,22 @@ def check_reference(extras: dict, fingerprint: str) -> None:
     raise ValueError(f"reference weights differ from the checkpoint's: checkpoint was trained against "
                      f"{where} ({saved}), now {fingerprint}; use the original reference model or a new "
                      f"output_dir")
+
+
+def record_config(output_dir: str, config: dict, start: int, identity: dict) -> None:
+    """config.json: the configuration of the latest start; config_history.jsonl: one line per start
+    (time, step, keys changed since the previous start, the whole config and what it trained from)."""
+    path = os.path.join(output_dir, "config_history.jsonl")
+    history = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            history = [line for line in f if line.strip()]
+    previous = json.loads(history[-1]).get("config", {}) if history else {}
+    changed = sorted(k for k in config if k in previous and previous[k] != config[k])
+    line = json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": start, "changed": changed,
+                       "config": config, "identity": identity}, sort_keys=True)
+    atomic_write_text(path, "".join(history) + line + "\n")
+    atomic_write_json(os.path.join(output_dir, "config.json"), config, indent=2, sort_keys=True)
 
 
 def write_final_state(output_dir, *, step: int, reward_shift, beta: float, loss_type: str, reference_path: str,

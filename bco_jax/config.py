@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -35,8 +36,8 @@ AttnImplementation = Literal[ATTN_IMPLEMENTATIONS]
 # Old key names still read, with a warning: old -> new.
 KEY_ALIASES = {"attention_impl": "attn_implementation"}
 
-__all__ = ["ConfigError", "TrainConfig", "build_config", "key_table", "mesh_shape", "parse_args", "run_name",
-           "validate"]
+__all__ = ["OPERATIONAL_KEYS", "ConfigError", "TrainConfig", "build_config", "key_table", "mesh_shape",
+           "parse_args", "resume_differences", "run_name", "validate"]
 
 
 def _opt(default, help_text: str):
@@ -105,12 +106,16 @@ class RunOptions:
     mesh: str = _opt("-1,1,1", "devices along the data, fsdp and tensor axes; -1 fills the rest")
     dry_run: bool = _opt(False, "compile the step for the mesh, print per-device memory, and exit")
     max_nonfinite_steps: int = _opt(10, "stop after this many skipped (non-finite) steps in a row")
-    sigterm_exit_code: int = _opt(0, "exit code after saving on SIGTERM (non-zero makes schedulers requeue)")
+    sigterm_exit_code: int | None = _opt(
+        None, "exit code after saving on SIGTERM / Ctrl-C (None: 128 + the signal, 143 / 130, as a shell)")
     tensorboard: bool = _opt(True, "also write TensorBoard scalars to output_dir/tensorboard")
     export_hf: bool = _opt(True, "export the final policy to output_dir/hf as an HF folder")
     save_reference: bool = _opt(True, "save the reference weights once under output_dir/reference (Orbax), "
                                       "so a resume needs no model folder (off for very large references)")
     demo_samples: int = _opt(1200, "answers sampled on held-out prompts for the demo's before/after oracle table")
+    allow_config_change: bool = _opt(False, "resume although keys that change what past steps meant differ "
+                                            "from the checkpoint's (beta, loss_type, data, weights ...)")
+    debug: bool = _opt(False, "show the full traceback of an error instead of one line")
 
     @property
     def eval_batch(self) -> int:
@@ -128,6 +133,20 @@ class LaunchOptions:
     process_id: int | None = _opt(None, "this process's index in the job, 0 .. num_processes - 1")
     distributed_timeout: int = _opt(300, "seconds to wait for every peer at start before failing")
 
+
+# Keys that do not change what past steps meant: a resume may change them (each start is recorded in
+# config_history.jsonl), and they stay out of the default run name's digest. Model and data paths are
+# here because their contents are compared instead (weights by hash, data by token fingerprint). Every
+# other key is refused on resume when it differs from the checkpoint's, unless allow_config_change.
+OPERATIONAL_KEYS = frozenset({
+    "model", "ref_model", "train_data", "eval_data", "split", "eval_split", "tfds_data_dir", "cache_dir",
+    "remat", "attn_implementation", "output_dir", "max_steps", "num_train_epochs", "eval_batch_size",
+    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "precompute_ref_log_probs", "mesh",
+    "dry_run", "max_nonfinite_steps", "sigterm_exit_code", "tensorboard", "export_hf", "save_reference",
+    "demo_samples", "allow_config_change", "debug", "skip_invalid",
+    "coordinator_address", "num_processes", "process_id", "distributed_timeout"})
+# Operational, but they name the run: two models (or datasets) never share a default output_dir.
+_NAMING_KEYS = ("model", "ref_model", "train_data")
 
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
             "data": DataConfig, "launch": LaunchOptions}
@@ -189,6 +208,8 @@ def _parse_value(key: str, raw, annotation):
             if str(raw).lower() in ("false", "0", "no"):
                 return False
             raise ValueError("expected true or false")
+        if isinstance(raw, bool) and base in (int, float):
+            raise ValueError("expected a number")
         if base is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError("expected an integer")
@@ -200,14 +221,39 @@ def _parse_value(key: str, raw, annotation):
         raise ConfigError(f"--{key}: cannot read {raw!r} ({err})") from None
 
 
-def _flatten_yaml(doc: dict) -> dict:
-    flat = {}
+def _flatten_yaml(doc: dict, where: str) -> dict:
+    """Grouped sections into one namespace: a key under the wrong section, or given twice with
+    different values (flat and grouped, or in two sections), is refused naming it."""
+    table = key_table()
+    flat, origin = {}, {}
     for key, value in (doc or {}).items():
         if key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
+            items = [(k, v, key) for k, v in value.items()]
         else:
-            flat[key] = value
+            items = [(key, value, None)]
+        for k, v, section in items:
+            name = KEY_ALIASES.get(k, k)
+            if section is not None and name in table and table[name][0] != section:
+                raise ConfigError(f"--config {where}: key {k!r} is under {section}:, but belongs to "
+                                  f"{table[name][0]}:")
+            if name in flat and flat[name] != v:
+                raise ConfigError(f"--config {where}: key {name!r} is given twice with different values "
+                                  f"({origin[name]}: {flat[name]!r}, {section or 'top level'}: {v!r})")
+            flat[name], origin[name] = v, section or "top level"
     return flat
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def build_config(values: dict) -> TrainConfig:
@@ -241,10 +287,25 @@ def _check_choices(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
 
 
+def _check_finite(cfg: TrainConfig) -> None:
+    """No inf or NaN in any float key (an infinite learning rate passes every later guard)."""
+    for key, value in cfg.flat().items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+
+
+def _mesh_entries(mesh: str) -> list[int] | None:
+    if re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*){2}", mesh) is None:
+        return None
+    return [int(x) for x in mesh.split(",")]
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject invalid combinations before anything loads (each message names the key); return the
     config with what the loss implies filled in."""
     _check_choices(cfg)
+    _check_finite(cfg)
     l, o, r = cfg.loss, cfg.optim, cfg.run
     checks = [
         (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
@@ -263,7 +324,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (r.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0"),
         (r.batch_size % r.gradient_accumulation_steps == 0, "batch_size",
          f"{r.batch_size} is not divisible by gradient_accumulation_steps={r.gradient_accumulation_steps}"),
-        (r.max_steps != 0, "max_steps", "must be > 0, or -1 to use num_train_epochs"),
+        (r.max_steps == -1 or r.max_steps > 0, "max_steps", "must be > 0, or -1 to use num_train_epochs"),
+        (0 <= r.seed < 2**32, "seed", "must be in [0, 2**32)"),
+        (r.eval_batch_size is None or r.eval_batch_size > 0, "eval_batch_size", "must be > 0 (none: batch_size)"),
+        (r.save_total_limit is None or r.save_total_limit > 0, "save_total_limit", "must be > 0 (none: keep all)"),
+        (r.sigterm_exit_code is None or 0 <= r.sigterm_exit_code <= 255, "sigterm_exit_code",
+         "must be in [0, 255] (none: 128 + the signal)"),
+        (r.demo_samples > 0, "demo_samples", "must be > 0"),
         (r.max_steps > 0 or r.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
         (r.logging_steps > 0, "logging_steps", "must be > 0"),
         (r.save_steps > 0, "save_steps", "must be > 0"),
@@ -274,8 +341,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
          "give num_processes and process_id together"),
         (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),
          "process_id", f"must be in [0, num_processes={cfg.launch.num_processes})"),
-        (re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*){2}", r.mesh) is not None, "mesh",
-         "must be three integers data,fsdp,tensor (one may be -1)"),
+        (_mesh_entries(r.mesh) is not None, "mesh", "must be three integers data,fsdp,tensor (one may be -1)"),
+        (all(n > 0 or n == -1 for n in _mesh_entries(r.mesh) or []), "mesh",
+         "each entry must be > 0, or -1 for the remaining devices"),
+        ((_mesh_entries(r.mesh) or []).count(-1) <= 1, "mesh", "at most one entry may be -1"),
+        (cfg.launch.num_processes is None or cfg.launch.num_processes > 0, "num_processes", "must be > 0"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -298,12 +368,21 @@ def mesh_shape(cfg: TrainConfig) -> tuple[int, int, int]:
 
 
 def run_name(cfg: TrainConfig) -> str:
-    """A deterministic name from model, data and loss (no timestamps): re-running resumes."""
+    """A deterministic name from model, data and loss (no timestamps): re-running resumes, also with
+    other operational keys (a longer max_steps, another mesh, ...)."""
     model = Path(cfg.model.model or "oracle-sft").name or "model"
     data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
-    what = {k: v for k, v in cfg.flat().items() if k not in dataclasses.asdict(cfg.launch)}
+    what = {k: v for k, v in cfg.flat().items() if k not in OPERATIONAL_KEYS or k in _NAMING_KEYS}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """`key: old -> new` for every key outside OPERATIONAL_KEYS whose value differs between a
+    checkpoint's flat config and this run's (keys one of them lacks, from another version, are skipped)."""
+    saved, current = (json.loads(json.dumps(c, default=str)) for c in (saved, current))
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(set(saved) & set(current))
+            if k not in OPERATIONAL_KEYS and saved[k] != current[k]]
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -311,7 +390,7 @@ def _help_text(f: dataclasses.Field) -> str:
     return f"{f.metadata['help']} (default: {default})"
 
 
-_NEGATIVE = re.compile(r"-\d")
+_NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -352,11 +431,17 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m bco_jax.tra
     config_file = args.pop("config", None)
     if config_file:
         try:
-            doc = yaml.safe_load(Path(config_file).read_text())
+            doc = yaml.load(Path(config_file).read_text(), Loader=_UniqueKeyLoader)
         except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"--config {config_file}: cannot read ({err})") from None
+            raise ConfigError(f"--config {config_file}: cannot read ({_one_line(err)})") from None
+        except ConfigError as err:
+            raise ConfigError(f"--config {config_file}: {err}") from None
         if doc is not None and not isinstance(doc, dict):
             raise ConfigError(f"--config {config_file}: expected a mapping of keys")
-        values.update(_flatten_yaml(doc))
+        values.update(_flatten_yaml(doc, config_file))
     values.update(args)
     return build_config(values)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

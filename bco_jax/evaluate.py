@@ -29,6 +29,7 @@ from bco_jax.checkpoint import FINAL_STATE_FILE as STATE_FILE
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
 from bco_jax.metrics import eval_summary
 from bco_jax.models import generate, load_hf
+from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
 from bco_jax.sharding import host_gather, put_batch
 from bco_jax.step import batch_logps
@@ -127,9 +128,11 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
         tokens, gen_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start),
                                     eos_ids=eos_ids or None, pad_id=pad)
-        full = jnp.concatenate([jnp.asarray(ids), tokens], axis=1)
-        full_mask = jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1)
-        loss_mask = jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1)
+        # Prompts were left-padded for sampling; scoring takes real tokens first (the training layout,
+        # which fused attention kernels assume).
+        full_mask, full, loss_mask = right_align(
+            jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1), jnp.concatenate([jnp.asarray(ids), tokens], axis=1),
+            jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1))
         lp_pol = np.asarray(pol_fn(policy[1], full, full_mask, loss_mask))
         lp_ref = np.asarray(ref_fn(reference[1], full, full_mask, loss_mask))
         tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)

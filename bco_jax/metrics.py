@@ -96,6 +96,16 @@ def eval_summary(rewards, labels, mask, loss_sum, n_rows, delta) -> dict:
     return out
 
 
+def json_line(record: dict) -> str:
+    """One strict-JSON line: a NaN or inf (an AUC over one class, a diverged loss) becomes null."""
+    def finite(value):
+        if isinstance(value, (float, np.floating)):
+            return float(value) if math.isfinite(value) else None
+        return value
+
+    return json.dumps({k: finite(v) for k, v in record.items()}, sort_keys=True, allow_nan=False)
+
+
 class MetricsWriter:
     """One JSON line per record in output_dir/metrics.jsonl, and TensorBoard scalars."""
 
@@ -115,7 +125,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **record}
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.write(json_line(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -138,7 +148,7 @@ class Reporter:
         self.writer, self.total, self.batch_size, self.epoch_length = writer, total, batch_size, epoch_length
         self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
         self.window, self.last, self.t0 = Window(), {}, time.perf_counter()
-        self.bar = None
+        self.bar, self.show = None, show
         if show:
             from tqdm import tqdm
 
@@ -169,6 +179,8 @@ class Reporter:
         record["tokens_per_second"] = record.pop("tokens") / max(elapsed, 1e-9)
         record["epoch"] = step * self.batch_size / max(self.epoch_length, 1)
         self.writer.write(step, record)
+        if self.show and (self.bar is None or self.bar.disable):  # no terminal: a log line instead
+            log.info("step %d/%d: %s", step, self.total, progress_text(record))
         self.last, self.window, self.t0 = record, Window(), time.perf_counter()
 
     def close(self):
@@ -176,15 +188,26 @@ class Reporter:
             self.bar.close()
 
 
-def truncate_metrics(output_dir: str, step: int, finished: bool) -> None:
+def progress_text(record: dict) -> str:
+    """`loss 0.6931 delta 0.0012 tokens/s 1234` (what the progress bar shows), for logs."""
+    parts = [f"{name} {record[key]:.4f}" for name, key in (("loss", "loss"), ("delta", "delta"))
+             if isinstance(record.get(key), float)]
+    parts.append(f"tokens/s {record.get('tokens_per_second', 0.0):.0f}")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {int(record['skipped_steps'])}")
+    return " ".join(parts)
+
+
+def truncate_metrics(output_dir: str, step: int, finished: bool, keep_start: bool = True) -> None:
     """A resumed run replays the steps after its checkpoint: drop their old records (and, when the
-    run had finished, its final evaluation, which the resumed run writes again)."""
+    run had finished, its final evaluation, which the resumed run writes again). `keep_start=False`:
+    drop step `step`'s records too (a run starting over from step 0 writes them again)."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
 
     def keep(record):
-        return record.get("step", 0) < step or (record.get("step", 0) == step and not
+        return record.get("step", 0) < step or (record.get("step", 0) == step and keep_start and not
                                                  (finished and "eval_loss" in record))
 
     with open(path, encoding="utf-8") as f:

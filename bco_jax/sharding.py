@@ -19,6 +19,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from bco_jax.errors import TrainError
+
 log = logging.getLogger("bco_jax.sharding")
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -54,17 +56,19 @@ def detected_cluster():
     return None
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_s: int = 300) -> bool:
-    """Join a multi-process job when there is one to join; returns whether this is one.
+def initialize_distributed(launch) -> bool:
+    """Join the multi-process job this process belongs to, if any (`launch`: the config's launch
+    section: coordinator_address, num_processes, process_id, distributed_timeout); returns whether
+    this is one. Call before anything touches a JAX device.
 
-    There is one when `coordinator_address` (or JAX_COORDINATOR_ADDRESS) is given, or JAX detects a
+    There is a job when `coordinator_address` (or JAX_COORDINATOR_ADDRESS) is given, or JAX detects a
     cluster of several processes. Then `jax.distributed.initialize` connects every process to the
     coordinator (process 0); a peer missing after `timeout_s` seconds, or one that stops sending
     heartbeats later, ends the others with an error instead of a hang. CPU processes exchange
-    collectives through gloo. Call before anything touches a JAX device.
+    collectives through gloo. Any other failure to join is a TrainError of one line.
     """
-    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    timeout_s = launch.distributed_timeout
+    address = launch.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     cluster = None if address else detected_cluster()
     if not address and cluster is None:
         return False
@@ -80,8 +84,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     watchdog.daemon = True
     watchdog.start()
     try:
-        jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id,
+        jax.distributed.initialize(address, num_processes=launch.num_processes, process_id=launch.process_id,
                                    initialization_timeout=int(timeout_s) + 30)
+    except (RuntimeError, ValueError) as err:  # JaxRuntimeError is a RuntimeError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainError(f"could not join the multi-process job within distributed_timeout={timeout_s}s "
+                         f"(coordinator {where}): {first}") from None
     finally:
         watchdog.cancel()
     log.info("joined a %d-process job as process %d (%s)", jax.process_count(), jax.process_index(),
@@ -106,6 +114,8 @@ def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    if any(s != -1 and s < 1 for s in shape):
+        raise ValueError(f"mesh entries must be positive, or -1 for the remaining devices, got {shape}")
     if shape.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
     known = int(np.prod([s for s in shape if s != -1]))

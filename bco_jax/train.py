@@ -5,6 +5,11 @@ frozen reference onto the mesh, the data and the jitted step; this module resume
 logs, evaluates, checkpoints and exports the policy as an HF folder at the end. With no arguments it
 runs the embedded demonstration: BCO on the shipped oracle-task SFT model and feedback, with a
 before/after table.
+
+Exit codes (docs/reliability.md): 0 finished; 128 + the signal after saving on SIGTERM (143) or
+Ctrl-C (130), unless `sigterm_exit_code`; 2 a user error (config, data, model, checkpoint: one line
+`error: ...`); 1 any other failure (a full or read-only disk: one line; a bug: its traceback).
+`--debug true` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -23,10 +29,11 @@ from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax.build import Run, Tables, build, completion_capacity, precompute, restore, save_model_copies
-from bco_jax.config import TrainConfig, parse_args
-from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, log
+from bco_jax.config import TrainConfig, parse_args, run_name
+from bco_jax.errors import USER_ERRORS, ConfigError, log
 from bco_jax.evaluate import eval_pass
 from bco_jax.files import atomic_write_json
+from bco_jax.guards import check_finite, check_output_dir, check_result, run_identity
 from bco_jax.metrics import MetricsWriter, Reporter
 from bco_jax.models import save_hf
 from bco_jax.oracle import demo as oracle_demo
@@ -46,6 +53,7 @@ class _Preemption:
 
     def __init__(self):
         self.requested = self.interrupted = False
+        self.signum = signal.SIGTERM  # which signal asked to stop (the exit code is 128 + it)
         self.multi = jax.process_count() > 1
         self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if not self.multi:
@@ -53,11 +61,13 @@ class _Preemption:
 
     def _terminate(self, signum, frame):
         self.requested = True
+        self.signum = signum
 
     def _interrupt(self, signum, frame):
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
+        self.signum = signal.SIGINT
         log.warning("Ctrl-C: saving after this step and exiting (Ctrl-C again to abort at once)")
         if self.multi:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -87,6 +97,7 @@ def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int
 
 
 def save(run: Run, checkpointer, step: int, state: TrainState, tables: Tables) -> None:
+    check_finite(state, step, "saved")
     item = {"train": state} if tables.udm is None else {"train": state, "udm": tables.udm}
     checkpointer.save(step, item, {"data": run.iterator.state(), "config": flat_config(run.cfg),
                                    ckpt_lib.REFERENCE_PATH: os.path.abspath(run.ref_path),
@@ -124,10 +135,10 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
                 pending = None
                 save(run, checkpointer, step, state, tables)
             if stop:
-                log.warning("stopped by a signal: saved step %d, exiting with code %d", step,
-                            cfg.sigterm_exit_code)
+                code = 128 + int(preemption.signum) if cfg.sigterm_exit_code is None else cfg.sigterm_exit_code
+                log.warning("stopped by a signal: saved step %d, exiting with code %d", step, code)
                 writer.close()
-                raise SystemExit(cfg.sigterm_exit_code)
+                raise SystemExit(code)
     finally:  # also on errors and SIGTERM: the save in flight completes, never half-written
         checkpointer.close()
         preemption.restore()
@@ -141,19 +152,27 @@ def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
     if not cfg.model.model or not cfg.data.train_data:
         raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
                           "for the embedded demo")
-    built = build(cfg)
+    output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
+    check_output_dir(cfg, output_dir)  # before anything is written
+    built = build(cfg, output_dir=output_dir)
     if cfg.run.dry_run:
         with jax.set_mesh(built.mesh):
             return dry_run(built)
-    checkpointer = ckpt_lib.Checkpointer(built.output_dir, save_total_limit=cfg.run.save_total_limit)
-    state, udm_state, start = restore(built, checkpointer)  # outside the mesh context, as model loading is
+    identity = run_identity(built)
+    checkpointer = ckpt_lib.Checkpointer(built.output_dir, save_total_limit=cfg.run.save_total_limit,
+                                         constant_extras={"identity": identity})
+    try:
+        state, udm_state, start = restore(built, checkpointer, identity)  # outside the mesh context, as loading is
+    except BaseException:
+        checkpointer.close()
+        raise
     # Under the mesh context the models pin activations to the batch axes, so with FSDP XLA gathers
     # weights rather than the whole batch's activations.
     with jax.set_mesh(built.mesh):
-        return _train(built, checkpointer, state, udm_state, start, demo)
+        return _train(built, checkpointer, state, udm_state, start, demo, identity)
 
 
-def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool) -> dict:
+def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, identity: dict) -> dict:
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
     save_model_copies(run)
     tables = precompute(run, udm_state)
@@ -161,7 +180,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool) -> 
         run = dataclasses.replace(run, reference=None)  # log-probs come with the batch: free the weights
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
     if main_process:
-        atomic_write_json(os.path.join(output_dir, "config.json"), flat_config(cfg), indent=2, sort_keys=True)
+        ckpt_lib.record_config(output_dir, flat_config(cfg), start, identity)
     if tables.udm_log and start == 0:
         writer.write(0, tables.udm_log)
     before_path = os.path.join(output_dir, "demo_before.json")
@@ -172,6 +191,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool) -> 
 
     state, last = train_loop(run, state, tables, checkpointer, writer, start)
     final = evaluate(run, state, tables, writer, run.steps)
+    check_result(run, state, final)
     if main_process:
         ckpt_lib.write_final_state(output_dir, step=run.steps, reward_shift=state.reward_shift, beta=cfg.loss.beta,
                                    loss_type=cfg.loss.loss_type, reference_path=run.ref_path,
@@ -218,32 +238,47 @@ def dry_run(run: Run) -> dict:
     return report
 
 
-def join(launch) -> None:
-    """Join the multi-process job this process belongs to, if any (before any device is touched)."""
-    try:
-        initialize_distributed(launch.coordinator_address, launch.num_processes, launch.process_id,
-                               launch.distributed_timeout)
-    except (RuntimeError, ValueError) as err:  # JaxRuntimeError is a RuntimeError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainError(f"could not join the multi-process job within distributed_timeout="
-                         f"{launch.distributed_timeout}s (coordinator {launch.coordinator_address or 'detected'}): "
-                         f"{first}") from None
+def _wants_debug(argv) -> bool:
+    """`--debug true` (or `--debug=1`, ...), read before the config parses: its errors too get a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv):
+        value = token.split("=", 1)[1] if token.startswith("--debug=") else (
+            argv[i + 1] if token == "--debug" and i + 1 < len(argv) else None)
+        if value is not None and value.lower() in ("true", "1", "yes"):
+            return True
+    return False
+
+
+def _fail(err: BaseException, code: int, debug: bool, message: str | None = None) -> int:
+    """One line `error: ...` on stderr (and the traceback with --debug); returns the exit code."""
+    if debug:
+        traceback.print_exception(err)
+    text = message or " ".join(str(err).split()) or type(err).__name__
+    print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
+    """The CLI; returns the exit code (see the module's doc)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = _wants_debug(argv)
     try:
         cfg = parse_args(argv)
         demo = not cfg.model.model and not cfg.data.train_data
         if demo:
             cfg = parse_args(argv, defaults=oracle_demo.defaults())
-        join(cfg.launch)
+        initialize_distributed(cfg.launch)
         run(cfg, demo=demo)
+    except SystemExit as stop:  # stopped by a signal after saving
+        return stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt as err:
+        return _fail(err, 128 + signal.SIGINT, debug, "interrupted (Ctrl-C): stopped without saving")
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, 2, debug)
+    except OSError as err:  # a full or read-only disk, a vanished mount: not a bug in the run
+        return _fail(err, 1, debug)
     return 0
 
 

@@ -3,9 +3,9 @@ clear), stops at any EOS id, nucleus sampling degenerates to greedy at tiny top_
 import jax
 import numpy as np
 import pytest
+import tiny_hf
 import torch
 
-import tiny_hf
 from bco_jax.models import generate, load_hf
 
 N_NEW = 8
@@ -93,3 +93,13 @@ def test_sampling(family):
     draws = [np.asarray(generate(model, ids, mask, max_new_tokens=4, temperature=2.0, top_p=1.0,
                                  rng=jax.random.key(k), eos_ids=())[0]) for k in range(2)]
     assert not np.array_equal(draws[0], draws[1])
+
+
+def test_right_align_moves_leading_padding_to_the_end():
+    from bco_jax.models.generate import right_align
+
+    mask = jax.numpy.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    ids = jax.numpy.array([[9, 9, 1, 2, 3, 9], [4, 5, 6, 7, 9, 9]])
+    out_mask, out_ids = right_align(mask, ids)
+    np.testing.assert_array_equal(out_mask, [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(out_ids[:, :3], [[1, 2, 3], [4, 5, 6]])

@@ -6,14 +6,14 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 import torch
 import transformers
 from flax import nnx
 
-import tiny_hf
 from bco_jax.models import Decoder, ModelConfig, load_hf, read_config, save_hf
-from bco_jax.models.hf import config_to_hf
 from bco_jax.models import safetensors_io as st
+from bco_jax.models.hf import config_to_hf
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])

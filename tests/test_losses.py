@@ -124,10 +124,11 @@ def test_losses_compute_in_float32_for_bfloat16_inputs_and_vmap():
 
 # Rewards from 1e-30 to 1e4 in magnitude (tiny ones near 0, large ones near the float32 exp limits).
 # We feed rewards directly (beta = 1, reference = 0), so the only rounding is float32's inside the
-# losses. Each softplus term is evaluated with relative error of a few eps and the difference h = r_w - r_l is rounded once (error <= eps |h|, and softplus is
-# 1-Lipschitz), so sum and DPO loss can each be off by ~4 eps (|r_w| + |r_l| + |delta| + 1): that
-# is the tolerance. For bfloat16 inputs the bound is about the bfloat16-rounded rewards, which the
-# losses upcast exactly, so the same float32 tolerance applies.
+# losses. Each softplus term is evaluated with relative error of a few eps and the difference
+# h = r_w - r_l is rounded once (error <= eps |h|, and softplus is 1-Lipschitz), so sum and DPO loss
+# can each be off by ~4 eps (|r_w| + |r_l| + |delta| + 1): that is the tolerance. For bfloat16
+# inputs the bound is about the bfloat16-rounded rewards, which the losses upcast exactly, so the
+# same float32 tolerance applies.
 magnitudes = st.one_of(
     st.floats(-1e4, 1e4, width=32),
     st.floats(-2.0**-10, 2.0**-10, width=32),

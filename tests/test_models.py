@@ -6,12 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 from flax import nnx
 
-import tiny_hf
 from bco_jax import sharding
-from bco_jax.models import attention
-from bco_jax.models import Decoder, ModelConfig, compute_dtype, decays, load_hf, read_config, weight_decay_mask
+from bco_jax.models import (
+    Decoder,
+    ModelConfig,
+    attention,
+    compute_dtype,
+    decays,
+    load_hf,
+    read_config,
+    weight_decay_mask,
+)
 
 TOL = 1e-4
 
@@ -177,7 +185,8 @@ def test_weight_decay_follows_logical_axes():
     assert {name for name, flag in flat.items() if not flag} == no_decay
     assert len(flat) == len(no_decay) + 9  # embed, lm_head, 4 attention and 3 MLP matrices
     assert decays(("vocab", "embed")) and not decays(("layers", "norm")) and not decays(("q_heads", "head_dim"))
-    values = dict((("/".join(map(str, p))), np.asarray(v[...])) for p, v in nnx.to_flat_state(state))
+    assert decays(("layers", "lora", "q_heads", "head_dim"))  # a LoRA factor is a matrix, as in PEFT + HF Trainer
+    values = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
     assert (values["layers/attn_norm"] == 1).all() and (values["layers/bo"] == 0).all()
     assert 0.01 < values["layers/wq"].std() < 0.03
 
@@ -237,7 +246,7 @@ def assert_same_attention(kernel, valid, window, T, atol=1e-5):
 @pytest.mark.parametrize("window", [None, 4])
 def test_blocked_xla_attention_equals_dense(side, window):
     """Blocks of 4 queries over 13 tokens: a partial last block, windows that drop whole key blocks."""
-    kernel = lambda *a: attention.xla_causal(*a, block=4)  # noqa: E731
+    kernel = lambda *a: attention.xla_causal(*a, block=4)
     assert_same_attention(kernel, padding(3, 13, side), window, T=13)
 
 

@@ -2,7 +2,7 @@
 from bco_jax.models.decoder import Decoder, ModelConfig, compute_dtype, decays, weight_decay_mask
 from bco_jax.models.generate import generate
 from bco_jax.models.hf import load_hf, read_config, save_hf
-from bco_jax.models.logprobs import sequence_logps
+from bco_jax.models.logprobs import sequence_logps, token_logps
 
-__all__ = ["ModelConfig", "Decoder", "compute_dtype", "decays", "weight_decay_mask", "read_config", "load_hf",
-           "save_hf", "sequence_logps", "generate"]
+__all__ = ["Decoder", "ModelConfig", "compute_dtype", "decays", "generate", "load_hf", "read_config", "save_hf",
+           "sequence_logps", "token_logps", "weight_decay_mask"]

@@ -105,13 +105,15 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None
     def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT):
         b = q_BxTxNxH.shape[0]
         pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
-        q_BxKxGxPxH = jnp.pad(q_BxTxNxH / np.sqrt(H), pad).reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
+        # A Python float scales without promoting bfloat16 (a NumPy scalar would make it float32).
+        q_BxPxNxH = jnp.pad(q_BxTxNxH * (1.0 / float(np.sqrt(H))), pad)
+        q_BxKxGxPxH = q_BxPxNxH.reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
         k_BxKxPxH = jnp.pad(k_BxTxKxH, pad).transpose(0, 2, 1, 3)
         v_BxKxPxH = jnp.pad(v_BxTxKxH, pad).transpose(0, 2, 1, 3)
         segment_BxP = jnp.pad(valid_BxT.astype(jnp.int32), ((0, 0), (0, P - T)))
         per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # one MQA kernel per key/value head
         out = jax.vmap(per_kv_head)(q_BxKxGxPxH, k_BxKxPxH, v_BxKxPxH, sa.SegmentIds(q=segment_BxP, kv=segment_BxP))
-        return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, N, H)
+        return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, N, H).astype(q_BxTxNxH.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     batch = None if mesh.empty else mesh_spec(("batch",), mesh, shape=(B,))[0]

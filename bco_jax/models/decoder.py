@@ -181,9 +181,10 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tup
 
 def decays(logical_axes: tuple[str | None, ...]) -> bool:
     """Whether weight decay applies (as transformers: not to norms and biases). Every matrix, the
-    embedding and LM head included, reads or writes the hidden size, "embed"; norm scales ("norm")
-    and biases (the output axes of their matrix, "bias" for the hidden size) do not."""
-    return "embed" in logical_axes
+    embedding and LM head included, reads or writes the hidden size, "embed", and each LoRA factor
+    has a rank axis, "lora"; norm scales ("norm") and biases (the output axes of their matrix,
+    "bias" for the hidden size) have neither."""
+    return "embed" in logical_axes or "lora" in logical_axes
 
 
 def weight_decay_mask(param_state: nnx.State) -> dict:

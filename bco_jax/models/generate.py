@@ -28,6 +28,15 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
                      greedy=temperature == 0)
 
 
+def right_align(mask_BxT, *arrays_BxT):
+    """Move each row's leading padding to its end (the layout the training step and cuDNN attention
+    take: real tokens first): returns the mask and `arrays_BxT` shifted alike."""
+    T = mask_BxT.shape[1]
+    lead_B = jnp.argmax(mask_BxT > 0, axis=1)
+    src_BxT = (jnp.arange(T)[None, :] + lead_B[:, None]) % T
+    return tuple(jnp.take_along_axis(x, src_BxT, 1) for x in (mask_BxT, *arrays_BxT))
+
+
 def left_align(ids_BxP, mask_BxP):
     """Move each row's padding to the left, so every prompt ends at the last column."""
     P = ids_BxP.shape[1]

@@ -257,7 +257,7 @@ def _checkpoint_files(path) -> dict[str, str]:
         return {name: os.path.join(path, f) for name, f in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
-        return {name: single for name in st.SafetensorsFile(single).names()}
+        return dict.fromkeys(st.SafetensorsFile(single).names(), single)
     pickles = [f for f in PICKLE_FILES if os.path.exists(os.path.join(path, f))]
     if pickles:
         raise ValueError(f"{os.path.join(path, pickles[0])} is a pickle checkpoint; refusing to unpickle it "

@@ -5,7 +5,8 @@ predicting positions are gathered into [B, C] slots (per row: the batch axis kee
 the head costs C / T of the full one (about half for BCO's prompt + completion rows).
 
 The head runs over chunks of the slots inside a rematerialised scan, so only [B, chunk, V] float32
-logits exist at once, in the forward and in the backward pass. Vocabularies are 128k-152k: full
+logits exist at once, in the forward and in the backward pass (one chunk is not rematerialised: it
+costs the same memory without the recomputed matmul). Vocabularies are 128k-152k: full
 [B, T, V] float32 logits of a 16 x 4k batch would be ~32 GB; one 512-token chunk is ~250 MB. Chunks
 cut the slot axis, never the batch axis, so every data-parallel device works on every chunk.
 """
@@ -73,7 +74,6 @@ def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype):
         x_BxCx = jnp.pad(x_BxCx, ((0, 0), (0, pad)) + ((0, 0),) * (x_BxCx.ndim - 2))
         return jnp.moveaxis(x_BxCx.reshape(B, n_chunks, chunk, *x_BxCx.shape[2:]), 1, 0)
 
-    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them all
     def chunk_logps(_, xs):
         h_BxcxD, targets_Bxc, weights_Bxc = xs
         # One 2-D matmul over the chunk's tokens: its backward runs ~1.5x faster on CPU than a 3-D one's.
@@ -84,5 +84,7 @@ def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype):
         logps_N = target_logits_N - jax.nn.logsumexp(logits_NxV, axis=-1)
         return None, logps_N.reshape(B, chunk) * weights_Bxc
 
+    if n_chunks > 1:  # the backward pass recomputes each chunk's logits instead of storing them all
+        chunk_logps = jax.checkpoint(chunk_logps)
     _, logps_KxBxc = jax.lax.scan(chunk_logps, None, (split(h_BxCxD), split(targets_BxC), split(weights_BxC)))
     return jnp.moveaxis(logps_KxBxc, 0, 1).reshape(B, n_chunks * chunk)[:, :C]

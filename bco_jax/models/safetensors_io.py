@@ -91,7 +91,7 @@ def write_sharded(named_arrays, folder, max_shard_bytes: int):
     for k, (tmp, names) in enumerate(shards):
         final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         os.replace(tmp, os.path.join(folder, final))
-        weight_map.update({name: final for name in names})
+        weight_map.update(dict.fromkeys(names, final))
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 

@@ -1,0 +1,137 @@
+"""LoRA adapters on the decoder's projections, with PEFT's names, defaults and file format.
+
+A projection W (stacked over layers, e.g. wq [L, D, N, H]) gets a low-rank update
+    y = x W + (alpha / r) * dropout(x) A B,    A [L, in..., r] (PEFT's kaiming-uniform init), B [L, r, out...] (0)
+so the adapted model starts equal to the base. The base stays frozen; only A and B are trained, in
+float32. With the adapters off, the same base is the reference model: no second copy in memory.
+Adapters live in the model as `nnx.Param`s named `<projection>_lora_a/_lora_b` inside `Layers` (the
+logical axis "lora" for the rank, replicated), so they are scanned with the layer they adapt.
+
+Why not qwix (Tunix's LoRA): it intercepts ops inside matched module paths, while our projections are
+stacked [layers, ...] arrays applied by einsum inside one `lax.scan` over layers; reaching one adapter
+per projection and per layer there would need its provider to rewrite our scan body. The few lines
+here do it directly, keep PEFT's tensor layout one transpose away, and export what PEFT loads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+# Our projection -> (PEFT module name, HF module path under model.layers.{i}, input axes of our layer shape)
+PROJECTIONS = {
+    "wq": ("q_proj", "self_attn.q_proj", 1), "wk": ("k_proj", "self_attn.k_proj", 1),
+    "wv": ("v_proj", "self_attn.v_proj", 1), "wo": ("o_proj", "self_attn.o_proj", 2),
+    "w_gate": ("gate_proj", "mlp.gate_proj", 1), "w_up": ("up_proj", "mlp.up_proj", 1),
+    "w_down": ("down_proj", "mlp.down_proj", 1),
+}
+PEFT_TO_OURS = {peft: ours for ours, (peft, _, _) in PROJECTIONS.items()}
+
+
+def resolve_targets(target_modules) -> tuple[str, ...]:
+    """PEFT / TRL `lora_target_modules` (a list of module names, "all-linear", or empty for every
+    attention and MLP projection) -> our projection names, in a fixed order."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = list(target_modules or [])
+    if not names or names == ["all-linear"]:
+        return tuple(PROJECTIONS)
+    unknown = [n for n in names if n not in PEFT_TO_OURS]
+    if unknown:
+        raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; choose from "
+                         f"{sorted(PEFT_TO_OURS)} or all-linear")
+    return tuple(ours for ours in PROJECTIONS if PROJECTIONS[ours][0] in names)
+
+
+def adapter_shapes(name: str, layer_shape: tuple[int, ...], axes: tuple[str, ...], rank: int):
+    """((shape, axes) of A, (shape, axes) of B) for projection `name` whose per-layer weight has
+    `layer_shape` / logical `axes` (without the leading layers axis)."""
+    n_in = PROJECTIONS[name][2]
+    a = ((*layer_shape[:n_in], rank), (*axes[:n_in], "lora"))
+    b = ((rank, *layer_shape[n_in:]), ("lora", *axes[n_in:]))
+    return a, b
+
+
+def init_a(key, shape, dtype):
+    """PEFT's init of lora_A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    import jax
+
+    fan_in = math.prod(shape[1:-1])  # [layers, in..., r]
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def delta_weight(a, b, scale: float):
+    """(alpha / r) * A B as a weight of the projection's own layout [L, in..., out...]."""
+    import jax.numpy as jnp
+
+    n_in = a.ndim - 2  # minus the layers and rank axes
+    a2 = a.reshape(a.shape[0], math.prod(a.shape[1:1 + n_in]), a.shape[-1])
+    b2 = b.reshape(b.shape[0], b.shape[1], -1)
+    return (scale * jnp.einsum("lir,lro->lio", a2, b2)).reshape(*a.shape[:-1], *b.shape[2:])
+
+
+# ----------------------------------------------------------------------------------- PEFT files
+
+
+def peft_tensors(adapters: dict, targets):
+    """Yield (PEFT tensor name, float32 array) per layer: lora_A.weight [r, in], lora_B.weight [out, r],
+    as torch.nn.Linear stores them. `adapters`: {projection: {"a": [L, in..., r], "b": [L, r, out...]}}
+    of host arrays."""
+    for name in targets:
+        _, module, _ = PROJECTIONS[name]
+        a, b = np.asarray(adapters[name]["a"], np.float32), np.asarray(adapters[name]["b"], np.float32)
+        for i in range(a.shape[0]):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            yield f"{prefix}.lora_A.weight", np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]).T)
+            yield f"{prefix}.lora_B.weight", np.ascontiguousarray(b[i].reshape(b.shape[1], -1).T)
+
+
+def adapter_config(*, rank: int, alpha: float, dropout: float, targets, base_model: str) -> dict:
+    """adapter_config.json as PEFT writes it for a causal LM."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+            "lora_dropout": dropout, "target_modules": sorted(PROJECTIONS[t][0] for t in targets),
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None, "base_model_name_or_path": base_model,
+            "inference_mode": True}
+
+
+def save_peft(adapters: dict, path: str, *, rank: int, alpha: float, dropout: float, targets,
+              base_model: str) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(base, path)` loads onto the base model in transformers."""
+    from safetensors.numpy import save
+
+    from bco_jax.files import atomic_write, atomic_write_json
+
+    os.makedirs(path, exist_ok=True)
+    blob = save(dict(peft_tensors(adapters, targets)), metadata={"format": "pt"})
+    atomic_write(os.path.join(path, "adapter_model.safetensors"), lambda f: f.write(blob))
+    atomic_write_json(os.path.join(path, "adapter_config.json"),
+                      adapter_config(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+                                     base_model=base_model), indent=2)
+
+
+def load_peft(path: str, num_layers: int, layer_shapes: dict) -> tuple[dict, dict]:
+    """(adapters, adapter_config) from a PEFT folder, in our layout; `layer_shapes`: projection ->
+    per-layer weight shape. Start a run from an existing adapter with this."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    targets = resolve_targets(config.get("target_modules"))
+    adapters = {}
+    for name in targets:
+        _, module, n_in = PROJECTIONS[name]
+        shape = layer_shapes[name]
+        a, b = [], []
+        for i in range(num_layers):
+            key = next(k for k in tensors if k.endswith(f"layers.{i}.{module}.lora_A.weight"))
+            a.append(tensors[key].T.reshape(*shape[:n_in], -1))
+            b_t = tensors[key.replace("lora_A", "lora_B")]
+            b.append(b_t.T.reshape(-1, *shape[n_in:]))
+        adapters[name] = {"a": np.stack(a).astype(np.float32), "b": np.stack(b).astype(np.float32)}
+    return adapters, config
