@@ -47,9 +47,10 @@ from bco_jax.guards import (
     run_identity,
 )
 from bco_jax.metrics import truncate_metrics
-from bco_jax.models import Decoder, compute_dtype, load_hf, read_config, weight_decay_mask
+from bco_jax.models import Decoder, compute_dtype, load_hf, lora, read_config, save_hf, weight_decay_mask
+from bco_jax.models.decoder import layer_param_shapes
 from bco_jax.precompute import fit_udm, reference_table
-from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, data_shard, model_shardings
+from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, data_shard, host_gather, model_shardings
 from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
 
 REFERENCE_COPY = "reference"  # under output_dir, beside MODEL_COPY
@@ -172,11 +173,20 @@ def model_options(cfg: TrainConfig) -> dict:
                 attn_implementation=cfg.model.attn_implementation)
 
 
-def abstract_model(path: str, param_dtype, cfg: TrainConfig):
+def lora_options(cfg: TrainConfig) -> dict:
+    """ModelConfig fields of the policy's LoRA adapters (none without use_peft)."""
+    m = cfg.model
+    if not m.use_peft:
+        return {}
+    return dict(lora_rank=m.lora_r, lora_alpha=float(m.lora_alpha), lora_dropout=float(m.lora_dropout),
+                lora_targets=lora.resolve_targets(m.lora_target_modules))
+
+
+def abstract_model(path: str, param_dtype, cfg: TrainConfig, **extra):
     """(graphdef, abstract nnx.State) of the model in HF folder `path`, without reading weights."""
     options = model_options(cfg)
     dtype = options.pop("dtype")
-    model_cfg = read_config(path, **options)
+    model_cfg = read_config(path, **options, **extra)
     model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     return nnx.split(model)
 
@@ -200,37 +210,76 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
                              process_index=shard, process_count=shards)
     steps = total_steps(cfg, iterator.steps_per_epoch)
 
-    graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg)
-    optimizer, schedule = make_optimizer(cfg.optim, steps, weight_decay_mask(abstract_params))
+    graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg, **lora_options(cfg))
+    # What the optimizer trains: the whole policy, or with use_peft its adapters alone.
+    trained = (lambda tree: lora.split_adapters(tree)[1]) if cfg.model.use_peft else (lambda tree: tree)
+    optimizer, schedule = make_optimizer(cfg.optim, steps, trained(weight_decay_mask(abstract_params)))
     shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
     make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=cfg.run.seed)
-    params_shape = nnx.to_pure_dict(abstract_params)
+    params_shape = trained(nnx.to_pure_dict(abstract_params))
     shardings = state_shardings(jax.eval_shape(make_state, params_shape),
-                                nnx.to_pure_dict(model_shardings(abstract_params, mesh)), mesh, optimizer)
+                                trained(nnx.to_pure_dict(model_shardings(abstract_params, mesh))), mesh, optimizer)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   jax.eval_shape(make_state, params_shape), shardings)
     # Built under jit straight onto its shardings: on several hosts no process holds all of it.
     init_fn = jax.jit(make_state, out_shardings=shardings)
 
     ref_graphdef, reference, ref_path, fingerprint = load_reference(cfg, mesh, output_dir)
-    graphdefs = (graphdef, ref_graphdef)
+    graphdefs, peft = (graphdef, ref_graphdef), cfg.model.use_peft
     step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
-                                        schedule=schedule),
+                                        schedule=schedule, lora=peft),
                       out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
     eval_fn = jax.jit(lambda p, r, b, s, c: eval_step(p, r, {k: v[0] for k, v in b.items()}, s, c,
-                                                      graphdefs=graphdefs, cfg=cfg.loss), static_argnums=4)
+                                                      graphdefs=graphdefs, cfg=cfg.loss, lora=peft),
+                      static_argnums=4)
     return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer,
                train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
                ref_graphdef=ref_graphdef, abstract_state=abstract_state, init_fn=init_fn, reference=reference,
                ref_path=ref_path, ref_fingerprint=fingerprint, step_fn=step_fn, eval_fn=eval_fn,
-               hidden_size=int(params_shape["embed"].shape[-1]))
+               hidden_size=int(nnx.to_pure_dict(abstract_params)["embed"].shape[-1]))
 
 
 def initial_state(run: Run) -> TrainState:
-    """The state at step 0: the policy's weights from its HF folder, on the state's shardings."""
+    """The state at step 0: the policy's weights from its HF folder (with use_peft: fresh adapters,
+    or those of `lora_adapter`), on the state's shardings."""
+    m = run.cfg.model
+    if m.use_peft:
+        model_cfg = read_config(run.model_dir, **lora_options(run.cfg))
+        shapes = {k: v[0] for k, v in layer_param_shapes(model_cfg).items()}
+        targets = model_cfg.lora_targets
+        if m.lora_adapter:
+            adapters = lora.load_peft(m.lora_adapter, model_cfg.num_layers, shapes, targets, m.lora_r)
+        else:
+            adapters = lora.init_adapters(shapes, model_cfg.num_layers, targets, m.lora_r,
+                                          jax.random.key(run.cfg.run.seed))
+        return run.init_fn({"layers": {f"{name}_lora_{ab}": jnp.asarray(adapters[name][ab])
+                                       for name in targets for ab in "ab"}})
     policy = load_hf(run.model_dir, param_dtype=jnp.float32, mesh=run.mesh, rules=LOGICAL_RULES,
                      **model_options(run.cfg))
     return run.init_fn(nnx.to_pure_dict(nnx.split(policy)[1]))
+
+
+def policy_params(run: Run, state: TrainState) -> dict:
+    """The whole policy's parameters (with use_peft: the frozen base joined with the adapters)."""
+    return lora.join_adapters(run.reference, state.params) if run.cfg.model.use_peft else state.params
+
+
+def export_policy(run: Run, state: TrainState) -> None:
+    """output_dir/hf: the policy as an HF folder (with use_peft, the adapters merged into the base),
+    and with use_peft output_dir/adapter, a PEFT folder. Every process calls it (they gather the
+    sharded parameters together); process 0 writes."""
+    path = os.path.join(run.output_dir, "hf")
+    if not run.cfg.model.use_peft:
+        save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
+        return
+    m = run.cfg.model
+    merged = lora.merged_weights(run.reference, state.params, m.lora_alpha / m.lora_r)
+    save_hf(nnx.merge(run.ref_graphdef, merged), path, tokenizer=run.tokenizer)
+    adapters = lora.by_projection(jax.tree.map(host_gather, state.params))
+    if run.main_process:
+        lora.save_peft(adapters, os.path.join(run.output_dir, "adapter"), rank=m.lora_r, alpha=m.lora_alpha,
+                       dropout=m.lora_dropout, targets=lora.resolve_targets(m.lora_target_modules),
+                       base_model=os.path.abspath(m.model))
 
 
 # ---------------------------------------------------------------------- the reference and its copy
@@ -243,7 +292,8 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     saved = os.path.join(output_dir, REFERENCE_COPY)
     folder = model_folder(path, os.path.join(saved, "hf"), "ref_model")
     check_pairing(cfg, folder, output_dir)
-    param_dtype = jnp.dtype(cfg.model.ref_dtype)
+    # With use_peft the reference is the policy's frozen base, kept in the compute dtype.
+    param_dtype = compute_dtype(cfg.model.dtype) if cfg.model.use_peft else jnp.dtype(cfg.model.ref_dtype)
     graphdef, abstract = abstract_model(folder, param_dtype, cfg)
     if folder == path:
         with reading_weights(path, "ref_model"):

@@ -29,6 +29,7 @@ from bco_jax.errors import ConfigError
 from bco_jax.losses import DEFAULT_REWARD_SHIFT_DECAY, PAIRED_LOSSES, LossType, RewardShiftMode
 from bco_jax.models.attention import ATTN_IMPLEMENTATIONS
 from bco_jax.models.decoder import REMAT_POLICIES
+from bco_jax.models.lora import resolve_targets
 
 # The model's own lists of choices, as types.
 RematPolicy = Literal[REMAT_POLICIES]
@@ -56,6 +57,14 @@ class ModelOptions:
     remat: RematPolicy = _opt("none", "activation rematerialisation: none, full or save_dots")
     attn_implementation: AttnImplementation = _opt(
         "auto", "attention kernel: auto (cudnn on GPU, splash on TPU, xla on CPU), xla, cudnn or splash")
+    use_peft: bool = _opt(False, "train LoRA adapters on a frozen base; the base with adapters off is the reference")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: float = _opt(32.0, "LoRA scale numerator: updates are (lora_alpha / lora_r) x A B")
+    lora_dropout: float = _opt(0.05, "dropout on the adapters' input while training")
+    lora_target_modules: list[str] = _opt(
+        [], "projections to adapt, PEFT names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) "
+            "or all-linear (empty: all of them)")
+    lora_adapter: str | None = _opt(None, "a PEFT adapter folder to start from (None: fresh adapters)")
 
 
 @dataclass(frozen=True)
@@ -337,6 +346,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (r.eval_steps is None or r.eval_steps > 0, "eval_steps", "must be > 0"),
         (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
         (cfg.launch.distributed_timeout > 0, "distributed_timeout", "must be > 0"),
+        (cfg.model.lora_r > 0, "lora_r", "must be > 0"),
+        (cfg.model.lora_alpha > 0, "lora_alpha", "must be > 0"),
+        (0.0 <= cfg.model.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)"),
+        (not cfg.model.use_peft or not cfg.model.ref_model or cfg.model.ref_model == cfg.model.model, "ref_model",
+         "with use_peft the reference is the base with adapters off (a separate ref_model is not supported yet)"),
         ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
          "give num_processes and process_id together"),
         (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),
@@ -350,6 +364,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why} (got {getattr_flat(cfg, key)!r})")
+    try:
+        resolve_targets(cfg.model.lora_target_modules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     # Paired losses read pairs (checked against the files when they load); KTO reads its KL pairs;
     # BCE is BCO with delta = 0.
     data = dataclasses.replace(cfg.data, paired=cfg.data.paired or l.loss_type in PAIRED_LOSSES,

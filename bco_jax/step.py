@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bco_jax import losses as L
 from bco_jax.models import sequence_logps
+from bco_jax.models.lora import join_adapters
 
 if typing.TYPE_CHECKING:
     from bco_jax.config import LossOptions  # the loss section of the config: frozen, jit-static
@@ -106,17 +107,17 @@ def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -
 # ---------------------------------------------------------------------------------------- forward
 
 
-def batch_logps(graphdef, params, mb, prefix="", capacity=None):
+def batch_logps(graphdef, params, mb, prefix="", capacity=None, dropout_rng=None):
     """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict. `capacity`: scored
     tokens a row may hold (the batch's `completion_capacity`); the LM head runs on that many
-    positions per row, or on all of them when None."""
+    positions per row, or on all of them when None. `dropout_rng`: LoRA dropout (training)."""
     model = nnx.merge(graphdef, params)
     return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
-                          mb[prefix + "loss_mask"], completion_capacity=capacity)
+                          mb[prefix + "loss_mask"], completion_capacity=capacity, dropout_rng=dropout_rng)
 
 
 def _reference_logps(ref_graphdef, reference, mb, prefix="", capacity=None):
-    if reference is None:  # precomputed: the loop put them in the batch
+    if prefix + "reference_logps" in mb:  # precomputed: the loop put them in the batch
         return mb[prefix + "reference_logps"]
     return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, mb, prefix, capacity)[0])
 
@@ -135,14 +136,21 @@ def _class_stats(rewards, logps, up, mask):
     }
 
 
-def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta, capacity=None):
+def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta, capacity=None,
+                     lora=False, rng=None):
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
     examples; for paired ones, rows are pairs, expanded to 2 rows (chosen, rejected) in what it returns.
     """
     graphdef, ref_graphdef = graphdefs
-    policy_logps = functools.partial(batch_logps, graphdef, params, mb, capacity=capacity)
+    if lora:  # `params` are the adapters, `reference` the frozen base they sit on
+        params = join_adapters(reference, params)
+
+    def policy_logps(prefix=""):
+        key = None if rng is None else jax.random.fold_in(rng, len(prefix))  # one draw per sequence kind
+        return batch_logps(graphdef, params, mb, prefix, capacity, key)
+
     reference_logps = functools.partial(_reference_logps, ref_graphdef, reference, mb, capacity=capacity)
     mask = mb["example_mask"].astype(bool)
     if cfg.loss_type in L.PAIRED_LOSSES:
@@ -184,29 +192,34 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
 
 
 def train_step(state: TrainState, reference, batch, completion_capacity=None, *, graphdefs, cfg: LossOptions,
-               optimizer, schedule):
+               optimizer, schedule, lora=False):
     """One optimizer step over a global batch of [A, b, ...] arrays. Returns (state, metrics).
 
     The gradient is that of the mean per-example loss over every real example of the step (TRL's
     reduction), whatever A is. A non-finite loss or gradient skips the update, the reward-shift update
     included (one NaN would poison delta for good), and is counted. `completion_capacity` (static):
     the batch's scored tokens per row at most; the LM head runs on that many positions per row.
+    `lora`: `state.params` are LoRA adapters on the frozen base `reference` (the reference model is
+    that base, adapters off); their dropout draws from `state.rng`.
     """
     n_examples = jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
     delta = L.reward_shift_delta(state.reward_shift)
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
 
+    step_rng = jax.random.fold_in(state.rng, state.step) if lora else None
+
     def body(carry, mb):
-        grads, loss_sum, shift = carry
+        grads, loss_sum, shift, i = carry
+        rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
         (mb_loss, (rewards, labels, mask, shift, stats)), g = grad_fn(
             state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta,
-            capacity=completion_capacity)
+            capacity=completion_capacity, lora=lora, rng=rng)
         grads = jax.tree.map(lambda acc, x: acc + x / n_examples, grads, g)
-        return (grads, loss_sum + mb_loss, shift), (rewards, labels, mask, stats)
+        return (grads, loss_sum + mb_loss, shift, i + 1), (rewards, labels, mask, stats)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), state.reward_shift)
-    (grads, loss_sum, shift), (rewards, labels, mask, stats) = jax.lax.scan(body, init, batch)
+    init = (zeros, jnp.zeros((), jnp.float32), state.reward_shift, jnp.zeros((), jnp.int32))
+    (grads, loss_sum, shift, _), (rewards, labels, mask, stats) = jax.lax.scan(body, init, batch)
     if shift.mode != "trl":  # once per step, with every reward of the step (TRL's moved per micro-batch)
         shift = L.reward_shift_update(shift, rewards.reshape(-1), labels.reshape(-1), mask.reshape(-1))
 
@@ -246,13 +259,15 @@ def _tokens(batch):
     return sum(jnp.sum(batch[k]).astype(jnp.float32) for k in keys)
 
 
-def eval_step(params, reference, batch, shift, completion_capacity=None, *, graphdefs, cfg: LossOptions):
+def eval_step(params, reference, batch, shift, completion_capacity=None, *, graphdefs, cfg: LossOptions,
+              lora=False):
     """Per-row rewards, labels, mask and losses of one [b, ...] batch, for accuracy / AUC on the host.
     Uses the state's current delta and does not move it."""
     delta = L.reward_shift_delta(shift)
     # Any mode but "trl" uses the delta given; evaluation must not move TRL's running mean either.
     shift = dataclasses.replace(shift, mode="none")
     loss_sum, (rewards, labels, mask, _, stats) = micro_batch_loss(
-        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, capacity=completion_capacity)
+        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, capacity=completion_capacity,
+        lora=lora)
     return {"rewards": rewards, "labels": labels, "mask": mask, "loss_sum": loss_sum, **stats,
             "delta": delta, "n_examples": jnp.sum(batch["example_mask"])}

@@ -24,18 +24,26 @@ import traceback
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from bco_jax import checkpoint as ckpt_lib
-from bco_jax.build import Run, Tables, build, completion_capacity, precompute, restore, save_model_copies
+from bco_jax.build import (
+    Run,
+    Tables,
+    build,
+    completion_capacity,
+    export_policy,
+    policy_params,
+    precompute,
+    restore,
+    save_model_copies,
+)
 from bco_jax.config import TrainConfig, parse_args, run_name
 from bco_jax.errors import USER_ERRORS, ConfigError, log
 from bco_jax.evaluate import eval_pass
 from bco_jax.files import atomic_write_json
 from bco_jax.guards import check_finite, check_output_dir, check_result, run_identity
 from bco_jax.metrics import MetricsWriter, Reporter
-from bco_jax.models import save_hf
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
 from bco_jax.sharding import initialize_distributed, put_batch
@@ -176,7 +184,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
     save_model_copies(run)
     tables = precompute(run, udm_state)
-    if tables.ref_table is not None:
+    if tables.ref_table is not None and not cfg.model.use_peft:  # (with LoRA it is the policy's base)
         run = dataclasses.replace(run, reference=None)  # log-probs come with the batch: free the weights
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
     if main_process:
@@ -197,7 +205,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
                                    loss_type=cfg.loss.loss_type, reference_path=run.ref_path,
                                    reference_fingerprint=run.ref_fingerprint)
     if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
-        save_hf(nnx.merge(run.graphdef, state.params), os.path.join(output_dir, "hf"), tokenizer=run.tokenizer)
+        export_policy(run, state)
         log.info("exported the policy to %s", os.path.join(output_dir, "hf"))
     result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}
     if demo:
@@ -213,7 +221,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
 
 
 def score_oracle(run: Run, state: TrainState) -> dict:
-    return oracle_demo.success(run.graphdef, state.params, run.tokenizer, seed=run.cfg.run.seed,
+    return oracle_demo.success(run.graphdef, policy_params(run, state), run.tokenizer, seed=run.cfg.run.seed,
                                samples=run.cfg.run.demo_samples)
 
 

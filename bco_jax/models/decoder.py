@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax.models import lora
 from bco_jax.models.attention import ATTN_IMPLEMENTATIONS, attend, attention_mask
 from bco_jax.sharding import mesh_spec
 
@@ -50,6 +51,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
     attn_implementation: str = "auto"  # attention kernel, see attention.ATTN_IMPLEMENTATIONS
+    lora_rank: int = 0  # > 0: LoRA adapters on `lora_targets` (bco_jax.models.lora)
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
     hf_config_json: str = ""  # the source config.json, written back by save_hf
     generation_config_json: str = ""  # the source generation_config.json, if any
 
@@ -131,13 +136,27 @@ def _linear(x, w, b, dtype, n_in: int = 1):
     return y.reshape(*lead, *w.shape[n_in:])
 
 
-def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index):
+def _projection(cfg: ModelConfig, dtype, p, name: str, x, key, n_in: int = 1):
+    """Projection `name` (with its bias), plus its LoRA update (alpha / r) * dropout(x) A B when `p`
+    holds adapters for it; `key` draws the dropout (None: no dropout, as at evaluation)."""
+    y = _linear(x, p[name], p.get(BIASES.get(name)), dtype, n_in)
+    a = p.get(f"{name}_lora_a")
+    if a is None:
+        return y
+    if key is not None and cfg.lora_dropout > 0:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, LORA_TARGETS.index(name)), 1 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1 - cfg.lora_dropout), 0).astype(x.dtype)
+    low_rank = _linear(_linear(x, a, None, dtype, n_in), p[f"{name}_lora_b"], None, dtype)
+    return y + (cfg.lora_alpha / cfg.lora_rank) * low_rank
+
+
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index, key=None):
     """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
-    `cache_index` and attention runs over the whole cache."""
+    `cache_index` and attention runs over the whole cache. `key`: this layer's LoRA dropout key."""
     x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
-    q_BxTxNxH = _linear(x, p["wq"], p.get("bq"), dtype)
-    k_BxTxKxH = _linear(x, p["wk"], p.get("bk"), dtype)
-    v_BxTxKxH = _linear(x, p["wv"], p.get("bv"), dtype)
+    q_BxTxNxH = _projection(cfg, dtype, p, "wq", x, key)
+    k_BxTxKxH = _projection(cfg, dtype, p, "wk", x, key)
+    v_BxTxKxH = _projection(cfg, dtype, p, "wv", x, key)
     q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
@@ -145,13 +164,17 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
     attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal)
-    h_BxTxD = h_BxTxD + _linear(attn_BxTxNxH, p["wo"], p.get("bo"), dtype, n_in=2)
+    h_BxTxD = h_BxTxD + _projection(cfg, dtype, p, "wo", attn_BxTxNxH, key, n_in=2)
     x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
-    gate_BxTxF = _linear(x, p["w_gate"], p.get("b_gate"), dtype)
-    up_BxTxF = _linear(x, p["w_up"], p.get("b_up"), dtype)
-    down = _linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, p["w_down"], p.get("b_down"), dtype)
+    gate_BxTxF = _projection(cfg, dtype, p, "w_gate", x, key)
+    up_BxTxF = _projection(cfg, dtype, p, "w_up", x, key)
+    down = _projection(cfg, dtype, p, "w_down", jax.nn.silu(gate_BxTxF) * up_BxTxF, key)
     new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
     return h_BxTxD + down, new_kv
+
+
+BIASES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate", "w_up": "b_up", "w_down": "b_down"}
+LORA_TARGETS = tuple(BIASES)  # the projections an adapter can sit on
 
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -207,9 +230,16 @@ class Layers(nnx.Module):
     """All decoder layers, each parameter stacked on a leading "layers" axis."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
-        self.names = tuple(layer_param_shapes(cfg))
-        for name, (shape, axes) in layer_param_shapes(cfg).items():
+        shapes = layer_param_shapes(cfg)
+        for name, (shape, axes) in shapes.items():
             setattr(self, name, _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype))
+        for name in cfg.lora_targets:  # adapters are trained in float32 whatever the base's dtype
+            (a_shape, a_axes), (b_shape, b_axes) = lora.adapter_shapes(name, *shapes[name], cfg.lora_rank)
+            a = lora.init_a(rngs.params(), (cfg.num_layers, *a_shape), jnp.float32)
+            setattr(self, f"{name}_lora_a", nnx.Param(a, out_sharding=("layers", *a_axes), eager_sharding=False))
+            b = jnp.zeros((cfg.num_layers, *b_shape), jnp.float32)
+            setattr(self, f"{name}_lora_b", nnx.Param(b, out_sharding=("layers", *b_axes), eager_sharding=False))
+        self.names = tuple(shapes) + tuple(f"{t}_lora_{ab}" for t in cfg.lora_targets for ab in "ab")
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
@@ -233,12 +263,14 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids, attention_mask=None):
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
-    def hidden_states(self, input_ids, attention_mask=None):
-        """Final hidden states [B, T, D] (final norm applied, no LM head), compute dtype."""
+    def hidden_states(self, input_ids, attention_mask=None, *, dropout_rng=None):
+        """Final hidden states [B, T, D] (final norm applied, no LM head), compute dtype.
+        `dropout_rng`: draws LoRA dropout (training); None: none."""
         input_ids_BxT = input_ids
         mask_BxT = jnp.ones_like(input_ids_BxT) if attention_mask is None else attention_mask
         positions_BxT = positions_from_mask(mask_BxT)
-        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, mask_BxT, jnp.arange(input_ids_BxT.shape[1]))
+        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, mask_BxT, jnp.arange(input_ids_BxT.shape[1]),
+                                  dropout_rng=dropout_rng)
         return h_BxTxD
 
     def lm_head_weight(self):
@@ -251,7 +283,8 @@ class Decoder(nnx.Module):
         return jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight().astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
-    def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0):
+    def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0,
+                dropout_rng=None):
         """Core pass. Without `cache`, S == T. With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new
         keys/values go to `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
@@ -264,12 +297,13 @@ class Decoder(nnx.Module):
             mask, is_causal = attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window), False
 
         def body(h, xs):
-            p, kv = xs
-            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index)
+            p, kv, key = xs
+            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index, key)
             return constrain_batch(h), kv
 
         body = _remat(body, cfg.remat)
-        h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache))
+        keys = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers)
+        h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache, keys))
         return rms_norm(h_BxTxD, self.final_norm[...], cfg.rms_norm_eps, dtype), new_cache
 
 

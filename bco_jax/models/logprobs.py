@@ -21,18 +21,18 @@ DEFAULT_CHUNK_TOKENS = 512
 
 
 def sequence_logps(model, input_ids, attention_mask, loss_mask, *, completion_capacity: int | None = None,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, dropout_rng=None):
     """(logps_B float32, counts_B int32): sum of log p(input_ids[b, t] | tokens < t) over positions
     with loss_mask[b, t] = 1 (the completion; each predicted from position t - 1), and their count.
     A loss-mask bit on position 0 or on a padding token is ignored. See `token_logps` for
-    `completion_capacity` and `chunk_tokens`."""
+    `completion_capacity` and `chunk_tokens`; `dropout_rng` draws LoRA dropout (training only)."""
     logps_BxC, weights_BxC, _ = token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity,
-                                            chunk_tokens=chunk_tokens)
+                                            chunk_tokens=chunk_tokens, dropout_rng=dropout_rng)
     return jnp.sum(logps_BxC, axis=1), jnp.sum(weights_BxC, axis=1).astype(jnp.int32)
 
 
 def token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity: int | None = None, *,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, dropout_rng=None):
     """Per-token log-probs of the scored tokens, in C slots per row, in sequence order.
 
     Returns (logps_BxC float32, weights_BxC float32, token_index_BxC int32): slot c of row b holds
@@ -48,7 +48,7 @@ def token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity
     else:  # scored positions first, in order; a stable sort keeps the batch axis where it is
         positions_BxC = jnp.argsort(weights_BxP == 0, axis=1, stable=True)[:, :completion_capacity]
     positions_BxC = positions_BxC.astype(jnp.int32)
-    h_BxTxD = model.hidden_states(input_ids, attention_mask)
+    h_BxTxD = model.hidden_states(input_ids, attention_mask, dropout_rng=dropout_rng)
     h_BxCxD = jnp.take_along_axis(h_BxTxD, positions_BxC[..., None], axis=1)
     targets_BxC = jnp.take_along_axis(input_ids, positions_BxC + 1, axis=1)
     weights_BxC = jnp.take_along_axis(weights_BxP, positions_BxC, axis=1)

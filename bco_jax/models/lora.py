@@ -8,7 +8,7 @@ Adapters live in the model as `nnx.Param`s named `<projection>_lora_a/_lora_b` i
 logical axis "lora" for the rank, replicated), so they are scanned with the layer they adapt.
 
 Why not qwix (Tunix's LoRA): it intercepts ops inside matched module paths, while our projections are
-stacked [layers, ...] arrays applied by einsum inside one `lax.scan` over layers; reaching one adapter
+stacked [layers, ...] arrays applied by matmuls inside one `lax.scan` over layers; reaching one adapter
 per projection and per layer there would need its provider to rewrite our scan body. The few lines
 here do it directly, keep PEFT's tensor layout one transpose away, and export what PEFT loads.
 """
@@ -73,6 +73,43 @@ def delta_weight(a, b, scale: float):
     return (scale * jnp.einsum("lir,lro->lio", a2, b2)).reshape(*a.shape[:-1], *b.shape[2:])
 
 
+def is_adapter(path: str) -> bool:
+    return "_lora_" in path
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+    """A pure param dict -> (base, adapters): the adapters are the `layers/*_lora_[ab]` leaves."""
+    layers = params["layers"]
+    base = {**params, "layers": {k: v for k, v in layers.items() if not is_adapter(k)}}
+    return base, {"layers": {k: v for k, v in layers.items() if is_adapter(k)}}
+
+
+def join_adapters(base: dict, adapters: dict) -> dict:
+    """The inverse of `split_adapters`: one pure param dict of the adapted model."""
+    return {**base, "layers": {**base["layers"], **adapters["layers"]}}
+
+
+def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
+    """Base params with each adapted projection W replaced by W + scale * A B (in W's dtype): the
+    adapted model as a plain one, for export."""
+    layers = dict(base["layers"])
+    for key in adapters["layers"]:
+        if key.endswith("_lora_a"):
+            name = key[:-len("_lora_a")]
+            delta = delta_weight(adapters["layers"][key], adapters["layers"][f"{name}_lora_b"], scale)
+            layers[name] = (layers[name].astype(delta.dtype) + delta).astype(layers[name].dtype)
+    return {**base, "layers": layers}
+
+
+def by_projection(adapters: dict) -> dict:
+    """{"layers": {"wq_lora_a": A, ...}} -> {"wq": {"a": A, "b": B}, ...} (host arrays)."""
+    out = {}
+    for key, value in adapters["layers"].items():
+        name, ab = key.rsplit("_lora_", 1)
+        out.setdefault(name, {})[ab] = np.asarray(value)
+    return out
+
+
 # ----------------------------------------------------------------------------------- PEFT files
 
 
@@ -114,15 +151,30 @@ def save_peft(adapters: dict, path: str, *, rank: int, alpha: float, dropout: fl
                                      base_model=base_model), indent=2)
 
 
-def load_peft(path: str, num_layers: int, layer_shapes: dict) -> tuple[dict, dict]:
-    """(adapters, adapter_config) from a PEFT folder, in our layout; `layer_shapes`: projection ->
-    per-layer weight shape. Start a run from an existing adapter with this."""
+def init_adapters(layer_shapes: dict, num_layers: int, targets, rank: int, key) -> dict:
+    """Fresh adapters {projection: {"a", "b"}} (B = 0: the adapted model starts as the base)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for i, name in enumerate(targets):
+        (a_shape, _), (b_shape, _) = adapter_shapes(name, layer_shapes[name], (None,) * len(layer_shapes[name]), rank)
+        out[name] = {"a": init_a(jax.random.fold_in(key, i), (num_layers, *a_shape), jnp.float32),
+                     "b": jnp.zeros((num_layers, *b_shape), jnp.float32)}
+    return out
+
+
+def load_peft(path: str, num_layers: int, layer_shapes: dict, targets, rank: int) -> dict:
+    """Adapters {projection: {"a", "b"}} in our layout from a PEFT folder (adapter_config.json +
+    adapter_model.safetensors), to start a run from; its rank and target modules must be the run's."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
+    if int(config.get("r", -1)) != rank or set(resolve_targets(config.get("target_modules"))) != set(targets):
+        raise ValueError(f"lora_adapter: {path} has r={config.get('r')} on {config.get('target_modules')}; this run "
+                         f"has lora_r={rank} on {[PROJECTIONS[t][0] for t in targets]}")
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
-    targets = resolve_targets(config.get("target_modules"))
     adapters = {}
     for name in targets:
         _, module, n_in = PROJECTIONS[name]
@@ -131,7 +183,6 @@ def load_peft(path: str, num_layers: int, layer_shapes: dict) -> tuple[dict, dic
         for i in range(num_layers):
             key = next(k for k in tensors if k.endswith(f"layers.{i}.{module}.lora_A.weight"))
             a.append(tensors[key].T.reshape(*shape[:n_in], -1))
-            b_t = tensors[key.replace("lora_A", "lora_B")]
-            b.append(b_t.T.reshape(-1, *shape[n_in:]))
+            b.append(tensors[key.replace("lora_A", "lora_B")].T.reshape(-1, *shape[n_in:]))
         adapters[name] = {"a": np.stack(a).astype(np.float32), "b": np.stack(b).astype(np.float32)}
-    return adapters, config
+    return adapters
