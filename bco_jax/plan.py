@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -129,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     key("ref_dtype", "bfloat16")
     key("attn_implementation", "auto",
         help="the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and splash do not")
+    key("use_peft", False, type=_bool)
+    key("lora_r", 16, type=int)
+    key("lora_target_modules", "all-linear", help="comma-separated PEFT module names, or all-linear")
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
@@ -140,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------- compile
 
 
-def abstract_models(model_cfg, dtype, ref_dtype):
-    """((graphdef, state) of the float32 policy, of the reference in `ref_dtype`), shapes only."""
+def abstract_models(model_cfg, dtype, ref_dtype, policy_dtype="float32"):
+    """((graphdef, state) of the policy in `policy_dtype`, of the reference in `ref_dtype`), shapes only
+    (LoRA adapters are float32 whatever `policy_dtype`)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -150,7 +155,7 @@ def abstract_models(model_cfg, dtype, ref_dtype):
     def split(param_dtype):
         return nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
                                                         param_dtype=jnp.dtype(param_dtype))))
-    return split(jnp.float32), split(ref_dtype)
+    return split(policy_dtype), split(ref_dtype)
 
 
 def bytes_per_device(tree) -> int:
@@ -176,32 +181,49 @@ class Planner:
     """Everything of a plan but the batch: the abstract state and reference on `mesh`, the jitted step.
     `fused_attention`: trace the model with `score_free_attention` in place of its attention."""
 
-    def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention):
+    def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention,
+                 lora_rank: int = 0, lora_targets: tuple = ()):
         import jax
         from flax import nnx
 
         from bco_jax import losses as L
         from bco_jax.config import LossOptions, OptimOptions
-        from bco_jax.models import weight_decay_mask
+        from bco_jax.models import lora, weight_decay_mask
         from bco_jax.sharding import model_shardings
         from bco_jax.step import init_state, make_optimizer, state_shardings, train_step
 
         self.mesh, self.fused_attention = mesh, fused_attention
-        (graphdef, param_state), (ref_graphdef, ref_state) = abstract_models(model_cfg, dtype, ref_dtype)
-        params = nnx.to_pure_dict(param_state)
-        self.parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        lora_cfg = dataclasses.replace(model_cfg, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
+                                       lora_targets=tuple(lora_targets)) if lora_rank else model_cfg
+        # With LoRA (as build()): the adapters are trained, the base (in the compute dtype) is frozen and
+        # is the reference; else the float32 policy is trained beside a reference in ref_dtype.
+        (graphdef, param_state), (ref_graphdef, ref_state) = abstract_models(
+            lora_cfg, dtype, dtype if lora_rank else ref_dtype, policy_dtype=dtype if lora_rank else "float32")
+        if lora_rank:
+            ref_graphdef = abstract_models(model_cfg, dtype, dtype)[1][0]
+        trained = (lambda tree: lora.split_adapters(tree)[1]) if lora_rank else (lambda tree: tree)
+        params = trained(nnx.to_pure_dict(param_state))
+        full = nnx.to_pure_dict(param_state)
+        self.parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.split_adapters(full)[0]))
+        self.trainable_parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
         # As build(): the same optimizer (its schedule's length changes no memory), state and shardings.
         loss = LossOptions()
-        optimizer, schedule = make_optimizer(OptimOptions(), 1000, weight_decay_mask(param_state))
+        optimizer, schedule = make_optimizer(OptimOptions(), 1000, trained(weight_decay_mask(param_state)))
         shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay)
         make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=0)
         abstract = jax.eval_shape(make_state, params)
-        shardings = state_shardings(abstract, nnx.to_pure_dict(model_shardings(param_state, mesh)), mesh, optimizer)
+        shardings = state_shardings(abstract, trained(nnx.to_pure_dict(model_shardings(param_state, mesh))), mesh,
+                                    optimizer)
         self.state = _placed(abstract, shardings)
-        self.reference = None if precompute_ref_log_probs else _placed(
-            nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
+        if lora_rank:  # the base is needed by the policy even when reference log-probs are precomputed
+            base = lora.split_adapters(full)[0]
+            self.reference = _placed(base, lora.split_adapters(nnx.to_pure_dict(model_shardings(param_state, mesh)))[0])
+        else:
+            self.reference = None if precompute_ref_log_probs else _placed(
+                nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
+        self.precompute = precompute_ref_log_probs
         self.step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss,
-                                                 optimizer=optimizer, schedule=schedule),
+                                                 optimizer=optimizer, schedule=schedule, lora=bool(lora_rank)),
                                out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
 
     def batch(self, accumulation: int, rows: int, length: int) -> dict:
@@ -217,7 +239,7 @@ class Planner:
         tokens_AxBxT, rows_AxB = (accumulation, rows, length), (accumulation, rows)
         batch = {k: spec(tokens_AxBxT, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
         batch.update(labels=spec(rows_AxB, jnp.bool_), example_mask=spec(rows_AxB, jnp.bool_))
-        if self.reference is None:
+        if self.precompute:
             batch["reference_logps"] = spec(rows_AxB, jnp.float32)
         return batch
 
@@ -284,14 +306,18 @@ def plan(args, mesh) -> dict:
                           f"({accumulation}) x data-parallel devices ({data_parallel})")
     rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
     fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
+    from bco_jax.models import lora
+
+    targets = lora.resolve_targets([t for t in args.lora_target_modules.split(",") if t]) if args.use_peft else ()
     planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                       ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
-                      fused_attention=fused)
+                      fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets)
     start = time.perf_counter()
     per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
     fits = per_device["total_bytes"] <= usable
     tensor = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
-    out = {"model": args.model, "parameters": planner.parameters,
+    out = {"model": args.model, "parameters": planner.parameters, "trainable_parameters": planner.trainable_parameters,
+           "use_peft": args.use_peft, "lora_r": args.lora_r if args.use_peft else None,
            "parameters_analytic": analytic_parameter_count(model_cfg), "mesh": dict(mesh.shape),
            "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,
            **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "max_length", "remat",

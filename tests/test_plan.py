@@ -92,6 +92,20 @@ def test_cli_compiles_the_step_and_reports_consistent_bytes(tmp_path):
     assert tight["fits"] is False and tight["per_device"]["reference_bytes"] == 0
 
 
+def test_lora_plan_trains_adapters_only(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    full = _plan_cli(tmp_path, "--device_memory", "1TiB")
+    peft = _plan_cli(tmp_path, "--device_memory", "1TiB", "--use_peft", "true", "--lora_r", "2",
+                     "--lora_target_modules", "q_proj,v_proj")
+    cfg = read_config(TINY)
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert peft["parameters"] == full["parameters"]
+    assert peft["trainable_parameters"] == cfg.num_layers * 2 * ((D + N * H) + (D + K * H))  # r = 2: A and B
+    # The base is frozen in bfloat16 and is the reference; float32 adapters and their moments are all that train.
+    assert peft["per_device"]["reference_bytes"] == full["per_device"]["reference_bytes"]
+    assert peft["per_device"]["params_bytes"] < full["per_device"]["params_bytes"] / 20
+
+
 def test_score_free_stand_in_matches_attention_shapes_and_gradients():
     q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
     k, v = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16)) for i in (1, 2))
