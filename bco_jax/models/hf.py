@@ -20,7 +20,7 @@ from flax import nnx
 
 from bco_jax.models import safetensors_io as st
 from bco_jax.models.decoder import Decoder, ModelConfig
-from bco_jax.sharding import mesh_spec
+from bco_jax.sharding import host_gather, mesh_spec
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -322,14 +322,6 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
 # ----------------------------------------------------------------------------- save
 
 
-def _host(array) -> np.ndarray:
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    # Multi-process mesh: every process takes part in the gather; only process 0 writes.
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def _hf_tensors(model: Decoder):
     """Yield (HF name, numpy array) one layer at a time, so the host holds one tensor at once."""
     _, state = nnx.split(model)
@@ -337,10 +329,10 @@ def _hf_tensors(model: Decoder):
     for our_name, (hf_name, perm, split) in _table_for(flat).items():
         array = flat[our_name][...]
         if "{i}" not in hf_name:
-            yield hf_name, _to_hf(_host(array), perm, split)
+            yield hf_name, _to_hf(host_gather(array), perm, split)
             continue
         for i in range(array.shape[0]):
-            yield hf_name.format(i=i), _to_hf(_host(array[i]), perm, split)
+            yield hf_name.format(i=i), _to_hf(host_gather(array[i]), perm, split)
 
 
 def save_hf(model: Decoder, path, *, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
