@@ -158,7 +158,8 @@ def logical_sharding(tree, mesh, rules=None, shapes=None):
     """Tree of logical PartitionSpecs (e.g. `nnx.get_partition_spec(state)`, whose leaves are
     Variables holding specs) -> same tree of NamedShardings. `shapes` (a matching tree of arrays or
     ShapeDtypeStructs) lets non-dividing mesh axes fall back to replication."""
-    is_leaf = lambda x: isinstance(x, (PartitionSpec, nnx.Variable))
+    def is_leaf(x):
+        return isinstance(x, (PartitionSpec, nnx.Variable))
     if shapes is None:
         return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(_spec_of(s), mesh, rules)),
                             tree, is_leaf=is_leaf)

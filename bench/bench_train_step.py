@@ -77,7 +77,8 @@ def write_rows(path, args, n_rows):
     rng = np.random.default_rng(0)
     n_prompt = args.seq // 2 - 1  # + BOS
     n_completion = args.seq - args.seq // 2 - 1  # + EOS
-    words = lambda n: " ".join(f"w{i}" for i in rng.integers(0, args.vocab - len(SPECIAL), n))
+    def words(n):
+        return " ".join(f"w{i}" for i in rng.integers(0, args.vocab - len(SPECIAL), n))
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n_rows):
             f.write(json.dumps({"prompt": words(n_prompt), "completion": " " + words(n_completion),
@@ -386,7 +387,8 @@ def run_sides(args, work):
 
 def markdown(rec):
     o, t, a = rec["ours"], rec["trl"], rec["args"]
-    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    def mib(b):
+        return f"{b / 2**20:.1f} MiB"
     lines = [
         f"# train step: bco-jax vs TRL {rec['versions']['trl']} BCOTrainer ({rec['time_utc']})", "",
         f"Llama {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads / {a['kv_heads']} kv, "

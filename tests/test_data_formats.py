@@ -10,7 +10,9 @@ from test_data_fixtures import make_tokenizer, unpaired_rows, write_jsonl
 from bco_jax.data import DataConfig, DataError, load_dataset, records_from_rows
 from bco_jax.data.formats import TRL_UNPAIR_BLOCK, Example, Pair
 
-MSG = lambda role, text: {"role": role, "content": text}
+
+def MSG(role, text):
+    return {"role": role, "content": text}
 
 
 def load(specs, **kw):

@@ -60,7 +60,8 @@ def test_batch_contract(files):
 
 def test_deterministic_and_reshuffled_per_epoch(files):
     data, cfg = data_for([files["big"]])
-    mk = lambda seed: BatchIterator(data, cfg, seed=seed, global_batch_size=37, prefetch=0)
+    def mk(seed):
+        return BatchIterator(data, cfg, seed=seed, global_batch_size=37, prefetch=0)
     a, b = take(mk(3), 2), take(mk(3), 2)
     for x, y in zip(a, b):
         same(x, y)

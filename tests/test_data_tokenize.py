@@ -198,8 +198,10 @@ def test_whole_dataset_matches_trl_in_order(tmp_path, kind):
 
     from bco_jax.data import load_dataset, ordered_batches
 
-    user = lambda t: {"role": "user", "content": t}
-    bot = lambda t: {"role": "assistant", "content": t}
+    def user(t):
+        return {"role": "user", "content": t}
+    def bot(t):
+        return {"role": "assistant", "content": t}
     if kind == "text":
         rows = [{"prompt": f"What color is the sky {i}? It is bl", "chosen": "ue.", "rejected": " green."}
                 for i in range(5)]

@@ -16,7 +16,8 @@ from bco_jax.models.logprobs import chunk_slots, token_logps
 def tiny(vocab=96, abstract=False, **kw):
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, **kw)
-    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0))
+    def make():
+        return Decoder(cfg, rngs=nnx.Rngs(0))
     return nnx.eval_shape(make) if abstract else make()
 
 
@@ -84,7 +85,8 @@ def test_completion_only_head_matches_full_and_float64(batch, reference, capacit
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_allclose(np.asarray(short), want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(short), np.asarray(full), rtol=1e-5, atol=1e-5)
-    total = lambda s, capacity: logps(s, capacity)[0].sum()
+    def total(s, capacity):
+        return logps(s, capacity)[0].sum()
     g_full, g_short = (jax.jit(jax.grad(total), static_argnums=1)(state, c) for c in (None, capacity))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_full, g_short)
 
@@ -194,11 +196,13 @@ def test_bfloat16_lm_head_gradient_does_not_degrade_with_many_chunks():
     def lm_head_grad(dtype, chunk_tokens):
         model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)
         graphdef, state = nnx.split(model)
-        loss = lambda s: sequence_logps(nnx.merge(graphdef, s), ids, mask, mask,
-                                        chunk_tokens=chunk_tokens)[0].sum()
+        def loss(s):
+            return sequence_logps(nnx.merge(graphdef, s), ids, mask, mask,
+                                                chunk_tokens=chunk_tokens)[0].sum()
         return np.asarray(jax.grad(loss)(state)["lm_head"][...], np.float64)
 
     exact = lm_head_grad(jnp.float32, 4096)
-    err = lambda g: np.linalg.norm(g - exact) / np.linalg.norm(exact)
+    def err(g):
+        return np.linalg.norm(g - exact) / np.linalg.norm(exact)
     one_chunk, many_chunks = err(lm_head_grad(jnp.bfloat16, 4096)), err(lm_head_grad(jnp.bfloat16, 4))
     assert many_chunks < 1.5 * one_chunk, (one_chunk, many_chunks)

@@ -46,7 +46,8 @@ def np_nca(pw, pl, rw, rl, beta):
 
 def np_kto(p, r, y, kl, beta, wd, wu):
     lr = p - r
-    sig = lambda x: 1 / (1 + np.exp(-x))
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
     return np.where(y, wd * (1 - sig(beta * (lr - kl))), wu * (1 - sig(beta * (kl - lr))))
 
 
@@ -109,10 +110,12 @@ def test_paired_losses_without_smoothing_reject_it():
 
 def test_losses_compute_in_float32_for_bfloat16_inputs_and_vmap():
     pw, pl, rw, rl, y, _ = rand(4)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    def bf(a):
+        return jnp.asarray(a, jnp.bfloat16)
     out, rew = jax.jit(L.bco_loss)(bf(pw), bf(rw), y, 0.1)
     assert out.dtype == jnp.float32 and rew.dtype == jnp.float32
-    up = lambda a: np.asarray(bf(a), np.float64)
+    def up(a):
+        return np.asarray(bf(a), np.float64)
     np.testing.assert_allclose(out, np_bco(up(pw), up(rw), y, 0.1, 0.1, 1.0)[0], rtol=2e-5, atol=1e-5)
     for fn in (L.dpo_loss, L.ipo_loss, L.nca_loss):
         assert fn(bf(pw), bf(pl), bf(rw), bf(rl))[0].dtype == jnp.float32
@@ -196,7 +199,8 @@ def test_bco_gradient_closed_form(with_weights):
 
     grad = np.asarray(jax.grad(total)(jnp.asarray(pw, jnp.float32)), np.float64)
     z = beta * (pw - rw) - delta
-    sig = lambda x: 1 / (1 + np.exp(-x))
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
     want = np.where(y, -beta * sig(-z), beta * sig(z)) * (1.0 if w is None else w)
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-9)
     # delta is state: no gradient flows into it.

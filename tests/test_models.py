@@ -246,7 +246,8 @@ def assert_same_attention(kernel, valid, window, T, atol=1e-5):
 @pytest.mark.parametrize("window", [None, 4])
 def test_blocked_xla_attention_equals_dense(side, window):
     """Blocks of 4 queries over 13 tokens: a partial last block, windows that drop whole key blocks."""
-    kernel = lambda *a: attention.xla_causal(*a, block=4)
+    def kernel(*a):
+        return attention.xla_causal(*a, block=4)
     assert_same_attention(kernel, padding(3, 13, side), window, T=13)
 
 

@@ -156,7 +156,8 @@ def test_precomputed_reference_equals_live_reference(models):
 
 def test_nonfinite_step_is_skipped_and_counted(models):
     graphdef, params, _ = models
-    bad = lambda batch: np.full(B, np.nan, np.float32)
+    def bad(batch):
+        return np.full(B, np.nan, np.float32)
     state, hist = run(models, [make_batch(0)], precomputed=bad)
     assert hist[0]["skipped"] == 1
     assert int(state.nonfinite_in_row) == 1 and int(state.skipped_steps) == 1 and int(state.step) == 1
@@ -187,7 +188,22 @@ def test_kto_step_uses_mismatched_kl_pairs(models):
     batch = make_batch(4)
     kl = unpaired_batch(40, "kl_")
     _, hist = run(models, [{**batch, **kl}], cfg=LossOptions(loss_type="kto"))
-    assert np.isfinite(hist[0]["loss"]) and hist[0]["delta"] >= 0.0
+    # TRL's KTO by hand in float64: z0 = max(mean over rows of the KL pairs' log-ratio, 0), then
+    # 1 - sigmoid(beta (r - z0)) for thumbs-up and 1 - sigmoid(beta (z0 - r)) for thumbs-down.
+    graphdef, params, ref = models
+    model, ref_model = nnx.merge(graphdef, params), nnx.merge(graphdef, ref)
+
+    def logratio(b, prefix=""):
+        args = [jnp.asarray(b[prefix + k]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        return np.float64(sequence_logps(model, *args)[0]) - np.float64(sequence_logps(ref_model, *args)[0])
+
+    z0 = max(float(np.mean(logratio(kl, "kl_"))), 0.0)
+    r, up = logratio(batch), batch["labels"]
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+    losses = np.where(up, 1 - sigmoid(0.1 * (r - z0)), 1 - sigmoid(0.1 * (z0 - r)))
+    np.testing.assert_allclose(hist[0]["delta"], z0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(hist[0]["loss"], losses.mean(), rtol=1e-5)
 
 
 def test_eval_step_does_not_move_trl_running_mean(models):

@@ -118,6 +118,7 @@ def test_per_step_metrics_match_trl_bco_trainer(tmp_path, accumulation, logging_
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
 
     # TRL logs no counts (BCOTrainer.log deletes them); they are the labels of each step's rows.
-    per_window = lambda x: x.reshape(-1, logging_steps).sum(1)
+    def per_window(x):
+        return x.reshape(-1, logging_steps).sum(1)
     np.testing.assert_array_equal([r["count/chosen"] for r in ours], per_window(labels.sum(1)))
     np.testing.assert_array_equal([r["count/rejected"] for r in ours], per_window((~labels).sum(1)))

@@ -26,7 +26,8 @@ def _gaussians(seed=0, n_up=8000, n_down=4000):
     inv = np.linalg.inv(cov)
     w = inv @ (mu_up - mu_down)
     b = -0.5 * (mu_up @ inv @ mu_up - mu_down @ inv @ mu_down)
-    log_ratio = lambda x: x.astype(np.float64) @ w + b
+    def log_ratio(x):
+        return x.astype(np.float64) @ w + b
     return draw(mu_up, n_up), draw(mu_down, n_down), draw, (mu_up, mu_down), log_ratio
 
 

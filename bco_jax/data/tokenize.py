@@ -199,5 +199,6 @@ def tokenize_paired(tokenizer, records: list[Pair], cfg: DataConfig, issues: Iss
     chosen = encode(tokenizer, [(r.prompt, r.chosen, r.where) for r in records], cfg, issues, stats)
     rejected = encode(tokenizer, [(r.prompt, r.rejected, r.where) for r in records], cfg, issues, stats)
     keep = [i for i in range(len(records)) if chosen[i] is not None and rejected[i] is not None]
-    build = lambda enc: Sequences.build([enc[i][0] for i in keep], [enc[i][1] for i in keep])
+    def build(enc):
+        return Sequences.build([enc[i][0] for i in keep], [enc[i][1] for i in keep])
     return build(chosen), build(rejected), np.array(keep, dtype=np.int64)

@@ -34,6 +34,7 @@ def print_table(before: dict, after: dict, output_dir: str) -> None:
             ("delta", "eval_delta")]
     print(f"\n{'':46s} {'before':>10s} {'after':>10s}")
     for name, key in rows:
-        fmt = lambda d: f"{d[key]:10.4f}" if key in d else f"{'-':>10s}"
+        def fmt(d):
+            return f"{d[key]:10.4f}" if key in d else f"{'-':>10s}"
         print(f"{name:46s} {fmt(before)} {fmt(after)}")
     print(f"\noutputs in {output_dir}: metrics.jsonl, tensorboard/, checkpoints/, hf/ (the aligned model)")

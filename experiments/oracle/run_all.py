@@ -280,7 +280,8 @@ def table(results) -> str:
         if s["n"] == 0:
             lines.append(f"| {method} | 0 (failed) |" + " - |" * (len(head) - 2))
             continue
-        cell = lambda k: f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-"
+        def cell(k):
+            return f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-"
         gain = f"{100 * (s['success'][0] - sft):+.1f} pts" if method != "sft" else "-"
         seeds = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {method} | {seeds} | {cell('success')} | {gain} | "
