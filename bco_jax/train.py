@@ -39,7 +39,7 @@ from bco_jax.build import (
     save_model_copies,
 )
 from bco_jax.config import TrainConfig, parse_args, run_name
-from bco_jax.errors import USER_ERRORS, ConfigError, log
+from bco_jax.errors import USER_ERRORS, ConfigError, fault_point, log
 from bco_jax.evaluate import eval_pass
 from bco_jax.files import atomic_write_json
 from bco_jax.guards import check_finite, check_output_dir, check_result, run_identity
@@ -110,6 +110,7 @@ def save(run: Run, checkpointer, step: int, state: TrainState, tables: Tables) -
     checkpointer.save(step, item, {"data": run.iterator.state(), "config": flat_config(run.cfg),
                                    ckpt_lib.REFERENCE_PATH: os.path.abspath(run.ref_path),
                                    ckpt_lib.REFERENCE_FINGERPRINT: run.ref_fingerprint})
+    fault_point("checkpoint")  # the write goes on in the background
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -131,6 +132,7 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
             local = attach_tables(next(run.iterator), tables.ref_table, weights)
             batch = put_batch(local, run.mesh, cfg.gradient_accumulation_steps)
             state, metrics = run.step_fn(state, run.reference, batch, completion_capacity(local))
+            fault_point("step")
             if pending is not None:  # read step N-1's metrics while step N runs
                 reporter.add(*pending)
             pending = (step, metrics)
@@ -205,6 +207,7 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
                                    loss_type=cfg.loss.loss_type, reference_path=run.ref_path,
                                    reference_fingerprint=run.ref_fingerprint)
     if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
+        fault_point("export")
         export_policy(run, state)
         log.info("exported the policy to %s", os.path.join(output_dir, "hf"))
     result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}

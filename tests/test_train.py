@@ -107,10 +107,30 @@ def test_udm_weights_reach_the_loss_and_resume_exactly(assets, tmp_path):
     np.testing.assert_array_equal([r["loss"] for r in again], weighted)
 
 
-def _cli(argv, **kw):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _cli(argv, env=None, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bco_jax.train", *argv], capture_output=True, text=True,
                           env=env, **kw)
+
+
+def test_sigkill_at_named_points_then_rerun_ends_bit_identical(assets, tmp_path):
+    # Ten seeded crashes chained in one output_dir (inside a step, with a checkpoint write in flight,
+    # between the final state and the export), each followed by the same command: the run ends with
+    # the weights of one uninterrupted run, bit for bit.
+    common = ["--max_steps", "6", "--save_steps", "2", "--eval_data", ""]
+    whole, chained = tmp_path / "whole", tmp_path / "chained"
+    assert _cli(args(assets, whole, *common)).returncode == 0
+    rng, outcomes = np.random.default_rng(0), []
+    early = ["step:2", "step:3", "checkpoint:1", "checkpoint:2"]  # reached before the run's end
+    for trial in range(10):
+        fault = str(rng.choice(early)) if trial < 8 else "export:1"
+        proc = _cli(args(assets, chained, *common), env={"BCO_JAX_FAULT": fault})
+        assert proc.returncode in (0, -signal.SIGKILL), (fault, proc.stderr[-2000:])
+        outcomes.append((fault, proc.returncode))
+    assert sum(code == -signal.SIGKILL for _, code in outcomes) >= 5, outcomes
+    assert _cli(args(assets, chained, *common)).returncode == 0
+    assert (whole / "hf" / "model.safetensors").read_bytes() == (chained / "hf" / "model.safetensors").read_bytes()
+    assert not [p for p in os.listdir(chained / "checkpoints") if "tmp" in p]  # no half checkpoint left behind
 
 
 def test_kill_and_resume_is_bit_exact(assets, tmp_path):
