@@ -233,7 +233,7 @@ def dry_run(run: Run) -> dict:
     local = attach_tables(next(run.iterator))
     reference = run.reference
     if run.cfg.run.precompute_ref_log_probs:
-        reference = None
+        reference = run.reference if run.cfg.model.use_peft else None  # with LoRA: the policy's base
         for key in [k for k in local if k.endswith("input_ids")]:
             local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)
