@@ -275,6 +275,9 @@ def main(argv=None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = _wants_debug(argv)
+    # A checkpoint that does not read leaves Orbax's background read task failed; asyncio would print
+    # its traceback ("Task exception was never retrieved") after the fallback has already said why.
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
         cfg = parse_args(argv)
         demo = not cfg.model.model and not cfg.data.train_data
