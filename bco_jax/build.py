@@ -50,7 +50,15 @@ from bco_jax.metrics import truncate_metrics
 from bco_jax.models import Decoder, compute_dtype, load_hf, lora, read_config, save_hf, weight_decay_mask
 from bco_jax.models.decoder import layer_param_shapes
 from bco_jax.precompute import fit_udm, reference_table
-from bco_jax.sharding import LOGICAL_RULES, build_mesh, data_parallel_size, data_shard, host_gather, model_shardings
+from bco_jax.sharding import (
+    LOGICAL_RULES,
+    abstract_on,
+    build_mesh,
+    data_parallel_size,
+    data_shard,
+    host_gather,
+    model_shardings,
+)
 from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
 
 REFERENCE_COPY = "reference"  # under output_dir, beside MODEL_COPY
@@ -219,8 +227,7 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     params_shape = trained(nnx.to_pure_dict(abstract_params))
     shardings = state_shardings(jax.eval_shape(make_state, params_shape),
                                 trained(nnx.to_pure_dict(model_shardings(abstract_params, mesh))), mesh, optimizer)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  jax.eval_shape(make_state, params_shape), shardings)
+    abstract_state = abstract_on(jax.eval_shape(make_state, params_shape), shardings)
     # Built under jit straight onto its shardings: on several hosts no process holds all of it.
     init_fn = jax.jit(make_state, out_shardings=shardings)
 
@@ -307,8 +314,7 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
         raise ConfigError(f"ref_dtype: the saved reference copy in {saved} is {record.get('ref_dtype')}, "
                           f"not {cfg.model.ref_dtype}; keep ref_dtype or restore the original {path}")
     shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract), shardings)
+    target = abstract_on(nnx.to_pure_dict(abstract), shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.abspath(os.path.join(saved, "params")), target)
     return graphdef, params, record["path"], record["fingerprint"]

@@ -268,9 +268,9 @@ class Planner:
 
 
 def _placed(tree, shardings):
-    import jax
+    from bco_jax.sharding import abstract_on
 
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return abstract_on(tree, shardings)
 
 
 # ---------------------------------------------------------------------------------------------- plan

@@ -8,6 +8,7 @@ array back to every host.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -196,6 +197,7 @@ def data_parallel_size(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes() if a in mesh.axis_names]))
 
 
+@functools.cache  # asked at every step (put_batch); a mesh's answer never changes
 def data_shard(mesh) -> tuple[int, int]:
     """(index, count): which block of every global batch's rows this process feeds, of how many.
     One block per process in a data-parallel job; processes whose devices hold the same rows (a
@@ -209,6 +211,11 @@ def data_shard(mesh) -> tuple[int, int]:
         raise ValueError(f"mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold batch "
                          f"rows {rows} of {n}, not one aligned block; give each host whole data/fsdp slices")
     return rows[0] // block, n // block
+
+
+def abstract_on(tree, shardings):
+    """`tree`'s shapes and dtypes as ShapeDtypeStructs placed on `shardings` (a matching tree)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
