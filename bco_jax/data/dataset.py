@@ -32,6 +32,7 @@ class TokenizedDataset:
     source_ids: np.ndarray  # int32 [n]: which train_data entry each example came from
     pad_id: int
     report: dict = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def paired(self) -> bool:
@@ -44,14 +45,18 @@ class TokenizedDataset:
         return {k: s.lengths() for k, s in self.seqs.items()}
 
     def fingerprint(self) -> str:
-        """Hash of every token, split and label: keys caches derived from it (reference log-probs)."""
+        """Hash of every token, split and label: keys caches derived from it (reference log-probs) and
+        the resume check. Computed once (a dataset is not changed after it loads)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for name, s in sorted(self.seqs.items()):
             for arr in (s.tokens, s.offsets, s.prompt_lens):
                 h.update(name.encode() + np.ascontiguousarray(arr).tobytes())
         if self.labels is not None:
             h.update(self.labels.tobytes())
-        return h.hexdigest()[:32]
+        self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
 
 def load_dataset(specs: list[str], tokenizer, cfg: DataConfig, split: str | None = None,
