@@ -4,11 +4,16 @@ The shipped assets are a tiny SFT model trained on noisy answers and feedback da
 the oracle (made by experiments/oracle/make_sft.py and make_feedback.py); they are the trainer's
 default demonstration and the starting point of the evidence experiments. `reward` is usable as
 `--reward_fn bco_jax.oracle:reward`.
+
+A second task, `bco_jax.oracle.interval` (name an integer strictly inside "(a b)": many right answers,
+each unlikely under its SFT model), has the same functions and its own assets under INTERVAL_ASSETS
+(`--reward_fn bco_jax.oracle.interval:reward`). `TASKS` maps the scripts' `--task` names to the modules.
 """
 from __future__ import annotations
 
 import os
 
+from bco_jax.oracle import interval, task
 from bco_jax.oracle.task import (
                                  FAMILIES,
                                  answer,
@@ -33,6 +38,14 @@ EVAL_FEEDBACK = os.path.join(FEEDBACK_DIR, "eval_binary.jsonl")  # held-out prom
 EVAL_PAIRED = os.path.join(FEEDBACK_DIR, "eval_paired.jsonl")
 EVAL_PROMPTS = os.path.join(FEEDBACK_DIR, "eval_prompts.jsonl")  # == split_prompts()["eval"]
 
+# The interval task: the same tokenizer (TOKENIZER_DIR) and the same file names in its feedback folder
+# (binary, likert, paired, eval_binary, eval_paired, eval_prompts .jsonl and manifest.json; no mismatch set).
+INTERVAL_ASSETS = os.path.join(os.path.dirname(ASSETS), "interval")
+INTERVAL_MODEL_DIR = os.path.join(INTERVAL_ASSETS, "sft")
+INTERVAL_FEEDBACK_DIR = os.path.join(INTERVAL_ASSETS, "feedback")
+
+TASKS = {"arithmetic": task, "interval": interval}  # the experiment scripts' --task choices
+
 # Settings under which BCO on TRAIN_FEEDBACK clearly raises the success rate in a couple of CPU
 # minutes (experiments/oracle/check_bco.py: 0.51 -> 0.67 with these). The paper's 5e-7 learning
 # rate is for 3B-8B models; a 200k-parameter model trained from scratch moves only at ~1e-3.
@@ -47,7 +60,11 @@ __all__ = [
                                  "EVAL_PROMPTS",
                                  "FAMILIES",
                                  "FEEDBACK_DIR",
+                                 "INTERVAL_ASSETS",
+                                 "INTERVAL_FEEDBACK_DIR",
+                                 "INTERVAL_MODEL_DIR",
                                  "MODEL_DIR",
+                                 "TASKS",
                                  "TOKENIZER_DIR",
                                  "TRAIN_FEEDBACK",
                                  "TRAIN_LIKERT",
@@ -55,10 +72,12 @@ __all__ = [
                                  "TRAIN_PAIRED",
                                  "answer",
                                  "graded_reward",
+                                 "interval",
                                  "is_success",
                                  "parse_prompt",
                                  "prompt_family",
                                  "rating",
                                  "reward",
                                  "split_prompts",
+                                 "task",
 ]

@@ -1,5 +1,8 @@
 """Sampling answers from a model for oracle-task prompts, and scoring them with the oracle.
 
+Shared by the oracle tasks (`bco_jax.oracle.task`, arithmetic, the default; `bco_jax.oracle.interval`):
+`success_rate` takes the task module whose `reward`, `prompt_family` and `FAMILIES` score the answers.
+
 Prompts are tokenized as the trainer tokenizes them (BOS + characters), padded to one fixed width and
 batched at one fixed batch size, so `generate` compiles once however many prompts there are.
 """
@@ -11,7 +14,7 @@ import numpy as np
 from bco_jax.models import generate
 from bco_jax.oracle import task
 
-PROMPT_WIDTH = 8  # BOS + the longest question ("99+99=" is 6 characters), with room to spare
+PROMPT_WIDTH = 8  # BOS + the longest prompt: a question ("99+99=") 6 characters, an interval ("(10 99)") 7
 MAX_NEW_TOKENS = 5  # the longest answer is 3 digits + EOS; one more lets a runaway answer show
 
 
@@ -54,9 +57,10 @@ def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature
 
 
 def success_rate(model, tokenizer, prompts: list[str], rng, *, samples_per_prompt: int = 1,
-                 **sampling) -> dict[str, float]:
+                 task=task, **sampling) -> dict[str, float]:
     """Oracle success rate of sampled answers, overall and per prompt family, with the number of
-    samples scored (`n`) so a reader can judge the noise."""
+    samples scored (`n`) so a reader can judge the noise. `task` is the oracle task's module (anything
+    with `reward`, `prompt_family` and `FAMILIES`): the arithmetic task unless told otherwise."""
     repeated = [p for _ in range(samples_per_prompt) for p in prompts]
     completions = sample_completions(model, tokenizer, repeated, rng, **sampling)
     wins = np.array([task.reward(p, c) for p, c in zip(repeated, completions)])

@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/oracle/make_feedback.py --model bco_jax/assets/oracle/sft \
         --out bco_jax/assets/oracle/feedback
+    .venv/bin/python experiments/oracle/make_feedback.py --task interval   # bco_jax/assets/interval/...
 
 Every training prompt gets `--samples` temperature-1 answers; each file takes what its format needs:
   binary.jsonl           {prompt, completion, label}     the first answer of each prompt
@@ -13,6 +14,9 @@ Every training prompt gets `--samples` temperature-1 answers; each file takes wh
   eval_prompts.jsonl     {prompt, family, answer}        held-out prompts for success rate and KL
   manifest.json          sizes, label balance, the SFT model's success rate, the settings used
 An empty answer, or one holding a special token, is never used as a completion (see `usable`).
+
+`--task interval` (bco_jax.oracle.interval) writes the same files but for the mismatch set (arithmetic
+only), and its eval_prompts.jsonl rows are {prompt, family}: an interval has many right answers.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from bco_jax.models import load_hf
-from bco_jax.oracle import task
+from bco_jax.oracle import TASKS, task
 from bco_jax.oracle.sampling import sample_completions, success_rate
 
 
@@ -43,26 +47,27 @@ def usable(answer: str) -> bool:
     return bool(answer) and "<" not in answer
 
 
-def first(answers, prompt, success: bool | None = None):
+# `task=` below: the oracle task's module (bco_jax.oracle.task or .interval); arithmetic by default.
+def first(answers, prompt, success: bool | None = None, task=task):
     for a in answers:
         if usable(a) and (success is None or task.is_success(prompt, a) == success):
             return a
     return None
 
 
-def binary_rows(prompts, answers):
+def binary_rows(prompts, answers, task=task):
     rows = []
     for p, a in zip(prompts, answers):
-        c = first(a, p)
+        c = first(a, p, task=task)
         if c is not None:
             rows.append(dict(prompt=p, completion=c, label=task.is_success(p, c)))
     return rows
 
 
-def paired_rows(prompts, answers):
+def paired_rows(prompts, answers, task=task):
     rows = []
     for p, a in zip(prompts, answers):
-        chosen, rejected = first(a, p, True), first(a, p, False)
+        chosen, rejected = first(a, p, True, task), first(a, p, False, task)
         if chosen is not None and rejected is not None:
             rows.append(dict(prompt=p, chosen=chosen, rejected=rejected))
     return rows
@@ -85,13 +90,21 @@ def mismatch_rows(prompts, answers, mismatch: float, rng):
     return [rows[i] for i in order]
 
 
+def eval_prompt_row(prompt, task=task) -> dict:
+    """{prompt, family, answer}; {prompt, family} for a task without a single right answer (interval)."""
+    row = dict(prompt=prompt, family=task.prompt_family(prompt))
+    if hasattr(task, "answer"):
+        row["answer"] = task.answer(prompt)
+    return row
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
 
 
-def summary(rows) -> dict:
+def summary(rows, task=task) -> dict:
     s = {"rows": len(rows)}
     for key in ("label", "rating"):
         if rows and key in rows[0]:
@@ -105,16 +118,33 @@ def summary(rows) -> dict:
     return s
 
 
+# Per task: default folders and the likert note of the manifest.
+ASSET_DIRS = {"arithmetic": "bco_jax/assets/oracle", "interval": "bco_jax/assets/interval"}
+LIKERT_NOTES = {"arithmetic": "rating 5 (right) <=> label true; 4 = one digit wrong",
+                "interval": "rating 5 (inside) <=> label true; 4 = on a boundary; 3 = within 5 of the interval"}
+
+
+def recorded_args(args) -> dict:
+    """The settings for the manifest; `task` only when not arithmetic, so the arithmetic manifest reads
+    as it did before --task existed."""
+    return {k: v for k, v in vars(args).items() if not (k == "task" and v == "arithmetic")}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bco_jax/assets/oracle/sft")
-    p.add_argument("--out", default="bco_jax/assets/oracle/feedback")
-    p.add_argument("--train_prompts", type=int, default=3000, help="half additions, half subtractions")
+    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                   help="the oracle task; it also sets the default --model and --out")
+    p.add_argument("--model", default=None, help="default: bco_jax/assets/<oracle|interval>/sft")
+    p.add_argument("--out", default=None, help="default: bco_jax/assets/<oracle|interval>/feedback")
+    p.add_argument("--train_prompts", type=int, default=3000, help="half of each prompt family")
     p.add_argument("--samples", type=int, default=8, help="answers sampled per prompt")
     p.add_argument("--mismatch", type=float, default=0.8)
     p.add_argument("--eval_samples", type=int, default=8, help="answers per eval prompt for the SFT rate")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    task = TASKS[args.task]
+    args.model = args.model or os.path.join(ASSET_DIRS[args.task], "sft")
+    args.out = args.out or os.path.join(ASSET_DIRS[args.task], "feedback")
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     model = load_hf(args.model)
@@ -132,32 +162,34 @@ def main(argv=None):
     answers = sample_many(model, tokenizer, train, args.samples, jax.random.fold_in(key, 1))
     heldout_answers = sample_many(model, tokenizer, heldout, args.samples, jax.random.fold_in(key, 2))
 
-    binary = binary_rows(train, answers)
+    binary = binary_rows(train, answers, task)
     files = {
         "binary.jsonl": binary,
         "likert.jsonl": [dict(prompt=r["prompt"], completion=r["completion"],
                               rating=task.rating(r["prompt"], r["completion"])) for r in binary],
-        "paired.jsonl": paired_rows(train, answers),
-        "mismatch_binary.jsonl": mismatch_rows(train, answers, args.mismatch, rng),
-        "eval_binary.jsonl": binary_rows(heldout, heldout_answers),
-        "eval_paired.jsonl": paired_rows(heldout, heldout_answers),
-        "eval_prompts.jsonl": [dict(prompt=q, family=task.prompt_family(q), answer=task.answer(q))
-                               for q in splits["eval"]],
+        "paired.jsonl": paired_rows(train, answers, task),
+        # Arithmetic only (its two families, and make_mismatch.py's redraw, are built around it).
+        "mismatch_binary.jsonl": (mismatch_rows(train, answers, args.mismatch, rng)
+                                  if args.task == "arithmetic" else None),
+        "eval_binary.jsonl": binary_rows(heldout, heldout_answers, task),
+        "eval_paired.jsonl": paired_rows(heldout, heldout_answers, task),
+        "eval_prompts.jsonl": [eval_prompt_row(q, task) for q in splits["eval"]],
     }
+    files = {name: rows for name, rows in files.items() if rows is not None}
     for name, rows in files.items():
         write_jsonl(os.path.join(args.out, name), rows)
     sft = success_rate(model, tokenizer, splits["eval"], jax.random.fold_in(key, 3),
-                       samples_per_prompt=args.eval_samples)
-    greedy = success_rate(model, tokenizer, splits["eval"], key, temperature=0.0)
+                       samples_per_prompt=args.eval_samples, task=task)
+    greedy = success_rate(model, tokenizer, splits["eval"], key, temperature=0.0, task=task)
     all_train = [task.reward(q, a) for q, s in zip(train, answers) for a in s]
     manifest = dict(
         sft_success_eval_prompts=sft, sft_greedy_success_eval_prompts=greedy["success"],
         sampled_success_train_prompts=round(float(np.mean(all_train)), 4),
         sampling=dict(temperature=1.0, top_p=1.0, max_new_tokens=5, samples_per_prompt=args.samples),
-        files={name: summary(rows) for name, rows in files.items() if name != "eval_prompts.jsonl"},
-        eval_prompts=len(files["eval_prompts.jsonl"]), args=vars(args),
+        files={name: summary(rows, task) for name, rows in files.items() if name != "eval_prompts.jsonl"},
+        eval_prompts=len(files["eval_prompts.jsonl"]), args=recorded_args(args),
         seconds=round(time.time() - t0, 1))
-    manifest["files"]["likert.jsonl"]["note"] = "rating 5 (right) <=> label true; 4 = one digit wrong"
+    manifest["files"]["likert.jsonl"]["note"] = LIKERT_NOTES[args.task]
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(json.dumps(manifest, indent=1))

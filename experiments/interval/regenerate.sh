@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Rebuild the interval task's shipped assets: SFT model, feedback sets, measurements in the manifest.
+# The tokenizer is the oracle task's (bco_jax/assets/oracle/tokenizer), reused unchanged. Not
+# bit-reproducible across CPU types (float32 reductions differ), which is why the outputs are
+# committed; expect the same success rate and label balance within sampling noise.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=bco_jax/assets/interval
+$PY experiments/oracle/make_sft.py --task interval --noise 0.5 --out $OUT/sft "$@"
+$PY experiments/oracle/make_feedback.py --task interval --model $OUT/sft --out $OUT/feedback
+$PY experiments/interval/measure.py --model $OUT/sft --manifest $OUT/feedback/manifest.json

@@ -1,0 +1,57 @@
+"""The evidence protocol's decisions (experiments/oracle): paired t-intervals, verdicts, the learning-rate
+grid's extension at an edge and the selection, on hand-made results (no training)."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "oracle"))
+import protocol as P
+from stats import HELD, INCONCLUSIVE, NOT_HELD, paired_interval
+
+
+def test_paired_interval_matches_the_t_table():
+    a, b = [0.70, 0.72, 0.65, 0.69, 0.74], [0.66, 0.70, 0.66, 0.64, 0.70]
+    d = np.subtract(a, b)
+    half = 2.7764451 * d.std(ddof=1) / math.sqrt(5)  # t(0.975, df=4), from a printed table
+    ci = paired_interval(a, b)
+    assert ci.mean == pytest.approx(d.mean()) and ci.n == 5
+    assert (ci.low, ci.high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-6)
+    assert ci.verdict() == INCONCLUSIVE  # one seed goes the other way: the interval straddles 0
+
+
+def test_verdicts_follow_the_interval():
+    assert paired_interval([0.8, 0.82, 0.79], [0.7, 0.71, 0.7]).verdict() == HELD
+    assert paired_interval([0.6, 0.61, 0.59], [0.7, 0.71, 0.7]).verdict() == NOT_HELD
+    assert paired_interval([0.9], [0.1]).verdict() == INCONCLUSIVE  # one pair has no interval
+
+
+def _grid(method, scores, seeds=(100,)):
+    return [dict(P.make_run("grid", method, lr, P.BETA, s), status="ok", val_success=v)
+            for lr, v in scores.items() for s in seeds]
+
+
+def test_grid_grows_at_an_edge_until_the_best_is_inside():
+    cfg = P.full_config("arithmetic")
+    base = {1e-4: 0.5, 3e-4: 0.55, 1e-3: 0.6, 3e-3: 0.62, 1e-2: 0.7}  # best on the upper edge
+    runs = _grid("dpo", base)
+    assert P.grid_rates(runs, "dpo", cfg) == [*P.LR_GRID, 3e-2]  # one more rate, not yet run
+    runs += _grid("dpo", {3e-2: 0.4})  # it was worse: 1e-2 is inside now
+    assert P.grid_rates(runs, "dpo", cfg) == [*P.LR_GRID, 3e-2]
+    runs = _grid("ipo", {**base, 1e-2: 0.3, 1e-4: 0.9}) + _grid("ipo", {3e-5: 0.95, 1e-5: 0.97})
+    assert P.grid_rates(runs, "ipo", cfg) == [1e-5, 3e-5, *P.LR_GRID]  # at most two extensions per side
+
+
+def test_selection_and_variants():
+    cfg = P.full_config("arithmetic")
+    task = P.Task("t", None, "", "", P._methods(mismatch=True))
+    runs = _grid("bco", {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.6, 3e-3: 0.55, 1e-2: 0.2})
+    chosen = P.selected_rates(runs, task, cfg)
+    assert chosen["bco"] == 3e-4  # a tie goes to the smaller rate
+    assert chosen["bco_trl_shift"] == chosen["bco_mm95_udm"] == 3e-4  # variants take their base's rate
+    assert "dpo" not in chosen  # no grid runs, no selection
+    tests = P.test_runs(task, chosen, cfg)
+    assert {r["method"] for r in tests} == {m for m in task.methods if task.base_of(m) == "bco"}
+    assert [r["beta"] for r in tests if r["method"] == "bco" and r["seed"] == 0] == [P.BETA, 0.05, 0.3]
