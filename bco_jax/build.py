@@ -110,11 +110,14 @@ class Tables(NamedTuple):
 # ------------------------------------------------------------------------------------------ pieces
 
 
-def completion_capacity(batch: dict) -> int | None:
+def completion_capacity(batch: dict) -> int | tuple[int, int] | None:
     """The host batch's scored tokens per row at most (the data pipeline's `completion_capacity`),
-    a static argument of the step: the LM head runs on that many positions per row."""
+    a static argument of the step: the LM head runs on that many positions per row. With packing and
+    KTO, a pair (packed rows, KL rows: `kl_completion_capacity`)."""
     value = batch.get("completion_capacity")
-    return None if value is None or len(value) == 0 else int(value[0])
+    main = None if value is None or len(value) == 0 else int(value[0])
+    kl = batch.get("kl_completion_capacity")
+    return main if kl is None or len(kl) == 0 else (main, int(kl[0]))
 
 
 def load_tokenizer(path: str):
@@ -153,9 +156,16 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
     if cfg.run.eval_batch % data_devices:
         raise ConfigError(f"eval_batch_size: {cfg.run.eval_batch} is not divisible by the {data_devices} "
                           "data-parallel devices")
+    if cfg.data.packing and cfg.model.attn_implementation == "auto" and jax.default_backend() == "gpu":
+        log.warning("packing: cuDNN attention takes no segment ids; packed rows run on XLA attention")
     if cfg.run.precompute_ref_log_probs and cfg.loss.loss_type == "kto":
         raise ConfigError("precompute_ref_log_probs: not supported with loss_type=kto (its KL pairs change "
                           "with every batch)")
+
+
+def shard_devices(mesh) -> int:
+    """Data-parallel devices per data shard (process): packed rows are packed per device."""
+    return data_parallel_size(mesh) // data_shard(mesh)[1]
 
 
 def mesh_for(cfg: TrainConfig):
@@ -215,7 +225,8 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     train_data, eval_data = load_data(cfg, tokenizer)
     shard, shards = data_shard(mesh)
     iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
-                             process_index=shard, process_count=shards)
+                             process_index=shard, process_count=shards,
+                             accumulation=cfg.run.gradient_accumulation_steps, shard_devices=shard_devices(mesh))
     steps = total_steps(cfg, iterator.steps_per_epoch)
 
     graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg, **lora_options(cfg))

@@ -152,7 +152,7 @@ OPERATIONAL_KEYS = frozenset({
     "remat", "attn_implementation", "output_dir", "max_steps", "num_train_epochs", "eval_batch_size",
     "logging_steps", "save_steps", "save_total_limit", "eval_steps", "precompute_ref_log_probs", "mesh",
     "dry_run", "max_nonfinite_steps", "sigterm_exit_code", "tensorboard", "export_hf", "save_reference",
-    "demo_samples", "allow_config_change", "debug", "skip_invalid",
+    "demo_samples", "allow_config_change", "debug", "skip_invalid", "packing",
     "coordinator_address", "num_processes", "process_id", "distributed_timeout"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
 _NAMING_KEYS = ("model", "ref_model", "train_data")
@@ -322,6 +322,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
         (l.label_smoothing == 0.0 or l.loss_type == "dpo", "label_smoothing", "applies to loss_type=dpo only"),
         (not l.udm or l.loss_type in ("bco", "bce"), "udm", "applies to loss_type bco or bce only"),
+        (not cfg.data.packing or l.loss_type not in PAIRED_LOSSES, "packing",
+         f"applies to the unpaired losses (bco, bce, kto); {l.loss_type} keeps one pair per row"),
+        (not cfg.data.packing or cfg.model.attn_implementation != "cudnn", "packing",
+         "attn_implementation=cudnn takes no segment ids; use auto, xla or splash with packing"),
         (0 < l.min_density_ratio <= l.max_density_ratio, "min_density_ratio", "must be in (0, max_density_ratio]"),
         (l.prompt_sample_size > 0, "prompt_sample_size", "must be > 0"),
         (l.loss_type != "kto" or r.batch_size >= 2, "batch_size",

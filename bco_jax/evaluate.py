@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -25,13 +26,14 @@ import numpy as np
 from flax import nnx
 
 from bco_jax import losses as L
+from bco_jax.build import completion_capacity
 from bco_jax.checkpoint import FINAL_STATE_FILE as STATE_FILE
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
 from bco_jax.metrics import eval_summary
 from bco_jax.models import generate, load_hf
 from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
-from bco_jax.sharding import host_gather, put_batch
+from bco_jax.sharding import data_parallel_size, host_gather, put_batch
 from bco_jax.step import batch_logps
 
 
@@ -40,9 +42,10 @@ def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_si
     """eval_ metrics over a whole labelled dataset with the state's current delta (`eval_fn`:
     `bco_jax.build.Run.eval_fn`). Every process calls it; each reads its share of the rows."""
     rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
-    for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count()):
-        capacity = int(batch["completion_capacity"][0])
-        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift, capacity)
+    devices = data_parallel_size(mesh) // jax.process_count()  # packed rows are packed per device
+    for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count(), devices):
+        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift,
+                      completion_capacity(batch))
         for key in rows:
             rows[key].append(host_gather(out[key]).reshape(-1))
         loss_sum += float(host_gather(out["loss_sum"]))
@@ -76,10 +79,16 @@ def load_reward_fn(spec: str):
         raise ValueError(f"--reward_fn {spec!r}: {err}") from None
 
 
+# The keys a log-prob pass reads (packed rows add their segments and the example axis).
+LOGPS_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "row_first_example",
+              "example_mask")
+
+
+@functools.lru_cache(maxsize=16)  # one compilation per model structure, not per call
 def _logps_fn(graphdef):
-    @jax.jit
-    def fn(params, ids, mask, loss_mask):  # the step's own log-prob helper
-        return batch_logps(graphdef, params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask})[0]
+    @functools.partial(jax.jit, static_argnums=2)
+    def fn(params, batch, capacity=None):  # the step's own log-prob helper
+        return batch_logps(graphdef, params, batch, capacity=capacity)[0]
     return fn
 
 
@@ -88,8 +97,9 @@ def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> d
     pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
     rewards, labels, mask = [], [], []
     for batch in ordered_batches(data, cfg, batch_size):
-        args = [jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")]
-        r = L.implicit_reward(pol_fn(policy[1], *args), ref_fn(reference[1], *args), beta)
+        arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in LOGPS_KEYS}
+        capacity = int(batch["completion_capacity"][0])
+        r = L.implicit_reward(pol_fn(policy[1], arrays, capacity), ref_fn(reference[1], arrays, capacity), beta)
         rewards.append(np.asarray(r)), labels.append(batch["labels"]), mask.append(batch["example_mask"])
     rewards, labels, mask = (np.concatenate(x) for x in (rewards, labels, mask))
     out = eval_summary(rewards, labels, mask, 0.0, 1, delta)
@@ -133,8 +143,8 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
         full_mask, full, loss_mask = right_align(
             jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1), jnp.concatenate([jnp.asarray(ids), tokens], axis=1),
             jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1))
-        lp_pol = np.asarray(pol_fn(policy[1], full, full_mask, loss_mask))
-        lp_ref = np.asarray(ref_fn(reference[1], full, full_mask, loss_mask))
+        arrays = {"input_ids": full, "attention_mask": full_mask, "loss_mask": loss_mask}
+        lp_pol, lp_ref = np.asarray(pol_fn(policy[1], arrays)), np.asarray(ref_fn(reference[1], arrays))
         tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)
         stop = set(eos_ids or model.config.eos_token_ids)
         for i in range(min(batch_size, len(prompts) - start)):
@@ -170,6 +180,8 @@ def parse(argv=None):
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, help="default: the training run's, else 1024")
+    p.add_argument("--packing", choices=("true", "false"),
+                   help="pack several examples per row for the reward pass (default: the training run's, else false)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON report path (default: <model>/eval.json); samples go beside it")
     return p.parse_args(argv)
@@ -190,6 +202,8 @@ def run(args) -> dict:
     run_options.update(train_data=[args.data], eval_data=[], shuffle=False, paired=False, kl_pairs=False)
     if args.max_length is not None:
         run_options["max_length"] = args.max_length
+    if args.packing is not None:
+        run_options["packing"] = args.packing == "true"
     cfg = DataConfig(**run_options)
     data = load_dataset([args.data], tokenizer, cfg, require_both_classes=False)
     if data.paired:

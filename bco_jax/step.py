@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bco_jax import losses as L
-from bco_jax.models import sequence_logps
+from bco_jax.models import example_logps, sequence_logps
 from bco_jax.models.lora import join_adapters
 
 if typing.TYPE_CHECKING:
@@ -108,12 +108,24 @@ def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -
 
 
 def batch_logps(graphdef, params, mb, prefix="", capacity=None, dropout_rng=None):
-    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict. `capacity`: scored
-    tokens a row may hold (the batch's `completion_capacity`); the LM head runs on that many
-    positions per row, or on all of them when None. `dropout_rng`: LoRA dropout (training)."""
+    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict, one per example:
+    per row, or with packed rows (`segment_ids`, see `bco_jax.data.packing`) per entry of the
+    batch's example axis. `capacity`: scored tokens a row may hold (the batch's
+    `completion_capacity`); the LM head runs on that many positions per row, or on all of them when
+    None. `dropout_rng`: LoRA dropout (training)."""
     model = nnx.merge(graphdef, params)
+    if prefix + "segment_ids" in mb:
+        return example_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], mb[prefix + "loss_mask"],
+                             mb[prefix + "segment_ids"], mb[prefix + "positions"], mb[prefix + "row_first_example"],
+                             mb["example_mask"].shape[0], completion_capacity=capacity, dropout_rng=dropout_rng)
     return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
                           mb[prefix + "loss_mask"], completion_capacity=capacity, dropout_rng=dropout_rng)
+
+
+def capacities(capacity) -> tuple[int | None, int | None]:
+    """(main pass, KTO's KL pass) LM-head capacities from the step's static `completion_capacity`:
+    one int for both, or a pair when they differ (packed rows beside padded KL rows)."""
+    return tuple(capacity) if isinstance(capacity, tuple) else (capacity, capacity)
 
 
 def _reference_logps(ref_graphdef, reference, mb, prefix="", capacity=None):
@@ -141,17 +153,21 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
-    examples; for paired ones, rows are pairs, expanded to 2 rows (chosen, rejected) in what it returns.
+    examples (packed rows: the entries of the example axis); for paired ones, rows are pairs,
+    expanded to 2 rows (chosen, rejected) in what it returns.
     """
     graphdef, ref_graphdef = graphdefs
     if lora:  # `params` are the adapters, `reference` the frozen base they sit on
         params = join_adapters(reference, params)
+    main_capacity, kl_capacity = capacities(capacity)
 
     def policy_logps(prefix=""):
         key = None if rng is None else jax.random.fold_in(rng, len(prefix))  # one draw per sequence kind
-        return batch_logps(graphdef, params, mb, prefix, capacity, key)
+        return batch_logps(graphdef, params, mb, prefix, kl_capacity if prefix == "kl_" else main_capacity, key)
 
-    reference_logps = functools.partial(_reference_logps, ref_graphdef, reference, mb, capacity=capacity)
+    def reference_logps(prefix=""):
+        return _reference_logps(ref_graphdef, reference, mb, prefix,
+                                kl_capacity if prefix == "kl_" else main_capacity)
     mask = mb["example_mask"].astype(bool)
     if cfg.loss_type in L.PAIRED_LOSSES:
         (pol_w, n_w), (pol_l, n_l) = (policy_logps(f"{s}_") for s in PAIR_SIDES)
@@ -198,7 +214,8 @@ def train_step(state: TrainState, reference, batch, completion_capacity=None, *,
     The gradient is that of the mean per-example loss over every real example of the step (TRL's
     reduction), whatever A is. A non-finite loss or gradient skips the update, the reward-shift update
     included (one NaN would poison delta for good), and is counted. `completion_capacity` (static):
-    the batch's scored tokens per row at most; the LM head runs on that many positions per row.
+    the batch's scored tokens per row at most; the LM head runs on that many positions per row (a
+    pair: main rows, KTO's KL rows; see `capacities`).
     `lora`: `state.params` are LoRA adapters on the frozen base `reference` (the reference model is
     that base, adapters off); their dropout draws from `state.rng`.
     """

@@ -234,8 +234,8 @@ def dry_run(run: Run) -> dict:
     reference = run.reference
     if run.cfg.run.precompute_ref_log_probs:
         reference = run.reference if run.cfg.model.use_peft else None  # with LoRA: the policy's base
-        for key in [k for k in local if k.endswith("input_ids")]:
-            local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local[key]), np.float32)
+        for key in [k for k in local if k.endswith("input_ids")]:  # one per example (packed rows hold several)
+            local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local["example_mask"]), np.float32)
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)
     compiled = run.step_fn.lower(run.abstract_state, reference, batch, completion_capacity(local)).compile()
     mem = compiled.memory_analysis()

@@ -51,6 +51,8 @@ class DataConfig:
         None, "oversample thumbs-up to this fraction of examples (paper: 0.3865 on HelpSteer2)")
     both_classes_per_batch: bool = _opt(False, "interleave classes so every batch holds both")
     kl_pairs: bool = _opt(False, "add KTO's KL arrays: prompt i with the completion of another example")
+    packing: bool = _opt(False, "pack several examples per row (unpaired losses; batch_size still counts "
+                                "examples): fewer padding tokens, the same numbers")
 
     # Cache.
     cache_dir: str | None = _opt(None, "folder for tokenized datasets keyed by hash (None: no cache)")

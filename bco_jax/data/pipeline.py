@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import DataConfig
 from .dataset import TokenizedDataset
+from .packing import assemble_packed
 
 log = logging.getLogger("bco_jax.data")
 Batch = dict[str, np.ndarray]
@@ -102,7 +103,11 @@ class BatchIterator:
 
     def __init__(self, data: TokenizedDataset, cfg: DataConfig, *, seed: int, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                 shuffle: bool | None = None, sampling: bool = True, prefetch: int = 2):
+                 shuffle: bool | None = None, sampling: bool = True, prefetch: int = 2, accumulation: int = 1,
+                 shard_devices: int = 1):
+        """`accumulation`, `shard_devices` (with `cfg.packing`): the micro-batches per step and the
+        data-parallel devices per process the rows are fed to (`sharding.put_batch`): examples are
+        packed per micro-batch and device, exactly the examples that device would hold unpacked."""
         if global_batch_size % process_count:
             raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
                              f"process_count {process_count}")
@@ -112,6 +117,9 @@ class BatchIterator:
         self.global_batch_size, self.process_index, self.process_count = (
             global_batch_size, process_index, process_count)
         self.local_batch_size = global_batch_size // process_count
+        if cfg.packing and data.paired:
+            raise ValueError("packing: paired data (chosen/rejected) is not packed; use packing false")
+        self.layout = (accumulation, shard_devices)
         self.buckets = cfg.buckets()
         self._shuffle = cfg.shuffle if shuffle is None else shuffle
         self._order, self.epoch_length = build_order(data, cfg, self.seed, self._shuffle, sampling)
@@ -165,17 +173,22 @@ class BatchIterator:
         rows = len(global_ids)
         ids = np.full(self.global_batch_size, -1, np.int64)
         ids[:rows] = global_ids
-        batch = assemble(self.data, self.cfg, ids, self.process_index, self.process_count, self.buckets)
+        batch = assemble(self.data, self.cfg, ids, self.process_index, self.process_count, self.buckets,
+                         *self.layout)
         batch["_global_rows"] = np.int64(rows)
         return batch
 
 
 def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, process_index: int,
-             process_count: int, buckets: list[int]) -> Batch:
-    """This process's rows of the global batch `global_ids` (-1 = padding row), padded to a bucket."""
+             process_count: int, buckets: list[int], accumulation: int = 1, shard_devices: int = 1) -> Batch:
+    """This process's rows of the global batch `global_ids` (-1 = padding row), padded to a bucket
+    (with `cfg.packing`: packed, see `bco_jax.data.packing`)."""
     b = len(global_ids) // process_count
     local = global_ids[process_index * b:(process_index + 1) * b]
     kl_partner = _kl_partners(global_ids) if cfg.kl_pairs and not data.paired else None
+    if cfg.packing and not data.paired:
+        return _assemble_packed(data, cfg, global_ids, process_index, process_count, buckets, accumulation,
+                                shard_devices, kl_partner)
     T = _bucket(data, global_ids, kl_partner, buckets)
     valid = local >= 0
     batch: Batch = {"example_mask": valid, "example_index": local.copy(),
@@ -191,6 +204,19 @@ def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, pr
         partner = kl_partner[process_index * b:(process_index + 1) * b]
         kl = [_kl_ids(seqs, i, j, cfg.max_length) if i >= 0 else None for i, j in zip(local, partner)]
         batch.update(_pad_rows(kl, T, data.pad_id, "kl_"))
+    return batch
+
+
+def _assemble_packed(data, cfg, global_ids, process_index, process_count, buckets, accumulation, shard_devices,
+                     kl_partner) -> Batch:
+    T = _bucket(data, global_ids, None, buckets)
+    batch, where = assemble_packed(data, global_ids, process_index, process_count, accumulation, shard_devices, T)
+    if kl_partner is not None:  # KL rows stay one per example (padded), in the examples' packed order
+        seqs = data.seqs["completion"]
+        kl = [_kl_ids(seqs, global_ids[p], kl_partner[p], cfg.max_length) if p >= 0 else None for p in where]
+        T_kl = _bucket(data, global_ids, kl_partner, buckets)
+        batch.update(_pad_rows(kl, T_kl, data.pad_id, "kl_"))
+        batch["kl_completion_capacity"] = np.full(len(where), completion_capacity(data, global_ids, T_kl), np.int32)
     return batch
 
 
@@ -262,11 +288,13 @@ def _pad_rows(rows: list, T: int, pad_id: int, prefix: str) -> Batch:
 
 
 def ordered_batches(data: TokenizedDataset, cfg: DataConfig, batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> BatchIterator:
+                    process_count: int = 1, shard_devices: int = 1) -> BatchIterator:
     """One pass over the whole dataset in stored order, in fixed-size global batches (last one
-    padded): for precomputing reference log-probs (key them by example_index) and for evaluation."""
+    padded): for precomputing reference log-probs (key them by example_index) and for evaluation.
+    `shard_devices`: data-parallel devices per process (packed rows are packed per device)."""
     return BatchIterator(data, cfg, seed=0, global_batch_size=batch_size, process_index=process_index,
-                         process_count=process_count, num_epochs=1, shuffle=False, sampling=False)
+                         process_count=process_count, num_epochs=1, shuffle=False, sampling=False,
+                         shard_devices=shard_devices)
 
 
 def class_prompts(data: TokenizedDataset, thumbs_up: bool) -> tuple[list[np.ndarray], np.ndarray]:

@@ -2,7 +2,7 @@
 from bco_jax.models.decoder import Decoder, ModelConfig, compute_dtype, decays, weight_decay_mask
 from bco_jax.models.generate import generate
 from bco_jax.models.hf import load_hf, read_config, save_hf
-from bco_jax.models.logprobs import sequence_logps, token_logps
+from bco_jax.models.logprobs import example_logps, sequence_logps, token_logps
 
-__all__ = ["Decoder", "ModelConfig", "compute_dtype", "decays", "generate", "load_hf", "read_config", "save_hf",
-           "sequence_logps", "token_logps", "weight_decay_mask"]
+__all__ = ["Decoder", "ModelConfig", "compute_dtype", "decays", "example_logps", "generate", "load_hf", "read_config",
+           "save_hf", "sequence_logps", "token_logps", "weight_decay_mask"]

@@ -1,14 +1,17 @@
 """Attention, one entry point `attend`, with the kernel chosen by `ModelConfig.attn_implementation`.
 
-Two masking forms, as in transformers: self-attention over one sequence takes the 2-D padding mask
+Two masking forms, as in transformers: self-attention over one sequence takes the 2-D segment ids
 [B, S] and `is_causal=True` (causality and Mistral's window are then known to the kernel, which skips
 masked blocks); cached decoding takes a full boolean mask [B, 1, T, S] and `is_causal=False`, and
-always runs on XLA.
+always runs on XLA. Segment ids: 0 is padding, 1, 2, ... are the examples packed in a row (sequence
+packing), a token attends only to earlier tokens of its own segment; a padding mask is the
+one-segment case.
 
 Kernels for `is_causal=True`:
 - "xla": plain XLA, in query blocks that each read only the keys they can see (any backend).
 - "cudnn" (GPU): cuDNN flash attention, padding given as sequence lengths, so rows must be
-  right-padded (real tokens, then padding), the training layout.
+  right-padded (real tokens, then padding), the training layout. It takes no segment ids: packed
+  rows run on "xla" under "auto", and an explicit "cudnn" refuses them.
 - "splash" (TPU): Pallas splash attention, padding given as segment ids (any padding side).
 - "auto": cudnn on GPU (bfloat16 / float16), splash on TPU, xla otherwise.
 """
@@ -25,42 +28,52 @@ XLA_QUERY_BLOCK = 128
 SPLASH_BLOCK = 128
 
 
-def resolve(attn_implementation: str, dtype) -> str:
-    """The kernel "auto" stands for on the default backend, for inputs of `dtype`."""
+def resolve(attn_implementation: str, dtype, packed: bool = False) -> str:
+    """The kernel "auto" stands for on the default backend, for inputs of `dtype`; `packed`: rows
+    hold several segments (cuDNN's sequence lengths cannot say where they end)."""
     if attn_implementation != "auto":
+        if packed and attn_implementation == "cudnn":
+            raise ValueError("attn_implementation=cudnn takes no segment ids: packed rows need xla or splash")
         return attn_implementation
     backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not packed:
         return "cudnn"
     return "splash" if backend == "tpu" else "xla"
 
 
-def attention_mask(kv_valid_BxS, q_index_T, window: int | None):
-    """[B, 1, T, S] bool: causal by index, padding keys hidden, Mistral window `q - k < window`
-    (transformers 5 masking_utils.sliding_window_overlay). Indices, not positions: padding is
-    contiguous at one end, so index distances between real tokens equal position distances. A
+def attention_mask(kv_segment_BxS, q_index_T, window: int | None, q_segment_BxT=None):
+    """[B, 1, T, S] bool: causal by index, padding keys (segment 0) hidden, Mistral window
+    `q - k < window` (transformers 5 masking_utils.sliding_window_overlay). Indices, not positions:
+    padding is contiguous at one end and a segment is contiguous, so index distances between tokens
+    that may see each other equal position distances. With `q_segment_BxT` (the queries' segment
+    ids) a query sees only keys of its own segment; without, every real key (cached decoding). A
     padding query would see no key at all; it sees itself instead (its output is never used)."""
-    q_TxS, k_TxS = q_index_T[:, None], jnp.arange(kv_valid_BxS.shape[1])[None, :]
+    q_TxS, k_TxS = q_index_T[:, None], jnp.arange(kv_segment_BxS.shape[1])[None, :]
     allowed_TxS = k_TxS <= q_TxS
     if window is not None:
         allowed_TxS &= k_TxS > q_TxS - window
-    return (allowed_TxS[None] & (kv_valid_BxS[:, None, :].astype(bool) | (k_TxS == q_TxS)[None]))[:, None]
+    visible_BxTxS = jnp.broadcast_to(kv_segment_BxS[:, None, :] > 0, (kv_segment_BxS.shape[0], *allowed_TxS.shape))
+    if q_segment_BxT is not None:
+        visible_BxTxS &= kv_segment_BxS[:, None, :] == q_segment_BxT[:, :, None]
+    return (allowed_TxS[None] & (visible_BxTxS | (k_TxS == q_TxS)[None]))[:, None]
 
 
-def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool):
-    """Attention output [B, T, N, H]. `is_causal=True`: `mask` is the padding mask [B, S] of a
-    sequence attending to itself (S == T). `is_causal=False`: `mask` is [B, 1, T, S] bool, complete."""
+def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool, packed: bool = False):
+    """Attention output [B, T, N, H]. `is_causal=True`: `mask` is the segment ids [B, S] of a
+    sequence attending to itself (S == T; a padding mask when `packed` is False). `is_causal=False`:
+    `mask` is [B, 1, T, S] bool, complete."""
     if not is_causal:
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation="xla")
     kernel = {"xla": xla_causal, "cudnn": cudnn_causal, "splash": splash_causal}
-    implementation = resolve(cfg.attn_implementation, q_BxTxNxH.dtype)
+    implementation = resolve(cfg.attn_implementation, q_BxTxNxH.dtype, packed)
     return kernel[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg.sliding_window)
 
 
-def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None, block: int = XLA_QUERY_BLOCK):
+def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, block: int = XLA_QUERY_BLOCK):
     """Causal self-attention in blocks of queries, each against the keys it can see: about half the
     work of one [T, T] score matrix, which XLA cannot skip (2x faster on CPU, forward and backward).
-    Grouped-query heads read their shared key/value head, never a repeated copy."""
+    Grouped-query heads read their shared key/value head, never a repeated copy. `segment_BxT`:
+    segment ids (a padding mask is one segment); a query sees keys of its own segment only."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxTxKxH.shape[2]
     q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
@@ -70,7 +83,8 @@ def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None, b
         stop = min(T, start + block)
         lo = 0 if window is None else max(0, start - window + 1)  # keys before lo are out of every window
         # indices relative to lo: causality, window and padding as for one [Q, S] block of the matrix
-        allowed_BxQxS = attention_mask(valid_BxT[:, lo:stop], jnp.arange(start - lo, stop - lo), window)[:, 0]
+        allowed_BxQxS = attention_mask(segment_BxT[:, lo:stop], jnp.arange(start - lo, stop - lo), window,
+                                       segment_BxT[:, start:stop])[:, 0]
         scores_BxKxGxQxS = jnp.einsum("bkgqh,bksh->bkgqs", q_BxKxGxTxH[:, :, :, start:stop], k_BxKxTxH[:, :, lo:stop],
                                       preferred_element_type=jnp.float32) / np.sqrt(H)
         scores_BxKxGxQxS = jnp.where(allowed_BxQxS[:, None, None], scores_BxKxGxQxS, -1e30)
@@ -88,10 +102,10 @@ def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None)
         implementation="cudnn")
 
 
-def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None):
-    """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). Padding is
-    segment 0, real tokens segment 1, so neither attends to the other. Under `jax.set_mesh`, one
-    kernel per batch shard."""
+def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None):
+    """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). `segment_BxT`
+    are segment ids: padding is segment 0, the real tokens of a row segment 1 (or 1, 2, ... when
+    packed), so no segment attends to another. Under `jax.set_mesh`, one kernel per batch shard."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, T, N, H = q_BxTxNxH.shape
@@ -102,7 +116,7 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None
                                               block_sizes=sa.BlockSizes.get_default(),
                                               interpret=jax.default_backend() != "tpu")
 
-    def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT):
+    def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
         b = q_BxTxNxH.shape[0]
         pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
         # A Python float scales without promoting bfloat16 (a NumPy scalar would make it float32).
@@ -110,7 +124,7 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None
         q_BxKxGxPxH = q_BxPxNxH.reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
         k_BxKxPxH = jnp.pad(k_BxTxKxH, pad).transpose(0, 2, 1, 3)
         v_BxKxPxH = jnp.pad(v_BxTxKxH, pad).transpose(0, 2, 1, 3)
-        segment_BxP = jnp.pad(valid_BxT.astype(jnp.int32), ((0, 0), (0, P - T)))
+        segment_BxP = jnp.pad(segment_BxT.astype(jnp.int32), ((0, 0), (0, P - T)))
         per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # one MQA kernel per key/value head
         out = jax.vmap(per_kv_head)(q_BxKxGxPxH, k_BxKxPxH, v_BxKxPxH, sa.SegmentIds(q=segment_BxP, kv=segment_BxP))
         return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, N, H).astype(q_BxTxNxH.dtype)
@@ -118,7 +132,7 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None
     mesh = jax.sharding.get_abstract_mesh()
     batch = None if mesh.empty else mesh_spec(("batch",), mesh, shape=(B,))[0]
     if batch is None:
-        return run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT)
+        return run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
     spec = jax.sharding.PartitionSpec(batch)  # a Pallas call is not partitioned by XLA: shard it by hand
     return jax.shard_map(run, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT)
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)

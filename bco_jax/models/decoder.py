@@ -150,7 +150,8 @@ def _projection(cfg: ModelConfig, dtype, p, name: str, x, key, n_in: int = 1):
     return y + (cfg.lora_alpha / cfg.lora_rank) * low_rank
 
 
-def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index, key=None):
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index, key=None,
+           packed=False):
     """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
     `cache_index` and attention runs over the whole cache. `key`: this layer's LoRA dropout key."""
     x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
@@ -163,7 +164,7 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache
         start = (0, cache_index, 0, 0)
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
-    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal)
+    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal, packed)
     h_BxTxD = h_BxTxD + _projection(cfg, dtype, p, "wo", attn_BxTxNxH, key, n_in=2)
     x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
     gate_BxTxF = _projection(cfg, dtype, p, "w_gate", x, key)
@@ -263,14 +264,22 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids, attention_mask=None):
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
-    def hidden_states(self, input_ids, attention_mask=None, *, dropout_rng=None):
+    def hidden_states(self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None):
         """Final hidden states [B, T, D] (final norm applied, no LM head), compute dtype.
+        `segment_ids` [B, T] int32 (sequence packing): 0 on padding, 1, 2, ... for the examples of a
+        row, each a contiguous run; attention never crosses a segment. `positions` [B, T]: rotary
+        positions (default: counted from 0 per segment, or over the real tokens of an unpacked row).
         `dropout_rng`: draws LoRA dropout (training); None: none."""
         input_ids_BxT = input_ids
         mask_BxT = jnp.ones_like(input_ids_BxT) if attention_mask is None else attention_mask
-        positions_BxT = positions_from_mask(mask_BxT)
-        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, mask_BxT, jnp.arange(input_ids_BxT.shape[1]),
-                                  dropout_rng=dropout_rng)
+        packed = segment_ids is not None
+        segment_BxT = segment_ids if packed else mask_BxT  # a padding mask is one segment per row
+        if positions is not None:
+            positions_BxT = positions
+        else:
+            positions_BxT = positions_from_segments(segment_BxT) if packed else positions_from_mask(mask_BxT)
+        h_BxTxD, _ = self.forward(input_ids_BxT, positions_BxT, segment_BxT, jnp.arange(input_ids_BxT.shape[1]),
+                                  dropout_rng=dropout_rng, packed=packed)
         return h_BxTxD
 
     def lm_head_weight(self):
@@ -284,9 +293,10 @@ class Decoder(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0,
-                dropout_rng=None):
-        """Core pass. Without `cache`, S == T. With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new
-        keys/values go to `cache_index` and the updated cache is returned."""
+                dropout_rng=None, packed=False):
+        """Core pass. Without `cache`, S == T and `kv_valid_BxS` may hold segment ids (`packed`:
+        several per row). With `cache` = (k_LxBxSxKxH, v_LxBxSxKxH) the new keys/values go to
+        `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
         # mode="clip": padding may use an id >= vocab_size (an added [PAD]); it is masked, but must not be NaN.
         h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip").astype(dtype))
@@ -298,7 +308,7 @@ class Decoder(nnx.Module):
 
         def body(h, xs):
             p, kv, key = xs
-            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index, key)
+            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index, key, packed)
             return constrain_batch(h), kv
 
         body = _remat(body, cfg.remat)
@@ -340,3 +350,12 @@ def _remat(fn, policy: str):
 def positions_from_mask(attention_mask_BxT):
     """Positions count real tokens from 0, so left and right padding give the same positions."""
     return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def positions_from_segments(segment_ids_BxT):
+    """Positions counted from 0 at the start of every segment (a packed row's examples)."""
+    T = segment_ids_BxT.shape[1]
+    index_T = jnp.arange(T, dtype=jnp.int32)
+    starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                                  segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    return index_T - jax.lax.cummax(jnp.where(starts_BxT, index_T, 0), axis=1)

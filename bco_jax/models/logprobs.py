@@ -31,24 +31,45 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask, *, completion_ca
     return jnp.sum(logps_BxC, axis=1), jnp.sum(weights_BxC, axis=1).astype(jnp.int32)
 
 
+def example_logps(model, input_ids, attention_mask, loss_mask, segment_ids, positions, row_first_example,
+                  num_examples: int, *, completion_capacity: int | None = None,
+                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, dropout_rng=None):
+    """(logps_E float32, counts_E int32) of the examples packed in the rows (sequence packing):
+    segment s >= 1 of row r is example `row_first_example[r] + s - 1` of E = `num_examples` (static);
+    each example's per-token log-probs (`token_logps`) are summed through their token index."""
+    logps_BxC, weights_BxC, index_BxC = token_logps(
+        model, input_ids, attention_mask, loss_mask, completion_capacity, segment_ids=segment_ids,
+        positions=positions, chunk_tokens=chunk_tokens, dropout_rng=dropout_rng)
+    segment_BxC = jnp.take_along_axis(segment_ids, index_BxC, axis=1)
+    # Unused slots go to example E, which segment_sum drops.
+    example_BxC = jnp.where(weights_BxC > 0, row_first_example[:, None] + segment_BxC - 1, num_examples)
+    logps_E = jax.ops.segment_sum(logps_BxC.reshape(-1), example_BxC.reshape(-1), num_segments=num_examples)
+    counts_E = jax.ops.segment_sum(weights_BxC.reshape(-1), example_BxC.reshape(-1), num_segments=num_examples)
+    return logps_E, counts_E.astype(jnp.int32)
+
+
 def token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity: int | None = None, *,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, dropout_rng=None):
+                segment_ids=None, positions=None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, dropout_rng=None):
     """Per-token log-probs of the scored tokens, in C slots per row, in sequence order.
 
     Returns (logps_BxC float32, weights_BxC float32, token_index_BxC int32): slot c of row b holds
     log p(input_ids[b, i] | tokens < i) for i = token_index[b, c], weighted by loss_mask & attention_mask
     at i; unused slots have weight 0 and log-prob 0. `completion_capacity=None`: C = T - 1, every
     token from index 1. Else C must be a static int >= the largest number of scored tokens in a row
-    (rows with more lose their last ones). `chunk_tokens` bounds the logits held at once per device."""
+    (rows with more lose their last ones). `chunk_tokens` bounds the logits held at once per device.
+    `segment_ids`, `positions`: packed rows (see `Decoder.hidden_states`); the first token of a
+    segment is never scored (nothing of its example precedes it), as position 0 of a row."""
     B, T = input_ids.shape
     # Position t predicts token t + 1.
     weights_BxP = (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+    if segment_ids is not None:
+        weights_BxP = weights_BxP * (segment_ids[:, 1:] == segment_ids[:, :-1])
     if completion_capacity is None:
         positions_BxC = jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1))
     else:  # scored positions first, in order; a stable sort keeps the batch axis where it is
         positions_BxC = jnp.argsort(weights_BxP == 0, axis=1, stable=True)[:, :completion_capacity]
     positions_BxC = positions_BxC.astype(jnp.int32)
-    h_BxTxD = model.hidden_states(input_ids, attention_mask, dropout_rng=dropout_rng)
+    h_BxTxD = model.hidden_states(input_ids, attention_mask, segment_ids, positions, dropout_rng=dropout_rng)
     h_BxCxD = jnp.take_along_axis(h_BxTxD, positions_BxC[..., None], axis=1)
     targets_BxC = jnp.take_along_axis(input_ids, positions_BxC + 1, axis=1)
     weights_BxC = jnp.take_along_axis(weights_BxP, positions_BxC, axis=1)
