@@ -55,3 +55,18 @@ def test_selection_and_variants():
     tests = P.test_runs(task, chosen, cfg)
     assert {r["method"] for r in tests} == {m for m in task.methods if task.base_of(m) == "bco"}
     assert [r["beta"] for r in tests if r["method"] == "bco" and r["seed"] == 0] == [P.BETA, 0.05, 0.3]
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "interval"])
+def test_committed_results_give_the_pinned_verdicts(task):
+    """`run_all.py --check` on the shipped results.json: the report code still reads them and every
+    verdict the protocol decided comes out the same."""
+    import json
+
+    import report
+
+    with open(report.RESULTS[task], encoding="utf-8") as f:
+        results = json.load(f)
+    lines, failed = report.check(results, task)
+    assert not failed, "\n".join(lines)
+    assert sum(line.startswith("PASS") and "(pinned:" in line for line in lines) == len(report.PINNED[task])

@@ -29,14 +29,23 @@ CLAIMS = [
     ("bco_gt_bce_b0.3", "BCO beats BCE at beta 0.3", "bco", "bce", "success", 0.3, True),
     *[(f"udm_gt_none_{pct}", f"UDM raises BCO's success under {pct}/{100 - pct} prompt mismatch", f"bco_mm{pct}_udm",
        f"bco_mm{pct}", "success", P.BETA, True) for pct in P.MISMATCH_STRENGTHS],
-    *[(f"udm_sub_{pct}", f"UDM raises success on subtractions (the down-weighted family) at {pct}/{100 - pct}",
+    *[(f"udm_sub_{pct}", f"UDM raises success on subtractions (where thumbs-down concentrate) at {pct}/{100 - pct}",
        f"bco_mm{pct}_udm", f"bco_mm{pct}", "success_sub", P.BETA, False) for pct in P.MISMATCH_STRENGTHS],
     ("nca_gt_bco_pairs", "NCA beats BCO on the same pairs", "nca", "bco_pairs", "success", P.BETA, False),
     ("bco_gt_trl", "the EMA class-mean shift beats TRL's running mean of all rewards", "bco", "bco_trl_shift",
      "success", P.BETA, False),
 ]
-# Verdicts pinned by `--check` (what the full protocol gave; see docs/results.md). Filled from a full run.
-PINNED: dict = {"arithmetic": {}, "interval": {}}
+# Verdicts pinned by `--check`: those the full protocol of 2026-11-30 decided (docs/results.md); the
+# inconclusive ones are not pinned, a rerun may tip them either way.
+_H, _N = "held", "did not hold"
+PINNED: dict = {
+    "arithmetic": {"bco_gt_sft": _H, "bco_pairs_gt_sft": _H, "bco_likert_gt_sft": _H, "bco_pairs_gt_dpo": _H,
+                   "bco_pairs_gt_ipo": _H, "bco_gt_kto": _H, "bco_gt_bce": _N, "bco_gt_bce_b0.3": _N,
+                   "udm_gt_none_80": _N, "udm_gt_none_95": _N, "udm_sub_60": _H, "udm_sub_80": _H,
+                   "nca_gt_bco_pairs": _H},
+    "interval": {"bco_gt_sft": _H, "bco_pairs_gt_sft": _H, "bco_likert_gt_sft": _H, "bco_pairs_gt_dpo": _H,
+                 "bco_pairs_gt_ipo": _H, "bco_gt_kto": _H, "bco_gt_bce": _N, "nca_gt_bco_pairs": _H},
+}
 
 
 def test_values(runs, method: str, metric: str, beta: float) -> dict:
@@ -139,6 +148,11 @@ def beta_table(results) -> str:
             common = sorted(set(va) & set(vb) & seeds)
             cells.append(str(paired_interval([va[s] for s in common], [vb[s] for s in common])) if common else "-")
         lines.append("| BCO - BCE, paired [95% CI] | " + " | ".join(cells) + " |")
+    for m in cfg["beta_methods"]:
+        if m == "bce":
+            continue  # its delta is 0 by definition
+        cells = [_ms(v for s, v in test_values(runs, m, "delta", b).items() if s in seeds) for b in betas]
+        lines.append(f"| {m}: final delta | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +193,19 @@ def mechanism_table(results) -> str:
         last = [r["curve"][-1] for r in rows]
         lines.append(f"| {m} | " + " | ".join(_ms(c.get(k, math.nan) for c in last) for k in keys)
                      + f" | {_ms(r['success'] for r in rows)} |")
+    # Does delta's size track the gap? Every (seed, beta) where both ran: BCO's final delta against
+    # BCO's success minus BCE's.
+    pairs = []
+    for beta in sorted({r["beta"] for r in results["runs"] if r.get("phase") == "test"}):
+        runs = results["runs"]
+        bco, bce = test_values(runs, "bco", "success", beta), test_values(runs, "bce", "success", beta)
+        deltas = test_values(runs, "bco", "delta", beta)
+        pairs += [(deltas[s], bco[s] - bce[s]) for s in sorted(set(bco) & set(bce))]
+    if len(pairs) > 2:
+        d, g = np.array(pairs).T
+        lines.append(f"\nAcross the {len(pairs)} (seed, beta) pairs of BCO and BCE runs: BCO's final delta "
+                     f"{d.min():+.2f} to {d.max():+.2f}, BCO - BCE success {g.min():+.3f} to {g.max():+.3f}, "
+                     f"Pearson r(delta, gap) = {np.corrcoef(d, g)[0, 1]:+.2f}.")
     return "\n".join(lines) + "\n"
 
 
