@@ -11,7 +11,8 @@ passed along explicitly. Benchmarks and experiments build their runs here, as th
 A run keeps what it needs to resume under `output_dir`: the policy's config and tokenizer
 (`model/`) and the reference weights (`reference/`, Orbax, saved once), so that re-running the same
 command resumes when the original model folders are gone. The policy's weights are read from
-`--model` only when there is no checkpoint to resume.
+`--model` only when there is no checkpoint to resume (with use_peft and a separate ref_model, the
+frozen base is read from it on every start).
 """
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ class Run:
     `step_fn(state, reference, batch, capacity) -> (state, metrics)` with `batch` from
     `sharding.put_batch` ([A, b, ...] arrays) and `capacity` = `completion_capacity(batch)` (static);
     `eval_fn(params, reference, batch, reward_shift, capacity) -> per-row outputs` on [1, b, ...]
-    batches. `reference` holds the reference's parameters, or None when its log-probs are
-    precomputed into the batch. `abstract_state` is the state's shapes, dtypes and shardings.
+    batches; both take `run.frozen` as `reference`. `reference` holds the reference's parameters, or
+    None when its log-probs are precomputed into the batch. With use_peft, `base` is the frozen base
+    the adapters sit on, in the compute dtype; without a separate ref_model it is also the reference
+    (the same tree: no second copy). `abstract_state` is the state's shapes, dtypes and shardings.
     """
     cfg: TrainConfig
     mesh: jax.sharding.Mesh
@@ -88,6 +91,8 @@ class Run:
     abstract_state: TrainState
     init_fn: Any  # policy params -> initial TrainState on its shardings
     reference: dict | None
+    base: dict | None  # with use_peft only
+    base_graphdef: nnx.GraphDef | None  # the base's, without adapters (the export's)
     ref_path: str
     ref_fingerprint: str
     step_fn: Any
@@ -97,6 +102,14 @@ class Run:
     @property
     def main_process(self) -> bool:
         return jax.process_index() == 0
+
+    @property
+    def frozen(self):
+        """The step's `reference` argument: the reference's parameters (None: precomputed), or with
+        use_peft the pair (base, reference), reference None when it is the base with adapters off."""
+        if not self.cfg.model.use_peft:
+            return self.reference
+        return self.base, (None if self.reference is self.base else self.reference)
 
 
 class Tables(NamedTuple):
@@ -243,6 +256,11 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     init_fn = jax.jit(make_state, out_shardings=shardings)
 
     ref_graphdef, reference, ref_path, fingerprint = load_reference(cfg, mesh, output_dir)
+    base_graphdef, base = None, None  # with use_peft: the frozen base the adapters sit on
+    if cfg.model.use_peft and cfg.model.separate_reference:
+        base_graphdef, base = load_base(cfg, mesh, model_dir)
+    elif cfg.model.use_peft:  # the reference is the base with adapters off: one tree serves both
+        base_graphdef, base = ref_graphdef, reference
     graphdefs, peft = (graphdef, ref_graphdef), cfg.model.use_peft
     step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
                                         schedule=schedule, lora=peft),
@@ -253,7 +271,8 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer,
                train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
                ref_graphdef=ref_graphdef, abstract_state=abstract_state, init_fn=init_fn, reference=reference,
-               ref_path=ref_path, ref_fingerprint=fingerprint, step_fn=step_fn, eval_fn=eval_fn,
+               base=base, base_graphdef=base_graphdef, ref_path=ref_path, ref_fingerprint=fingerprint,
+               step_fn=step_fn, eval_fn=eval_fn,
                hidden_size=int(nnx.to_pure_dict(abstract_params)["embed"].shape[-1]))
 
 
@@ -279,7 +298,7 @@ def initial_state(run: Run) -> TrainState:
 
 def policy_params(run: Run, state: TrainState) -> dict:
     """The whole policy's parameters (with use_peft: the frozen base joined with the adapters)."""
-    return lora.join_adapters(run.reference, state.params) if run.cfg.model.use_peft else state.params
+    return lora.join_adapters(run.base, state.params) if run.cfg.model.use_peft else state.params
 
 
 def export_policy(run: Run, state: TrainState) -> None:
@@ -291,8 +310,8 @@ def export_policy(run: Run, state: TrainState) -> None:
         save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
         return
     m = run.cfg.model
-    merged = lora.merged_weights(run.reference, state.params, m.lora_alpha / m.lora_r)
-    save_hf(nnx.merge(run.ref_graphdef, merged), path, tokenizer=run.tokenizer)
+    merged = lora.merged_weights(run.base, state.params, m.lora_alpha / m.lora_r)
+    save_hf(nnx.merge(run.base_graphdef, merged), path, tokenizer=run.tokenizer)
     adapters = lora.by_projection(jax.tree.map(host_gather, state.params))
     if run.main_process:
         lora.save_peft(adapters, os.path.join(run.output_dir, "adapter"), rank=m.lora_r, alpha=m.lora_alpha,
@@ -310,14 +329,13 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     saved = os.path.join(output_dir, REFERENCE_COPY)
     folder = model_folder(path, os.path.join(saved, "hf"), "ref_model")
     check_pairing(cfg, folder, output_dir)
-    # With use_peft the reference is the policy's frozen base, kept in the compute dtype.
-    param_dtype = compute_dtype(cfg.model.dtype) if cfg.model.use_peft else jnp.dtype(cfg.model.ref_dtype)
+    # With use_peft and no separate ref_model the reference is the policy's frozen base, kept in the
+    # compute dtype.
+    as_base = cfg.model.use_peft and not cfg.model.separate_reference
+    param_dtype = compute_dtype(cfg.model.dtype) if as_base else jnp.dtype(cfg.model.ref_dtype)
     graphdef, abstract = abstract_model(folder, param_dtype, cfg)
     if folder == path:
-        with reading_weights(path, "ref_model"):
-            model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
-        params = nnx.to_pure_dict(nnx.split(model)[1])
-        check_finite_weights(params, path, "ref_model")
+        params = _load_params(path, param_dtype, cfg, mesh, "ref_model")
         return graphdef, params, path, fingerprint_once(path)
     with open(os.path.join(saved, "reference.json"), encoding="utf-8") as f:
         record = json.load(f)
@@ -329,6 +347,24 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.abspath(os.path.join(saved, "params")), target)
     return graphdef, params, record["path"], record["fingerprint"]
+
+
+def load_base(cfg: TrainConfig, mesh, model_dir: str):
+    """(graphdef, params) of the frozen base the adapters sit on, with use_peft and a separate
+    ref_model: from `--model` in the compute dtype (only the reference is saved under output_dir)."""
+    if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):
+        raise ConfigError(f"model: {cfg.model.model} is gone; with use_peft and a separate ref_model the frozen "
+                          "base is read from it on every start (only the reference is saved under output_dir)")
+    dtype = compute_dtype(cfg.model.dtype)
+    return abstract_model(model_dir, dtype, cfg)[0], _load_params(model_dir, dtype, cfg, mesh, "model")
+
+
+def _load_params(path: str, param_dtype, cfg: TrainConfig, mesh, key: str) -> dict:
+    with reading_weights(path, key):
+        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
+    params = nnx.to_pure_dict(nnx.split(model)[1])
+    check_finite_weights(params, path, key)
+    return params
 
 
 def save_model_copies(run: Run) -> None:

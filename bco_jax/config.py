@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -57,7 +58,8 @@ class ModelOptions:
     remat: RematPolicy = _opt("none", "activation rematerialisation: none, full or save_dots")
     attn_implementation: AttnImplementation = _opt(
         "auto", "attention kernel: auto (cudnn on GPU, splash on TPU, xla on CPU), xla, cudnn or splash")
-    use_peft: bool = _opt(False, "train LoRA adapters on a frozen base; the base with adapters off is the reference")
+    use_peft: bool = _opt(False, "train LoRA adapters on a frozen base; the reference is ref_model, or without it "
+                                 "the base with adapters off")
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA scale numerator: updates are (lora_alpha / lora_r) x A B")
     lora_dropout: float = _opt(0.05, "dropout on the adapters' input while training")
@@ -65,6 +67,11 @@ class ModelOptions:
         [], "projections to adapt, PEFT names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) "
             "or all-linear (empty: all of them)")
     lora_adapter: str | None = _opt(None, "a PEFT adapter folder to start from (None: fresh adapters)")
+
+    @property
+    def separate_reference(self) -> bool:
+        """Whether ref_model names another folder than model (with use_peft: a second model in memory)."""
+        return bool(self.ref_model) and os.path.abspath(self.ref_model) != os.path.abspath(self.model)
 
 
 @dataclass(frozen=True)
@@ -353,8 +360,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.model.lora_r > 0, "lora_r", "must be > 0"),
         (cfg.model.lora_alpha > 0, "lora_alpha", "must be > 0"),
         (0.0 <= cfg.model.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)"),
-        (not cfg.model.use_peft or not cfg.model.ref_model or cfg.model.ref_model == cfg.model.model, "ref_model",
-         "with use_peft the reference is the base with adapters off (a separate ref_model is not supported yet)"),
         ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
          "give num_processes and process_id together"),
         (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),

@@ -154,8 +154,7 @@ def run_identity(run: Run) -> dict:
     """What a checkpoint's steps were computed from, by content: the policy's and the reference's
     weights (hashes; the policy's only while its folder has weights) and the training data's tokens."""
     cfg = run.cfg
-    same = not cfg.model.ref_model or os.path.abspath(cfg.model.ref_model) == os.path.abspath(cfg.model.model)
-    if same:
+    if not cfg.model.separate_reference:
         model = run.ref_fingerprint
     elif any(n.endswith(".safetensors") for n in os.listdir(run.model_dir)):
         model = fingerprint_once(run.model_dir)

@@ -120,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
                        help=f"{help or field.metadata['help']} (here: {default})")
 
     key("model", None, help="HF folder of the policy, or its config.json (no weights are read)")
+    key("ref_model", "", help="a separate reference (folder or config.json); with use_peft, beside the base")
     key("mesh", "1,-1,1", type=_mesh)
     key("batch_size", 64, type=int)
     key("gradient_accumulation_steps", 1, type=int)
@@ -179,10 +180,11 @@ def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *mask_and_flags, 
 
 class Planner:
     """Everything of a plan but the batch: the abstract state and reference on `mesh`, the jitted step.
-    `fused_attention`: trace the model with `score_free_attention` in place of its attention."""
+    `fused_attention`: trace the model with `score_free_attention` in place of its attention.
+    `ref_cfg`: a separate reference's config (None: the model's; with LoRA, the base is the reference)."""
 
     def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention,
-                 lora_rank: int = 0, lora_targets: tuple = ()):
+                 lora_rank: int = 0, lora_targets: tuple = (), ref_cfg=None):
         import jax
         from flax import nnx
 
@@ -196,11 +198,13 @@ class Planner:
         lora_cfg = dataclasses.replace(model_cfg, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
                                        lora_targets=tuple(lora_targets)) if lora_rank else model_cfg
         # With LoRA (as build()): the adapters are trained, the base (in the compute dtype) is frozen and
-        # is the reference; else the float32 policy is trained beside a reference in ref_dtype.
-        (graphdef, param_state), (ref_graphdef, ref_state) = abstract_models(
-            lora_cfg, dtype, dtype if lora_rank else ref_dtype, policy_dtype=dtype if lora_rank else "float32")
-        if lora_rank:
-            ref_graphdef = abstract_models(model_cfg, dtype, dtype)[1][0]
+        # is the reference unless a separate one is given; else the float32 policy is trained beside a
+        # reference in ref_dtype.
+        policy_dtype = dtype if lora_rank else "float32"
+        graphdef, param_state = abstract_models(lora_cfg, dtype, dtype, policy_dtype=policy_dtype)[0]
+        base_is_reference = bool(lora_rank) and ref_cfg is None
+        ref_graphdef, ref_state = abstract_models(ref_cfg or model_cfg, dtype,
+                                                  dtype if base_is_reference else ref_dtype)[1]
         trained = (lambda tree: lora.split_adapters(tree)[1]) if lora_rank else (lambda tree: tree)
         params = trained(nnx.to_pure_dict(param_state))
         full = nnx.to_pure_dict(param_state)
@@ -215,12 +219,14 @@ class Planner:
         shardings = state_shardings(abstract, trained(nnx.to_pure_dict(model_shardings(param_state, mesh))), mesh,
                                     optimizer)
         self.state = _placed(abstract, shardings)
+        reference = None if precompute_ref_log_probs or base_is_reference else _placed(
+            nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
         if lora_rank:  # the base is needed by the policy even when reference log-probs are precomputed
             base = lora.split_adapters(full)[0]
-            self.reference = _placed(base, lora.split_adapters(nnx.to_pure_dict(model_shardings(param_state, mesh)))[0])
+            base = _placed(base, lora.split_adapters(nnx.to_pure_dict(model_shardings(param_state, mesh)))[0])
+            self.reference = (base, reference)  # the step's pair; None: the base with adapters off
         else:
-            self.reference = None if precompute_ref_log_probs else _placed(
-                nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
+            self.reference = reference
         self.precompute = precompute_ref_log_probs
         self.step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss,
                                                  optimizer=optimizer, schedule=schedule, lora=bool(lora_rank)),
@@ -308,15 +314,18 @@ def plan(args, mesh) -> dict:
     fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
     from bco_jax.models import lora
 
+    separate = bool(args.ref_model) and os.path.abspath(args.ref_model) != os.path.abspath(args.model)
     targets = lora.resolve_targets([t for t in args.lora_target_modules.split(",") if t]) if args.use_peft else ()
     planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                       ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
-                      fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets)
+                      fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets,
+                      ref_cfg=model_config(args.ref_model, args.remat) if separate else None)
     start = time.perf_counter()
     per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
     fits = per_device["total_bytes"] <= usable
     tensor = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
-    out = {"model": args.model, "parameters": planner.parameters, "trainable_parameters": planner.trainable_parameters,
+    out = {"model": args.model, "ref_model": args.ref_model or None, "parameters": planner.parameters,
+           "trainable_parameters": planner.trainable_parameters,
            "use_peft": args.use_peft, "lora_r": args.lora_r if args.use_peft else None,
            "parameters_analytic": analytic_parameter_count(model_cfg), "mesh": dict(mesh.shape),
            "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,

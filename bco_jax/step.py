@@ -157,8 +157,10 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
     expanded to 2 rows (chosen, rejected) in what it returns.
     """
     graphdef, ref_graphdef = graphdefs
-    if lora:  # `params` are the adapters, `reference` the frozen base they sit on
-        params = join_adapters(reference, params)
+    if lora:  # `params` are the adapters; `reference` is (the frozen base they sit on, the reference or None)
+        base, reference = reference
+        params = join_adapters(base, params)
+        reference = base if reference is None else reference  # None: the base with adapters off
     main_capacity, kl_capacity = capacities(capacity)
 
     def policy_logps(prefix=""):
@@ -216,8 +218,10 @@ def train_step(state: TrainState, reference, batch, completion_capacity=None, *,
     included (one NaN would poison delta for good), and is counted. `completion_capacity` (static):
     the batch's scored tokens per row at most; the LM head runs on that many positions per row (a
     pair: main rows, KTO's KL rows; see `capacities`).
-    `lora`: `state.params` are LoRA adapters on the frozen base `reference` (the reference model is
-    that base, adapters off); their dropout draws from `state.rng`.
+    `reference`: the reference's parameters, or None when its log-probs are precomputed into the batch.
+    `lora`: `state.params` are LoRA adapters, their dropout draws from `state.rng`, and `reference` is
+    the pair (frozen base the adapters sit on, reference's parameters), the latter None when the
+    reference is that base with adapters off (no second copy) or is precomputed.
     """
     n_examples = jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
     delta = L.reward_shift_delta(state.reward_shift)

@@ -97,7 +97,7 @@ def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int
     """eval_ metrics on the run's eval_data (empty without one), written at `step` by `writer`."""
     if run.eval_data is None:
         return {}
-    record = eval_pass(run.eval_fn, state.params, run.reference, state.reward_shift, run.eval_data, run.cfg.data,
+    record = eval_pass(run.eval_fn, state.params, run.frozen, state.reward_shift, run.eval_data, run.cfg.data,
                        run.cfg.run.eval_batch, run.mesh, tables.eval_ref_table)
     if writer is not None:
         writer.write(step, record)
@@ -131,7 +131,7 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
         for step in range(start + 1, run.steps + 1):
             local = attach_tables(next(run.iterator), tables.ref_table, weights)
             batch = put_batch(local, run.mesh, cfg.gradient_accumulation_steps)
-            state, metrics = run.step_fn(state, run.reference, batch, completion_capacity(local))
+            state, metrics = run.step_fn(state, run.frozen, batch, completion_capacity(local))
             fault_point("step")
             if pending is not None:  # read step N-1's metrics while step N runs
                 reporter.add(*pending)
@@ -186,8 +186,8 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
     save_model_copies(run)
     tables = precompute(run, udm_state)
-    if tables.ref_table is not None and not cfg.model.use_peft:  # (with LoRA it is the policy's base)
-        run = dataclasses.replace(run, reference=None)  # log-probs come with the batch: free the weights
+    if tables.ref_table is not None:  # log-probs come with the batch: free the weights (not a LoRA base)
+        run = dataclasses.replace(run, reference=None)
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
     if main_process:
         ckpt_lib.record_config(output_dir, flat_config(cfg), start, identity)
@@ -231,9 +231,9 @@ def score_oracle(run: Run, state: TrainState) -> dict:
 def dry_run(run: Run) -> dict:
     """Compile the step for the first batch's shape and report XLA's per-device memory analysis."""
     local = attach_tables(next(run.iterator))
-    reference = run.reference
-    if run.cfg.run.precompute_ref_log_probs:
-        reference = run.reference if run.cfg.model.use_peft else None  # with LoRA: the policy's base
+    reference = run.frozen
+    if run.cfg.run.precompute_ref_log_probs:  # no reference weights (with LoRA, the base stays)
+        reference = dataclasses.replace(run, reference=None).frozen
         for key in [k for k in local if k.endswith("input_ids")]:  # one per example (packed rows hold several)
             local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local["example_mask"]), np.float32)
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)

@@ -1,6 +1,7 @@
 """LoRA: adapters off is the base exactly, the merged export equals the adapted model, PEFT loads our
 adapter onto the base in transformers and gets the same logits, the trainer trains adapters only (the
-reference is the base), resumes and restarts from an adapter folder."""
+reference is the base), resumes and restarts from an adapter folder; and with a separate ref_model
+(TRL's PEFT policy + explicit reference)."""
 import dataclasses
 import os
 
@@ -61,7 +62,8 @@ def test_targets_and_dropout():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    return {"model": tiny_model_dir(root / "model"), "train": feedback_file(root / "train.jsonl", 64)}
+    return {"model": tiny_model_dir(root / "model"), "ref": tiny_model_dir(root / "ref", seed=1),
+            "train": feedback_file(root / "train.jsonl", 64)}
 
 
 def flags(assets, out, *extra, steps=4):
@@ -112,3 +114,50 @@ def test_trainer_trains_adapters_exports_peft_and_resumes(assets, tmp_path):
     c = load_file(str(again / "adapter" / "adapter_model.safetensors"))
     assert all(np.allclose(a[k], c[k], atol=1e-7) for k in a)
     assert os.path.exists(again / "hf" / "config.json")
+
+
+
+def test_separate_ref_model(assets, tmp_path):
+    """use_peft with a ref_model other than the base (TRL's PEFT policy + explicit reference): the
+    policy is the base + adapters, the other model the reference. At step 0 the adapters are off
+    (B = 0), so the first step's rewards are beta * (logp_base - logp_ref) != 0; the precomputed
+    reference log-probs are the other model's; the export merges the adapters into the base."""
+    from safetensors.numpy import load_file
+
+    from bco_jax import losses as L
+    from bco_jax.build import build, completion_capacity, export_policy, initial_state, precompute
+    from bco_jax.models import load_hf
+    from bco_jax.precompute import attach_tables
+    from bco_jax.sharding import put_batch
+
+    cfg = parse_args(flags(assets, tmp_path, "--ref_model", assets["ref"], "--precompute_ref_log_probs", "true"))
+    assert cfg.model.use_peft and cfg.model.separate_reference  # no longer refused
+    run = build(cfg)
+    assert run.frozen[1] is not None and run.frozen[0] is not run.frozen[1]
+    state = initial_state(run)
+    local = next(run.iterator)  # the first batch, scored by hand by both models
+    rows, labels = (np.asarray(local[k], bool) for k in ("example_mask", "labels"))
+    ids, mask, loss_mask = (jnp.asarray(local[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    base_lp, ref_lp = (np.asarray(sequence_logps(load_hf(assets[k]), ids, mask, loss_mask)[0])
+                       for k in ("model", "ref"))
+    with jax.set_mesh(run.mesh):  # as the trainer runs
+        tables = precompute(run)
+        # (b) precomputed: the reference's log-probs, not the base's
+        np.testing.assert_allclose(tables.ref_table[local["example_index"][rows]], ref_lp[rows], rtol=1e-5)
+        # (a) the live step against the hand computation (delta = 0 at step 0)
+        batch = put_batch(attach_tables(local), run.mesh, cfg.run.gradient_accumulation_steps)
+        state, metrics = run.step_fn(state, run.frozen, batch, completion_capacity(local))
+        rewards = cfg.loss.beta * (base_lp - ref_lp)
+        losses, _ = L.bco_loss(jnp.asarray(base_lp), jnp.asarray(ref_lp), jnp.asarray(labels), 0.0,
+                               beta=cfg.loss.beta)
+        np.testing.assert_allclose(metrics["loss"], np.mean(np.asarray(losses)[rows]), rtol=1e-5)
+        for name, up in (("chosen", labels & rows), ("rejected", ~labels & rows)):
+            np.testing.assert_allclose(metrics[f"rewards_sum/{name}"], rewards[up].sum(), rtol=1e-4, atol=1e-6)
+        assert np.abs(rewards[rows]).max() > 1e-3
+        export_policy(run, state)
+    # The merged export is the base's (not the reference's) weights plus the trained update.
+    merged, base = (load_file(os.path.join(p, "model.safetensors")) for p in (tmp_path / "hf", assets["model"]))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert 0 < np.abs(merged[key] - base[key]).max() < 0.1
+    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
