@@ -92,7 +92,7 @@ class Run:
     init_fn: Any  # policy params -> initial TrainState on its shardings
     reference: dict | None
     base: dict | None  # with use_peft only
-    base_graphdef: nnx.GraphDef | None  # the base's, without adapters (the export's)
+    base_graphdef: nnx.GraphDef | None  # the base's, without adapters and not int8 (the export's)
     ref_path: str
     ref_fingerprint: str
     step_fn: Any
@@ -205,12 +205,17 @@ def model_options(cfg: TrainConfig) -> dict:
 
 
 def lora_options(cfg: TrainConfig) -> dict:
-    """ModelConfig fields of the policy's LoRA adapters (none without use_peft)."""
+    """ModelConfig fields of the policy's LoRA adapters (none without use_peft), and of its int8 base."""
     m = cfg.model
     if not m.use_peft:
         return {}
     return dict(lora_rank=m.lora_r, lora_alpha=float(m.lora_alpha), lora_dropout=float(m.lora_dropout),
-                lora_targets=lora.resolve_targets(m.lora_target_modules))
+                lora_targets=lora.resolve_targets(m.lora_target_modules), **base_options(cfg))
+
+
+def base_options(cfg: TrainConfig) -> dict:
+    """ModelConfig fields of the frozen base the adapters sit on: int8 projections with load_in_8bit."""
+    return {"quantize_base": True} if cfg.model.use_peft and cfg.model.load_in_8bit else {}
 
 
 def abstract_model(path: str, param_dtype, cfg: TrainConfig, **extra):
@@ -261,6 +266,8 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
         base_graphdef, base = load_base(cfg, mesh, model_dir)
     elif cfg.model.use_peft:  # the reference is the base with adapters off: one tree serves both
         base_graphdef, base = ref_graphdef, reference
+    if base_options(cfg):  # the export merges into dequantized weights: a plain (float) graphdef
+        base_graphdef = abstract_model(model_dir, compute_dtype(cfg.model.dtype), cfg)[0]
     graphdefs, peft = (graphdef, ref_graphdef), cfg.model.use_peft
     step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
                                         schedule=schedule, lora=peft),
@@ -333,15 +340,19 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     # compute dtype.
     as_base = cfg.model.use_peft and not cfg.model.separate_reference
     param_dtype = compute_dtype(cfg.model.dtype) if as_base else jnp.dtype(cfg.model.ref_dtype)
-    graphdef, abstract = abstract_model(folder, param_dtype, cfg)
+    quantized = base_options(cfg) if as_base else {}  # with load_in_8bit the base (and so this reference) is int8
+    graphdef, abstract = abstract_model(folder, param_dtype, cfg, **quantized)
     if folder == path:
-        params = _load_params(path, param_dtype, cfg, mesh, "ref_model")
+        params = _load_params(path, param_dtype, cfg, mesh, "ref_model", **quantized)
         return graphdef, params, path, fingerprint_once(path)
     with open(os.path.join(saved, "reference.json"), encoding="utf-8") as f:
         record = json.load(f)
     if record.get("ref_dtype") != cfg.model.ref_dtype:
         raise ConfigError(f"ref_dtype: the saved reference copy in {saved} is {record.get('ref_dtype')}, "
                           f"not {cfg.model.ref_dtype}; keep ref_dtype or restore the original {path}")
+    if record.get("int8", False) != bool(quantized):
+        raise ConfigError(f"load_in_8bit: the saved reference copy in {saved} was written with load_in_8bit "
+                          f"{str(record.get('int8', False)).lower()}; keep it or restore the original {path}")
     shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
     target = abstract_on(nnx.to_pure_dict(abstract), shardings)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -356,12 +367,13 @@ def load_base(cfg: TrainConfig, mesh, model_dir: str):
         raise ConfigError(f"model: {cfg.model.model} is gone; with use_peft and a separate ref_model the frozen "
                           "base is read from it on every start (only the reference is saved under output_dir)")
     dtype = compute_dtype(cfg.model.dtype)
-    return abstract_model(model_dir, dtype, cfg)[0], _load_params(model_dir, dtype, cfg, mesh, "model")
+    return (abstract_model(model_dir, dtype, cfg, **base_options(cfg))[0],
+            _load_params(model_dir, dtype, cfg, mesh, "model", **base_options(cfg)))
 
 
-def _load_params(path: str, param_dtype, cfg: TrainConfig, mesh, key: str) -> dict:
+def _load_params(path: str, param_dtype, cfg: TrainConfig, mesh, key: str, **extra) -> dict:
     with reading_weights(path, key):
-        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg))
+        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg), **extra)
     params = nnx.to_pure_dict(nnx.split(model)[1])
     check_finite_weights(params, path, key)
     return params
@@ -383,7 +395,9 @@ def save_model_copies(run: Run) -> None:
         _copy_hf_files(run.ref_path, os.path.join(saved, "hf"), None)
         atomic_write_json(os.path.join(saved, "reference.json"),  # written last: marks the copy complete
                           {"path": os.path.abspath(run.ref_path), "fingerprint": run.ref_fingerprint,
-                           "ref_dtype": run.cfg.model.ref_dtype}, indent=2)
+                           "ref_dtype": run.cfg.model.ref_dtype,
+                           "int8": bool(run.cfg.model.use_peft and run.cfg.model.load_in_8bit
+                                        and not run.cfg.model.separate_reference)}, indent=2)
 
 
 def _copy_hf_files(source: str, target: str, tokenizer) -> None:

@@ -67,6 +67,8 @@ class ModelOptions:
         [], "projections to adapt, PEFT names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) "
             "or all-linear (empty: all of them)")
     lora_adapter: str | None = _opt(None, "a PEFT adapter folder to start from (None: fresh adapters)")
+    load_in_8bit: bool = _opt(False, "with use_peft: hold the frozen base's projections in int8 (per-channel "
+                                     "scales; QLoRA-style, about half the base's memory)")
 
     @property
     def separate_reference(self) -> bool:
@@ -163,6 +165,9 @@ OPERATIONAL_KEYS = frozenset({
     "coordinator_address", "num_processes", "process_id", "distributed_timeout"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
 _NAMING_KEYS = ("model", "ref_model", "train_data")
+# Keys added after run names were fixed: left out of the digest at their default, so adding an option
+# does not rename (and so un-resume) existing runs.
+_LATER_KEYS = {"load_in_8bit": False}
 
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
             "data": DataConfig, "launch": LaunchOptions}
@@ -358,6 +363,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
         (cfg.launch.distributed_timeout > 0, "distributed_timeout", "must be > 0"),
         (cfg.model.lora_r > 0, "lora_r", "must be > 0"),
+        (not cfg.model.load_in_8bit or cfg.model.use_peft, "load_in_8bit",
+         "needs use_peft true (int8 weights are frozen: only adapters can train on them)"),
         (cfg.model.lora_alpha > 0, "lora_alpha", "must be > 0"),
         (0.0 <= cfg.model.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)"),
         ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
@@ -399,7 +406,8 @@ def run_name(cfg: TrainConfig) -> str:
     other operational keys (a longer max_steps, another mesh, ...)."""
     model = Path(cfg.model.model or "oracle-sft").name or "model"
     data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
-    what = {k: v for k, v in cfg.flat().items() if k not in OPERATIONAL_KEYS or k in _NAMING_KEYS}
+    what = {k: v for k, v in cfg.flat().items() if (k not in OPERATIONAL_KEYS or k in _NAMING_KEYS)
+            and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
 

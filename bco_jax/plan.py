@@ -30,7 +30,8 @@ HEADROOM = 0.10  # of device memory kept free for the runtime, fragmentation and
 FUSED_KERNELS = ("cudnn", "splash")  # targets whose attention never holds the [b, N, T, S] scores
 ESTIMATED = ("Exact: parameters, optimizer state, reference and batch (shapes x dtypes x shardings). Estimated: "
              "temporaries, from XLA CPU's buffer assignment of the compiled step (the GPU / TPU compiler fuses and "
-             "schedules differently).")
+             "schedules differently; with bfloat16 it also converts the weights to float32 for its matmuls, so "
+             "bfloat16 temporaries are an upper bound, see docs/scaling.md).")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -134,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     key("use_peft", False, type=_bool)
     key("lora_r", 16, type=int)
     key("lora_target_modules", "all-linear", help="comma-separated PEFT module names, or all-linear")
+    key("load_in_8bit", False, type=_bool, help="with use_peft: the frozen base's projections in int8")
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
@@ -184,7 +186,7 @@ class Planner:
     `ref_cfg`: a separate reference's config (None: the model's; with LoRA, the base is the reference)."""
 
     def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention,
-                 lora_rank: int = 0, lora_targets: tuple = (), ref_cfg=None):
+                 lora_rank: int = 0, lora_targets: tuple = (), ref_cfg=None, quantize_base: bool = False):
         import jax
         from flax import nnx
 
@@ -196,19 +198,23 @@ class Planner:
 
         self.mesh, self.fused_attention = mesh, fused_attention
         lora_cfg = dataclasses.replace(model_cfg, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
-                                       lora_targets=tuple(lora_targets)) if lora_rank else model_cfg
+                                       lora_targets=tuple(lora_targets),
+                                       quantize_base=quantize_base) if lora_rank else model_cfg
         # With LoRA (as build()): the adapters are trained, the base (in the compute dtype) is frozen and
         # is the reference unless a separate one is given; else the float32 policy is trained beside a
         # reference in ref_dtype.
         policy_dtype = dtype if lora_rank else "float32"
         graphdef, param_state = abstract_models(lora_cfg, dtype, dtype, policy_dtype=policy_dtype)[0]
         base_is_reference = bool(lora_rank) and ref_cfg is None
-        ref_graphdef, ref_state = abstract_models(ref_cfg or model_cfg, dtype,
+        # The base as reference is int8 with load_in_8bit, as it sits under the adapters.
+        base_cfg = dataclasses.replace(model_cfg, quantize_base=quantize_base) if base_is_reference else model_cfg
+        ref_graphdef, ref_state = abstract_models(ref_cfg or base_cfg, dtype,
                                                   dtype if base_is_reference else ref_dtype)[1]
         trained = (lambda tree: lora.split_adapters(tree)[1]) if lora_rank else (lambda tree: tree)
         params = trained(nnx.to_pure_dict(param_state))
         full = nnx.to_pure_dict(param_state)
-        self.parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.split_adapters(full)[0]))
+        self.parameters = sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(
+            lora.split_adapters(full)[0]) if not str(path[-1].key).endswith("_scale"))  # int8 scales: not weights
         self.trainable_parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
         # As build(): the same optimizer (its schedule's length changes no memory), state and shardings.
         loss = LossOptions()
@@ -319,7 +325,8 @@ def plan(args, mesh) -> dict:
     planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                       ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
                       fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets,
-                      ref_cfg=model_config(args.ref_model, args.remat) if separate else None)
+                      ref_cfg=model_config(args.ref_model, args.remat) if separate else None,
+                      quantize_base=args.use_peft and args.load_in_8bit)
     start = time.perf_counter()
     per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
     fits = per_device["total_bytes"] <= usable
@@ -327,6 +334,7 @@ def plan(args, mesh) -> dict:
     out = {"model": args.model, "ref_model": args.ref_model or None, "parameters": planner.parameters,
            "trainable_parameters": planner.trainable_parameters,
            "use_peft": args.use_peft, "lora_r": args.lora_r if args.use_peft else None,
+           "load_in_8bit": bool(args.use_peft and args.load_in_8bit),
            "parameters_analytic": analytic_parameter_count(model_cfg), "mesh": dict(mesh.shape),
            "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,
            **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "max_length", "remat",

@@ -7,6 +7,7 @@ not grow with depth. Every parameter carries logical axis names (`out_sharding` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bco_jax.models import lora
+from bco_jax.models import lora, quant
 from bco_jax.models.attention import ATTN_IMPLEMENTATIONS, attend, attention_mask
 from bco_jax.sharding import mesh_spec
 
@@ -55,6 +56,7 @@ class ModelConfig:
     lora_alpha: float = 0.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    quantize_base: bool = False  # the 7 projections stored int8 + per-channel scales (bco_jax.models.quant)
     hf_config_json: str = ""  # the source config.json, written back by save_hf
     generation_config_json: str = ""  # the source generation_config.json, if any
 
@@ -125,21 +127,37 @@ def rms_norm(x_BxTxD, weight_D, eps: float, dtype):
     return (normed * weight_D.astype(jnp.float32)).astype(dtype)
 
 
-def _linear(x, w, b, dtype, n_in: int = 1):
+def _linear(x, w, b, dtype, n_in: int = 1, scale=None):
     """x[..., in] @ w[in, out] + b, with `n_in` contracted axes. Tokens are flattened into one axis: XLA
     on CPU runs the backward of 2-D matmuls ~2x faster than of [B, T, ...] dot_generals (the same
-    program on GPU / TPU, where the batch sharding of the leading axis carries over)."""
+    program on GPU / TPU, where the batch sharding of the leading axis carries over). With `scale`
+    [out...], `w` is int8 and dequantized to `dtype` on the fly (`_int8_matmul`)."""
     lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
-    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(dtype)
+    if scale is None:
+        y = x.reshape(-1, k) @ w.reshape(k, -1).astype(dtype)
+    else:
+        y = _int8_matmul(x.reshape(-1, k), w, scale, dtype, n_in)
     if b is not None:
         y = y + b.reshape(-1).astype(dtype)
     return y.reshape(*lead, *w.shape[n_in:])
 
 
+@functools.partial(jax.checkpoint, prevent_cse=False, static_argnums=(3, 4))
+def _int8_matmul(x_MxK, q, scale, dtype, n_in: int):
+    """x @ dequantize(q, scale) for one layer's int8 weight q [in..., out...] and scale [out...],
+    dequantized to the compute dtype. Rematerialized: the backward pass recomputes the dequantized
+    weight from q, so the scan over layers keeps no residual of it (stacked over layers, it would be
+    the whole base in the compute dtype again); q is reshaped in here too, so the residual is the
+    scanned slice itself, which the scan forwards instead of stacking a copy. prevent_cse=False: it
+    only runs inside the scan over layers."""
+    w = quant.dequantize(q, scale, n_in, dtype, lead=0)
+    return x_MxK @ w.reshape(x_MxK.shape[1], -1)
+
+
 def _projection(cfg: ModelConfig, dtype, p, name: str, x, key, n_in: int = 1):
     """Projection `name` (with its bias), plus its LoRA update (alpha / r) * dropout(x) A B when `p`
     holds adapters for it; `key` draws the dropout (None: no dropout, as at evaluation)."""
-    y = _linear(x, p[name], p.get(BIASES.get(name)), dtype, n_in)
+    y = _linear(x, p[name], p.get(BIASES.get(name)), dtype, n_in, p.get(name + quant.SCALE))
     a = p.get(f"{name}_lora_a")
     if a is None:
         return y
@@ -234,13 +252,22 @@ class Layers(nnx.Module):
         shapes = layer_param_shapes(cfg)
         for name, (shape, axes) in shapes.items():
             setattr(self, name, _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype))
+        scales = ()
+        if cfg.quantize_base:  # drawn in param_dtype as above, then stored int8 + scale
+            scales = tuple(name + quant.SCALE for name in quant.QUANTIZED)
+            for name in quant.QUANTIZED:
+                (shape, axes), n_in = shapes[name], quant.input_axes(name)
+                q, scale = quant.quantize(getattr(self, name)[...], n_in)
+                setattr(self, name, nnx.Param(q, out_sharding=("layers", *axes), eager_sharding=False))
+                scale_axes = ("layers", *quant.scale_shape(name, shape, axes)[1])
+                setattr(self, name + quant.SCALE, nnx.Param(scale, out_sharding=scale_axes, eager_sharding=False))
         for name in cfg.lora_targets:  # adapters are trained in float32 whatever the base's dtype
             (a_shape, a_axes), (b_shape, b_axes) = lora.adapter_shapes(name, *shapes[name], cfg.lora_rank)
             a = lora.init_a(rngs.params(), (cfg.num_layers, *a_shape), jnp.float32)
             setattr(self, f"{name}_lora_a", nnx.Param(a, out_sharding=("layers", *a_axes), eager_sharding=False))
             b = jnp.zeros((cfg.num_layers, *b_shape), jnp.float32)
             setattr(self, f"{name}_lora_b", nnx.Param(b, out_sharding=("layers", *b_axes), eager_sharding=False))
-        self.names = tuple(shapes) + tuple(f"{t}_lora_{ab}" for t in cfg.lora_targets for ab in "ab")
+        self.names = tuple(shapes) + scales + tuple(f"{t}_lora_{ab}" for t in cfg.lora_targets for ab in "ab")
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax.models import quant
 from bco_jax.models import safetensors_io as st
 from bco_jax.models.decoder import Decoder, ModelConfig
 from bco_jax.sharding import host_gather, mesh_spec
@@ -190,7 +191,7 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
         pad_token_id=cfg.pad_token_id, dtype=dtype_name)
     # Some field combinations (e.g. q/k/v biases on Mistral) have no config.json form: refuse them.
     ours = {f.name for f in dataclasses.fields(ModelConfig)} - {"remat", "attn_implementation", "hf_config_json",
-                                                               "generation_config_json"}
+                                                               "generation_config_json", "quantize_base"}
     back = read_config(hf)
     lost = sorted(f for f in ours if getattr(back, f) != getattr(cfg, f))
     if lost:
@@ -296,7 +297,10 @@ def _load_param(files, opened, hf_name, layered, shape, perm, split, sharding, d
 def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None, **overrides) -> Decoder:
     """Decoder with weights from a local HF folder (safetensors only). With `mesh`, each parameter is
     placed on the sharding its logical axes map to under `rules` (default sharding.LOGICAL_RULES).
-    `overrides` set ModelConfig fields such as remat or attn_implementation."""
+    `overrides` set ModelConfig fields such as remat or attn_implementation. With
+    `quantize_base=True` the seven projections are stored int8 + scales (`quant`): each is read in
+    `param_dtype` onto its sharding and quantized there, one projection at a time, so the
+    full-precision copy of only one stacked projection exists at once."""
     files = _checkpoint_files(path)
     cfg = read_config(path, **_renamed(overrides))
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
@@ -310,12 +314,26 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
             cache[file] = st.SafetensorsFile(file)
         return cache[file]
 
-    for our_name, var in flat.items():
-        hf_name, perm, split = table[our_name]
+    def sharding_of(var):
         spec = jax.sharding.PartitionSpec(*(var.get_metadata().get("out_sharding") or ()))
-        sharding = _target_sharding(spec, var.shape, mesh, rules)
-        var.set_value(_load_param(files, opened, hf_name, "{i}" in hf_name, var.shape, perm, split,
-                                  sharding, jnp.dtype(param_dtype)))
+        return _target_sharding(spec, var.shape, mesh, rules)
+
+    for our_name, var in flat.items():
+        if our_name.endswith(quant.SCALE):
+            continue  # set with its weight
+        hf_name, perm, split = table[our_name]
+        scale = flat.get(our_name + quant.SCALE)
+        value = _load_param(files, opened, hf_name, "{i}" in hf_name, var.shape, perm, split,
+                            sharding_of(var), jnp.dtype(param_dtype))
+        if scale is None:
+            var.set_value(value)
+            continue
+        n_in = quant.input_axes(our_name.rsplit("/", 1)[-1])
+        q, s = jax.jit(quant.quantize, static_argnums=(1,),
+                       out_shardings=(sharding_of(var), sharding_of(scale)))(value, n_in)
+        del value
+        var.set_value(q)
+        scale.set_value(s)
     return nnx.merge(graphdef, state)
 
 
@@ -323,7 +341,8 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
 
 
 def _hf_tensors(model: Decoder):
-    """Yield (HF name, numpy array) one layer at a time, so the host holds one tensor at once."""
+    """Yield (HF name, numpy array) one layer at a time, so the host holds one tensor at once. An
+    int8 projection (`quantize_base`) is written dequantized, in the model's parameter dtype."""
     _, state = nnx.split(model)
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
     for our_name, (hf_name, perm, split) in _table_for(flat).items():
@@ -331,8 +350,13 @@ def _hf_tensors(model: Decoder):
         if "{i}" not in hf_name:
             yield hf_name, _to_hf(host_gather(array), perm, split)
             continue
+        scale = flat.get(our_name + quant.SCALE)
         for i in range(array.shape[0]):
-            yield hf_name.format(i=i), _to_hf(host_gather(array[i]), perm, split)
+            layer = array[i]
+            if scale is not None:
+                n_in = quant.input_axes(our_name.rsplit("/", 1)[-1])
+                layer = quant.dequantize(layer, scale[...][i], n_in, model.param_dtype, lead=0)
+            yield hf_name.format(i=i), _to_hf(host_gather(layer), perm, split)
 
 
 def save_hf(model: Decoder, path, *, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):

@@ -3,7 +3,8 @@
 A projection W (stacked over layers, e.g. wq [L, D, N, H]) gets a low-rank update
     y = x W + (alpha / r) * dropout(x) A B,    A [L, in..., r] (PEFT's kaiming-uniform init), B [L, r, out...] (0)
 so the adapted model starts equal to the base. The base stays frozen; only A and B are trained, in
-float32. With the adapters off, the same base is the reference model: no second copy in memory.
+float32. With the adapters off, the same base is the reference model: no second copy in memory
+(unless the run names a separate ref_model, which is then loaded beside the base).
 Adapters live in the model as `nnx.Param`s named `<projection>_lora_a/_lora_b` inside `Layers` (the
 logical axis "lora" for the rank, replicated), so they are scanned with the layer they adapt.
 
@@ -91,14 +92,29 @@ def join_adapters(base: dict, adapters: dict) -> dict:
 
 def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
     """Base params with each adapted projection W replaced by W + scale * A B (in W's dtype): the
-    adapted model as a plain one, for export."""
-    layers = dict(base["layers"])
+    adapted model as a plain one, for export.
+
+    From an int8 base (`quant.quantize_base`, `load_in_8bit`) every projection is dequantized
+    (Q * scale in float32), the update added there, and the sum rounded once to the base's float
+    dtype (its embedding's); the scales are dropped, so the result is a plain tree for a `Decoder`
+    built without `quantize_base`. It is the model the adapters were trained with (the dequantized
+    base), not the original weights on disk: re-quantizing after the merge would lose most of the
+    update (it is far smaller than one int8 step). The PEFT adapter folder, like bitsandbytes QLoRA
+    adapters, is meant for the original base."""
+    from bco_jax.models import quant
+
+    layers = {k: v for k, v in base["layers"].items() if not k.endswith(quant.SCALE)}
+    quantized = [k[:-len(quant.SCALE)] for k in base["layers"] if k.endswith(quant.SCALE)]
+    dtypes = {name: layers[name].dtype for name in layers}
+    for name in quantized:  # float32 until the update is added, then the base's dtype
+        layers[name] = quant.dequantize(layers[name], base["layers"][name + quant.SCALE], quant.input_axes(name))
+        dtypes[name] = base["embed"].dtype
     for key in adapters["layers"]:
         if key.endswith("_lora_a"):
             name = key[:-len("_lora_a")]
             delta = delta_weight(adapters["layers"][key], adapters["layers"][f"{name}_lora_b"], scale)
-            layers[name] = (layers[name].astype(delta.dtype) + delta).astype(layers[name].dtype)
-    return {**base, "layers": layers}
+            layers[name] = layers[name].astype(delta.dtype) + delta
+    return {**base, "layers": {k: v.astype(dtypes[k]) for k, v in layers.items()}}
 
 
 def by_projection(adapters: dict) -> dict:
