@@ -59,6 +59,7 @@ from bco_jax.sharding import (
     data_shard,
     host_gather,
     model_shardings,
+    shard_devices,
 )
 from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
 
@@ -176,11 +177,6 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
                           "with every batch)")
 
 
-def shard_devices(mesh) -> int:
-    """Data-parallel devices per data shard (process): packed rows are packed per device."""
-    return data_parallel_size(mesh) // data_shard(mesh)[1]
-
-
 def mesh_for(cfg: TrainConfig):
     try:
         return build_mesh(mesh_shape(cfg))
@@ -216,6 +212,11 @@ def lora_options(cfg: TrainConfig) -> dict:
 def base_options(cfg: TrainConfig) -> dict:
     """ModelConfig fields of the frozen base the adapters sit on: int8 projections with load_in_8bit."""
     return {"quantize_base": True} if cfg.model.use_peft and cfg.model.load_in_8bit else {}
+
+
+def int8_reference(cfg: TrainConfig) -> bool:
+    """Whether the reference is int8: it is the base with adapters off, and the base is int8."""
+    return bool(base_options(cfg)) and not cfg.model.separate_reference
 
 
 def abstract_model(path: str, param_dtype, cfg: TrainConfig, **extra):
@@ -340,7 +341,7 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
     # compute dtype.
     as_base = cfg.model.use_peft and not cfg.model.separate_reference
     param_dtype = compute_dtype(cfg.model.dtype) if as_base else jnp.dtype(cfg.model.ref_dtype)
-    quantized = base_options(cfg) if as_base else {}  # with load_in_8bit the base (and so this reference) is int8
+    quantized = base_options(cfg) if int8_reference(cfg) else {}
     graphdef, abstract = abstract_model(folder, param_dtype, cfg, **quantized)
     if folder == path:
         params = _load_params(path, param_dtype, cfg, mesh, "ref_model", **quantized)
@@ -396,8 +397,7 @@ def save_model_copies(run: Run) -> None:
         atomic_write_json(os.path.join(saved, "reference.json"),  # written last: marks the copy complete
                           {"path": os.path.abspath(run.ref_path), "fingerprint": run.ref_fingerprint,
                            "ref_dtype": run.cfg.model.ref_dtype,
-                           "int8": bool(run.cfg.model.use_peft and run.cfg.model.load_in_8bit
-                                        and not run.cfg.model.separate_reference)}, indent=2)
+                           "int8": int8_reference(run.cfg)}, indent=2)
 
 
 def _copy_hf_files(source: str, target: str, tokenizer) -> None:

@@ -22,7 +22,7 @@ from bco_jax import udm
 from bco_jax.data import ordered_batches, prompt_batches
 from bco_jax.errors import log
 from bco_jax.files import atomic_write
-from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_batch
+from bco_jax.sharding import data_shard, host_gather, put_batch, shard_devices
 from bco_jax.step import PAIR_SIDES, batch_logps
 
 
@@ -42,7 +42,7 @@ def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh,
     table = np.zeros((len(data), len(prefixes)), np.float32)
     shard, shards = data_shard(mesh)
     # Packed rows give one value per entry of the example axis, as unpacked rows do per row.
-    for batch in ordered_batches(data, data_cfg, batch_size, shard, shards, data_parallel_size(mesh) // shards):
+    for batch in ordered_batches(data, data_cfg, batch_size, shard, shards, shard_devices(mesh)):
         index = batch.pop("example_index")
         idx = host_gather(put_batch({"i": index.astype(np.int32)}, mesh)["i"]).reshape(-1)  # whole global batch
         capacity = int(batch["completion_capacity"][0])

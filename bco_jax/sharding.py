@@ -213,6 +213,11 @@ def data_shard(mesh) -> tuple[int, int]:
     return rows[0] // block, n // block
 
 
+def shard_devices(mesh) -> int:
+    """Data-parallel devices per data shard (process): packed rows are packed per device."""
+    return data_parallel_size(mesh) // data_shard(mesh)[1]
+
+
 def abstract_on(tree, shardings):
     """`tree`'s shapes and dtypes as ShapeDtypeStructs placed on `shardings` (a matching tree)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

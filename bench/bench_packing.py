@@ -36,7 +36,14 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from bench_train_step import SPECIAL, build_model_dir, git_commit, machine_info, versions  # noqa: E402
+from bench_train_step import (  # noqa: E402
+    SPECIAL,
+    add_model_args,
+    build_model_dir,
+    git_commit,
+    machine_info,
+    versions,
+)
 
 
 def ragged_lengths(n: int, args, seed: int = 0):
@@ -111,12 +118,7 @@ def token_stats(batches):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=None, help="default: round(hidden * 2.6875)")
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, vocab=32000)
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step")
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
     p.add_argument("--max_length", type=int, default=1024)

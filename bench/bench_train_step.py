@@ -441,14 +441,19 @@ def markdown(rec):
     return "\n".join(lines)
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p, vocab: int) -> None:
+    """The bench model's shape options (`build_model_dir` reads them)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=None, help="default: round(hidden * 2.6875)")
-    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=vocab)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p, vocab=4096)
     p.add_argument("--seq", type=int, default=128, help="tokens per row: prompt seq/2 (BOS incl.) + completion")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="timed steps")

@@ -45,6 +45,7 @@ INTERVAL_MODEL_DIR = os.path.join(INTERVAL_ASSETS, "sft")
 INTERVAL_FEEDBACK_DIR = os.path.join(INTERVAL_ASSETS, "feedback")
 
 TASKS = {"arithmetic": task, "interval": interval}  # the experiment scripts' --task choices
+TASK_ASSETS = {"arithmetic": ASSETS, "interval": INTERVAL_ASSETS}  # each holds sft/ and feedback/
 
 # Settings under which BCO on TRAIN_FEEDBACK clearly raises the success rate in a couple of CPU
 # minutes (experiments/oracle/check_bco.py: 0.51 -> 0.67 with these). The paper's 5e-7 learning
@@ -65,6 +66,7 @@ __all__ = [
                                  "INTERVAL_MODEL_DIR",
                                  "MODEL_DIR",
                                  "TASKS",
+                                 "TASK_ASSETS",
                                  "TOKENIZER_DIR",
                                  "TRAIN_FEEDBACK",
                                  "TRAIN_LIKERT",

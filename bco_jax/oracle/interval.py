@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bco_jax.oracle import families
+
 FAMILIES = ("narrow", "wide")
 NARROW_MAX_WIDTH = 30  # b - a <= 30 is `narrow`: 1 to 29 right answers; `wide` has 30 to 98
 MIN_WIDTH = 2  # b - a >= 2, so at least one integer lies strictly inside
@@ -74,27 +76,15 @@ def all_prompts(family: str) -> list[str]:
 
 def split_prompts(seed: int = 0, n_eval: int = 300, n_heldout_feedback: int = 400
                   ) -> dict[str, list[str]]:
-    """Disjoint prompt sets, half of each family: `eval` (success rate, KL, samples),
-    `heldout_feedback` (labelled held-out feedback) and `train` (SFT and training feedback).
-    A pure function of the seed, so every script agrees on which intervals are held out."""
-    rng = np.random.default_rng(seed)
-    splits: dict[str, list[str]] = {"eval": [], "heldout_feedback": [], "train": []}
-    for family in FAMILIES:
-        prompts = all_prompts(family)
-        order = rng.permutation(len(prompts))
-        ne, nh = n_eval // 2, n_heldout_feedback // 2
-        splits["eval"] += [prompts[i] for i in order[:ne]]
-        splits["heldout_feedback"] += [prompts[i] for i in order[ne:ne + nh]]
-        splits["train"] += [prompts[i] for i in order[ne + nh:]]
-    return splits
+    """Disjoint `eval` / `heldout_feedback` / `train` prompt sets, half of each family
+    (`families.split_prompts`)."""
+    return families.split_prompts(all_prompts, FAMILIES, seed, n_eval, n_heldout_feedback)
 
 
 # ---------------------------------------------------------------------------- the oracle
 
 
-def _clean(completion: str) -> str:
-    # As task._clean: a trailing EOS string is dropped, an EOS inside the answer stays (and is junk).
-    return completion.strip().removesuffix("<eos>").strip()
+_clean = families.clean
 
 
 def _number(completion: str) -> int | None:
@@ -179,9 +169,5 @@ def answer_distribution(prompt: str, noise: float) -> dict[int, float]:
 def demonstrations(prompts: list[str], rng: np.random.Generator, noise: float
                    ) -> Iterator[tuple[str, str]]:
     """An endless stream of (prompt, noisy answer): a family drawn uniformly, then one of its prompts."""
-    by_family = {f: [p for p in prompts if prompt_family(p) == f] for f in FAMILIES}
-    families = [f for f in FAMILIES if by_family[f]]
-    while True:
-        family = families[int(rng.integers(len(families)))]
-        prompt = by_family[family][int(rng.integers(len(by_family[family])))]
-        yield prompt, noisy_answer(prompt, rng, noise)
+    return families.demonstrations(prompts, rng, FAMILIES, prompt_family,
+                                   lambda prompt, rng: noisy_answer(prompt, rng, noise))

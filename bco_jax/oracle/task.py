@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bco_jax.oracle import families
+
 FAMILIES = ("add", "sub")
 _OPERATOR = {"add": "+", "sub": "-"}
 _PROMPT_RE = re.compile(r"^(\d{1,2})([+-])(\d{1,2})=$")
@@ -61,28 +63,15 @@ def all_prompts(family: str) -> list[str]:
 
 def split_prompts(seed: int = 0, n_eval: int = 300, n_heldout_feedback: int = 400
                   ) -> dict[str, list[str]]:
-    """Disjoint prompt sets, half of each family: `eval` (success rate, KL, samples),
-    `heldout_feedback` (labelled held-out feedback) and `train` (SFT and training feedback).
-    A pure function of the seed, so every script agrees on which questions are held out."""
-    rng = np.random.default_rng(seed)
-    splits: dict[str, list[str]] = {"eval": [], "heldout_feedback": [], "train": []}
-    for family in FAMILIES:
-        prompts = all_prompts(family)
-        order = rng.permutation(len(prompts))
-        ne, nh = n_eval // 2, n_heldout_feedback // 2
-        splits["eval"] += [prompts[i] for i in order[:ne]]
-        splits["heldout_feedback"] += [prompts[i] for i in order[ne:ne + nh]]
-        splits["train"] += [prompts[i] for i in order[ne + nh:]]
-    return splits
+    """Disjoint `eval` / `heldout_feedback` / `train` prompt sets, half of each family
+    (`families.split_prompts`)."""
+    return families.split_prompts(all_prompts, FAMILIES, seed, n_eval, n_heldout_feedback)
 
 
 # ---------------------------------------------------------------------------- the oracle
 
 
-def _clean(completion: str) -> str:
-    # Generated text may end with the EOS string when decoded without skipping special tokens; an EOS
-    # inside the answer is junk and must not be scored right.
-    return completion.strip().removesuffix("<eos>").strip()
+_clean = families.clean
 
 
 def reward(prompt: str, completion: str) -> float:
@@ -160,11 +149,6 @@ def noisy_answer(prompt: str, rng: np.random.Generator, noise: float) -> str:
 
 def demonstrations(prompts: list[str], rng: np.random.Generator, noise: float
                    ) -> Iterator[tuple[str, str]]:
-    """An endless stream of (prompt, noisy answer): a family drawn uniformly, then one of its prompts,
-    so both families are learned equally well although there are twice as many additions."""
-    by_family = {f: [p for p in prompts if prompt_family(p) == f] for f in FAMILIES}
-    families = [f for f in FAMILIES if by_family[f]]
-    while True:
-        family = families[int(rng.integers(len(families)))]
-        prompt = by_family[family][int(rng.integers(len(by_family[family])))]
-        yield prompt, noisy_answer(prompt, rng, noise)
+    """An endless stream of (prompt, noisy answer): a family drawn uniformly, then one of its prompts."""
+    return families.demonstrations(prompts, rng, FAMILIES, prompt_family,
+                                   lambda prompt, rng: noisy_answer(prompt, rng, noise))

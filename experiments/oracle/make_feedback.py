@@ -30,7 +30,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from bco_jax.models import load_hf
-from bco_jax.oracle import TASKS, task
+from bco_jax.oracle import TASK_ASSETS, TASKS, task
 from bco_jax.oracle.sampling import sample_completions, success_rate
 
 
@@ -118,8 +118,7 @@ def summary(rows, task=task) -> dict:
     return s
 
 
-# Per task: default folders and the likert note of the manifest.
-ASSET_DIRS = {"arithmetic": "bco_jax/assets/oracle", "interval": "bco_jax/assets/interval"}
+# Per task: the likert note of the manifest.
 LIKERT_NOTES = {"arithmetic": "rating 5 (right) <=> label true; 4 = one digit wrong",
                 "interval": "rating 5 (inside) <=> label true; 4 = on a boundary; 3 = within 5 of the interval"}
 
@@ -143,8 +142,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     task = TASKS[args.task]
-    args.model = args.model or os.path.join(ASSET_DIRS[args.task], "sft")
-    args.out = args.out or os.path.join(ASSET_DIRS[args.task], "feedback")
+    args.model = args.model or os.path.relpath(os.path.join(TASK_ASSETS[args.task], "sft"))
+    args.out = args.out or os.path.relpath(os.path.join(TASK_ASSETS[args.task], "feedback"))
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     model = load_hf(args.model)

@@ -28,12 +28,14 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from bco_jax.models import Decoder, read_config, save_hf
-from bco_jax.oracle import TASKS
+from bco_jax.oracle import TASK_ASSETS, TASKS
 from bco_jax.oracle.sampling import success_rate
 from bco_jax.oracle.tokenizer import VOCAB
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_feedback import recorded_args
+
 SEQ_LEN = 12  # BOS + 6 question characters + 3 answer digits + EOS, rounded up (interval: 1 + 7 + 2 + 1)
-DEFAULT_OUT = {"arithmetic": "bco_jax/assets/oracle/sft", "interval": "bco_jax/assets/interval/sft"}
 
 
 def model_config(args) -> dict:
@@ -104,7 +106,7 @@ def main(argv=None):
     p.add_argument("--eval_every", type=int, default=500)
     args = p.parse_args(argv)
     task = TASKS[args.task]
-    args.out = args.out or DEFAULT_OUT[args.task]
+    args.out = args.out or os.path.relpath(os.path.join(TASK_ASSETS[args.task], "sft"))
 
     t0 = time.time()
     splits = task.split_prompts()
@@ -129,9 +131,7 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     save_hf(model, args.out, tokenizer=args.tokenizer)
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
-        # `task` is recorded only when not arithmetic: the arithmetic log reads as before --task existed.
-        recorded = {k: v for k, v in vars(args).items() if not (k == "task" and v == "arithmetic")}
-        json.dump(dict(args=recorded, history=history), f, indent=1)
+        json.dump(dict(args=recorded_args(args), history=history), f, indent=1)
     print(f"saved {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
 
 

@@ -235,6 +235,16 @@ def _save(fig, folder: str, name: str) -> str:
     return path
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, folder: str, name: str) -> str:
+    """Labels, grid and legend of a one-panel figure, then `_save`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, folder, name)
+
+
 def grid_plot(results, folder: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -251,12 +261,8 @@ def grid_plot(results, folder: str) -> str:
             ax.scatter([selected[method]], [scores[selected[method]]], s=120, facecolors="none",
                        edgecolors=line.get_color())
     ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("oracle success, validation prompts (T=1)")
-    ax.set_title(f"{name}: learning-rate grid (circled: selected)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, folder, f"results_{name}_grid.png")
+    return _finish(fig, ax, "peak learning rate", "oracle success, validation prompts (T=1)",
+                   f"{name}: learning-rate grid (circled: selected)", folder, f"results_{name}_grid.png")
 
 
 def kl_plot(results, folder: str) -> str:
@@ -271,12 +277,9 @@ def kl_plot(results, folder: str) -> str:
             kl, s = np.array([r["kl"] for r in rows]), np.array([r["success"] for r in rows])
             ax.errorbar(kl.mean(), s.mean(), xerr=kl.std(ddof=1) if len(kl) > 1 else 0,
                         yerr=s.std(ddof=1) if len(s) > 1 else 0, fmt="o", capsize=3, label=method)
-    ax.set_xlabel("KL(policy || SFT), nats per answer")
-    ax.set_ylabel("oracle success, test prompts (T=1)")
-    ax.set_title(f"{name}: success vs KL at the selected rates (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, folder, f"results_{name}_reward_vs_kl.png")
+    return _finish(fig, ax, "KL(policy || SFT), nats per answer", "oracle success, test prompts (T=1)",
+                   f"{name}: success vs KL at the selected rates (mean ± std over seeds)", folder,
+                   f"results_{name}_reward_vs_kl.png")
 
 
 def mechanism_plot(by_task: dict, folder: str) -> str:
