@@ -17,66 +17,59 @@ frozen base is read from it on every start).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
-import shutil
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from bco_jax import checkpoint as ckpt_lib
 from bco_jax import losses as L
 from bco_jax import udm
 from bco_jax.config import TrainConfig, mesh_shape
 from bco_jax.data import BatchIterator, TokenizedDataset, load_dataset
 from bco_jax.errors import ConfigError, log
-from bco_jax.files import atomic_write_json
-from bco_jax.guards import (
-    MODEL_COPY,
+from bco_jax.load import (
+    abstract_model,
+    base_options,
     check_finite_weights,
-    check_model_files,
-    check_pairing,
-    check_resume,
-    fingerprint_once,
+    load_base,
+    load_reference,
+    load_tokenizer,
+    lora_options,
+    model_folder,
+    model_options,
     reading_weights,
-    run_identity,
 )
 from bco_jax.metrics import truncate_metrics
-from bco_jax.models import Decoder, compute_dtype, load_hf, lora, read_config, save_hf, weight_decay_mask
+from bco_jax.models import compute_dtype, load_hf, lora, read_config, save_hf
 from bco_jax.models.decoder import layer_param_shapes
 from bco_jax.precompute import fit_udm, reference_table
+from bco_jax.resume import RunIdentity, check_resume, run_identity
+from bco_jax.run_dir import RunDir
 from bco_jax.sharding import (
     LOGICAL_RULES,
-    abstract_on,
     build_mesh,
     data_parallel_size,
     data_shard,
     host_gather,
-    model_shardings,
     shard_devices,
 )
-from bco_jax.step import TrainState, eval_step, init_state, make_optimizer, state_shardings, train_step
-
-REFERENCE_COPY = "reference"  # under output_dir, beside MODEL_COPY
+from bco_jax.step import StepProgram, TrainState, compile_step
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A built run: its config, mesh, data, models and jitted functions.
 
-    `step_fn(state, reference, batch, capacity) -> (state, metrics)` with `batch` from
-    `sharding.put_batch` ([A, b, ...] arrays) and `capacity` = `completion_capacity(batch)` (static);
-    `eval_fn(params, reference, batch, reward_shift, capacity) -> per-row outputs` on [1, b, ...]
-    batches; both take `run.frozen` as `reference`. `reference` holds the reference's parameters, or
-    None when its log-probs are precomputed into the batch. With use_peft, `base` is the frozen base
-    the adapters sit on, in the compute dtype; without a separate ref_model it is also the reference
-    (the same tree: no second copy). `abstract_state` is the state's shapes, dtypes and shardings.
+    `program` is the compiled step (`bco_jax.step.StepProgram`): `program.step(state, run.frozen,
+    batch)` with `batch` from `sharding.put_batch`, `program.eval`, `program.init`,
+    `program.abstract_state`. `reference` holds the reference's parameters, or None when its
+    log-probs are precomputed into the batch. With use_peft, `base` is the frozen base the adapters
+    sit on, in the compute dtype; without a separate ref_model it is also the reference (the same
+    tree: no second copy).
     """
     cfg: TrainConfig
     mesh: jax.sharding.Mesh
@@ -89,16 +82,18 @@ class Run:
     steps: int  # optimizer steps of the whole run
     graphdef: nnx.GraphDef
     ref_graphdef: nnx.GraphDef
-    abstract_state: TrainState
-    init_fn: Any  # policy params -> initial TrainState on its shardings
+    program: StepProgram
     reference: dict | None
     base: dict | None  # with use_peft only
     base_graphdef: nnx.GraphDef | None  # the base's, without adapters and not int8 (the export's)
     ref_path: str
     ref_fingerprint: str
-    step_fn: Any
-    eval_fn: Any
     hidden_size: int
+
+    @property
+    def dir(self) -> RunDir:
+        """Every path under output_dir."""
+        return RunDir(self.output_dir)
 
     @property
     def main_process(self) -> bool:
@@ -122,25 +117,6 @@ class Tables(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ pieces
-
-
-def completion_capacity(batch: dict) -> int | tuple[int, int] | None:
-    """The host batch's scored tokens per row at most (the data pipeline's `completion_capacity`),
-    a static argument of the step: the LM head runs on that many positions per row. With packing and
-    KTO, a pair (packed rows, KL rows: `kl_completion_capacity`)."""
-    value = batch.get("completion_capacity")
-    main = None if value is None or len(value) == 0 else int(value[0])
-    kl = batch.get("kl_completion_capacity")
-    return main if kl is None or len(kl) == 0 else (main, int(kl[0]))
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model: cannot load a tokenizer from {path} ({err})") from None
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -178,54 +154,7 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
 
 
 def mesh_for(cfg: TrainConfig):
-    try:
-        return build_mesh(mesh_shape(cfg))
-    except ValueError as err:
-        raise ConfigError(f"mesh: {err}") from None
-
-
-def model_folder(path: str, saved: str, key: str) -> str:
-    """`path` when it is a folder, else the copy a previous start saved under output_dir."""
-    if os.path.isdir(path):
-        return check_model_files(path, key)
-    if os.path.exists(os.path.join(saved, "config.json")):
-        log.warning("%s: %s is gone; using the copy saved in %s", key, path, saved)
-        return check_model_files(saved, key)
-    raise ConfigError(f"{key}: {path} is not a folder (a local HF model folder is expected; nothing is "
-                      "downloaded)")
-
-
-def model_options(cfg: TrainConfig) -> dict:
-    return dict(dtype=compute_dtype(cfg.model.dtype), remat=cfg.model.remat,
-                attn_implementation=cfg.model.attn_implementation)
-
-
-def lora_options(cfg: TrainConfig) -> dict:
-    """ModelConfig fields of the policy's LoRA adapters (none without use_peft), and of its int8 base."""
-    m = cfg.model
-    if not m.use_peft:
-        return {}
-    return dict(lora_rank=m.lora_r, lora_alpha=float(m.lora_alpha), lora_dropout=float(m.lora_dropout),
-                lora_targets=lora.resolve_targets(m.lora_target_modules), **base_options(cfg))
-
-
-def base_options(cfg: TrainConfig) -> dict:
-    """ModelConfig fields of the frozen base the adapters sit on: int8 projections with load_in_8bit."""
-    return {"quantize_base": True} if cfg.model.use_peft and cfg.model.load_in_8bit else {}
-
-
-def int8_reference(cfg: TrainConfig) -> bool:
-    """Whether the reference is int8: it is the base with adapters off, and the base is int8."""
-    return bool(base_options(cfg)) and not cfg.model.separate_reference
-
-
-def abstract_model(path: str, param_dtype, cfg: TrainConfig, **extra):
-    """(graphdef, abstract nnx.State) of the model in HF folder `path`, without reading weights."""
-    options = model_options(cfg)
-    dtype = options.pop("dtype")
-    model_cfg = read_config(path, **options, **extra)
-    model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return nnx.split(model)
+    return build_mesh(mesh_shape(cfg))  # ConfigError naming the mesh when the devices do not fit it
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -234,12 +163,10 @@ def abstract_model(path: str, param_dtype, cfg: TrainConfig, **extra):
 def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     """Load and place everything the run needs and jit the step; the initial state is made by
     `initial_state(run)` (when there is no checkpoint to resume)."""
-    from bco_jax.config import run_name
-
     mesh = mesh_for(cfg) if mesh is None else mesh
     check_layout(cfg, mesh)
-    output_dir = output_dir or cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
-    model_dir = model_folder(cfg.model.model, os.path.join(output_dir, MODEL_COPY), "model")
+    output_dir = output_dir or RunDir.for_config(cfg).root
+    model_dir = model_folder(cfg.model.model, RunDir(output_dir).model_copy, "model")
     tokenizer = load_tokenizer(model_dir)
     train_data, eval_data = load_data(cfg, tokenizer)
     shard, shards = data_shard(mesh)
@@ -249,18 +176,6 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     steps = total_steps(cfg, iterator.steps_per_epoch)
 
     graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg, **lora_options(cfg))
-    # What the optimizer trains: the whole policy, or with use_peft its adapters alone.
-    trained = (lambda tree: lora.split_adapters(tree)[1]) if cfg.model.use_peft else (lambda tree: tree)
-    optimizer, schedule = make_optimizer(cfg.optim, steps, trained(weight_decay_mask(abstract_params)))
-    shift = L.reward_shift_init(cfg.loss.reward_shift, cfg.loss.reward_shift_decay)
-    make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=cfg.run.seed)
-    params_shape = trained(nnx.to_pure_dict(abstract_params))
-    shardings = state_shardings(jax.eval_shape(make_state, params_shape),
-                                trained(nnx.to_pure_dict(model_shardings(abstract_params, mesh))), mesh, optimizer)
-    abstract_state = abstract_on(jax.eval_shape(make_state, params_shape), shardings)
-    # Built under jit straight onto its shardings: on several hosts no process holds all of it.
-    init_fn = jax.jit(make_state, out_shardings=shardings)
-
     ref_graphdef, reference, ref_path, fingerprint = load_reference(cfg, mesh, output_dir)
     base_graphdef, base = None, None  # with use_peft: the frozen base the adapters sit on
     if cfg.model.use_peft and cfg.model.separate_reference:
@@ -269,18 +184,12 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
         base_graphdef, base = ref_graphdef, reference
     if base_options(cfg):  # the export merges into dequantized weights: a plain (float) graphdef
         base_graphdef = abstract_model(model_dir, compute_dtype(cfg.model.dtype), cfg)[0]
-    graphdefs, peft = (graphdef, ref_graphdef), cfg.model.use_peft
-    step_fn = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=cfg.loss, optimizer=optimizer,
-                                        schedule=schedule, lora=peft),
-                      out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
-    eval_fn = jax.jit(lambda p, r, b, s, c: eval_step(p, r, {k: v[0] for k, v in b.items()}, s, c,
-                                                      graphdefs=graphdefs, cfg=cfg.loss, lora=peft),
-                      static_argnums=4)
+    program = compile_step((graphdef, ref_graphdef), abstract_params, mesh, loss=cfg.loss, optim=cfg.optim,
+                           total_steps=steps, seed=cfg.run.seed, lora=cfg.model.use_peft)
     return Run(cfg=cfg, mesh=mesh, output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer,
                train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
-               ref_graphdef=ref_graphdef, abstract_state=abstract_state, init_fn=init_fn, reference=reference,
+               ref_graphdef=ref_graphdef, program=program, reference=reference,
                base=base, base_graphdef=base_graphdef, ref_path=ref_path, ref_fingerprint=fingerprint,
-               step_fn=step_fn, eval_fn=eval_fn,
                hidden_size=int(nnx.to_pure_dict(abstract_params)["embed"].shape[-1]))
 
 
@@ -297,11 +206,11 @@ def initial_state(run: Run) -> TrainState:
         else:
             adapters = lora.init_adapters(shapes, model_cfg.num_layers, targets, m.lora_r,
                                           jax.random.key(run.cfg.run.seed))
-        return run.init_fn({"layers": {f"{name}_lora_{ab}": jnp.asarray(adapters[name][ab])
+        return run.program.init({"layers": {f"{name}_lora_{ab}": jnp.asarray(adapters[name][ab])
                                        for name in targets for ab in "ab"}})
     policy = load_hf(run.model_dir, param_dtype=jnp.float32, mesh=run.mesh, rules=LOGICAL_RULES,
                      **model_options(run.cfg))
-    return run.init_fn(nnx.to_pure_dict(nnx.split(policy)[1]))
+    return run.program.init(nnx.to_pure_dict(nnx.split(policy)[1]))
 
 
 def policy_params(run: Run, state: TrainState) -> dict:
@@ -313,7 +222,7 @@ def export_policy(run: Run, state: TrainState) -> None:
     """output_dir/hf: the policy as an HF folder (with use_peft, the adapters merged into the base),
     and with use_peft output_dir/adapter, a PEFT folder. Every process calls it (they gather the
     sharded parameters together); process 0 writes."""
-    path = os.path.join(run.output_dir, "hf")
+    path = run.dir.hf
     if not run.cfg.model.use_peft:
         save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
         return
@@ -322,112 +231,30 @@ def export_policy(run: Run, state: TrainState) -> None:
     save_hf(nnx.merge(run.base_graphdef, merged), path, tokenizer=run.tokenizer)
     adapters = lora.by_projection(jax.tree.map(host_gather, state.params))
     if run.main_process:
-        lora.save_peft(adapters, os.path.join(run.output_dir, "adapter"), rank=m.lora_r, alpha=m.lora_alpha,
+        lora.save_peft(adapters, run.dir.adapter, rank=m.lora_r, alpha=m.lora_alpha,
                        dropout=m.lora_dropout, targets=lora.resolve_targets(m.lora_target_modules),
                        base_model=os.path.abspath(m.model))
-
-
-# ---------------------------------------------------------------------- the reference and its copy
-
-
-def load_reference(cfg: TrainConfig, mesh, output_dir: str):
-    """(graphdef, params, path, fingerprint) of the frozen reference: from its HF folder, or from the
-    Orbax copy a previous start saved under output_dir when that folder is gone."""
-    path = cfg.model.ref_model or cfg.model.model
-    saved = os.path.join(output_dir, REFERENCE_COPY)
-    folder = model_folder(path, os.path.join(saved, "hf"), "ref_model")
-    check_pairing(cfg, folder, output_dir)
-    # With use_peft and no separate ref_model the reference is the policy's frozen base, kept in the
-    # compute dtype.
-    as_base = cfg.model.use_peft and not cfg.model.separate_reference
-    param_dtype = compute_dtype(cfg.model.dtype) if as_base else jnp.dtype(cfg.model.ref_dtype)
-    quantized = base_options(cfg) if int8_reference(cfg) else {}
-    graphdef, abstract = abstract_model(folder, param_dtype, cfg, **quantized)
-    if folder == path:
-        params = _load_params(path, param_dtype, cfg, mesh, "ref_model", **quantized)
-        return graphdef, params, path, fingerprint_once(path)
-    with open(os.path.join(saved, "reference.json"), encoding="utf-8") as f:
-        record = json.load(f)
-    if record.get("ref_dtype") != cfg.model.ref_dtype:
-        raise ConfigError(f"ref_dtype: the saved reference copy in {saved} is {record.get('ref_dtype')}, "
-                          f"not {cfg.model.ref_dtype}; keep ref_dtype or restore the original {path}")
-    if record.get("int8", False) != bool(quantized):
-        raise ConfigError(f"load_in_8bit: the saved reference copy in {saved} was written with load_in_8bit "
-                          f"{str(record.get('int8', False)).lower()}; keep it or restore the original {path}")
-    shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
-    target = abstract_on(nnx.to_pure_dict(abstract), shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.abspath(os.path.join(saved, "params")), target)
-    return graphdef, params, record["path"], record["fingerprint"]
-
-
-def load_base(cfg: TrainConfig, mesh, model_dir: str):
-    """(graphdef, params) of the frozen base the adapters sit on, with use_peft and a separate
-    ref_model: from `--model` in the compute dtype (only the reference is saved under output_dir)."""
-    if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):
-        raise ConfigError(f"model: {cfg.model.model} is gone; with use_peft and a separate ref_model the frozen "
-                          "base is read from it on every start (only the reference is saved under output_dir)")
-    dtype = compute_dtype(cfg.model.dtype)
-    return (abstract_model(model_dir, dtype, cfg, **base_options(cfg))[0],
-            _load_params(model_dir, dtype, cfg, mesh, "model", **base_options(cfg)))
-
-
-def _load_params(path: str, param_dtype, cfg: TrainConfig, mesh, key: str, **extra) -> dict:
-    with reading_weights(path, key):
-        model = load_hf(path, param_dtype=param_dtype, mesh=mesh, rules=LOGICAL_RULES, **model_options(cfg), **extra)
-    params = nnx.to_pure_dict(nnx.split(model)[1])
-    check_finite_weights(params, path, key)
-    return params
-
-
-def save_model_copies(run: Run) -> None:
-    """Once per output_dir: the policy's config + tokenizer (`model/`) and, unless save_reference is
-    off, the reference weights (`reference/`, Orbax) with its config and fingerprint. Every process
-    calls it (the Orbax write is collective); process 0 writes the small files."""
-    model_copy = os.path.join(run.output_dir, MODEL_COPY)
-    if run.main_process and run.model_dir != model_copy and not os.path.exists(model_copy):
-        _copy_hf_files(run.model_dir, model_copy, run.tokenizer)
-    saved = os.path.join(run.output_dir, REFERENCE_COPY)
-    if not run.cfg.run.save_reference or run.reference is None or os.path.exists(os.path.join(saved, "reference.json")):
-        return
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(os.path.join(saved, "params")), run.reference, force=True)
-    if run.main_process:
-        _copy_hf_files(run.ref_path, os.path.join(saved, "hf"), None)
-        atomic_write_json(os.path.join(saved, "reference.json"),  # written last: marks the copy complete
-                          {"path": os.path.abspath(run.ref_path), "fingerprint": run.ref_fingerprint,
-                           "ref_dtype": run.cfg.model.ref_dtype,
-                           "int8": int8_reference(run.cfg)}, indent=2)
-
-
-def _copy_hf_files(source: str, target: str, tokenizer) -> None:
-    tmp = f"{target}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    for name in ("config.json", "generation_config.json"):
-        if os.path.exists(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------- resume, precompute
 
 
-def restore(run: Run, checkpointer, identity: dict | None = None) -> tuple[TrainState, dict | None, int]:
+def restore(run: Run, checkpointer, identity: RunIdentity | None = None) -> tuple[TrainState, dict | None, int]:
     """(state, UDM state or None, step) of the newest complete checkpoint that reads, onto this run's
     mesh; the initial state at step 0 when there is none. Before any array is read, a checkpoint of
     other reference weights, of another model's shapes, or of a config whose meaning differs
-    (`check_resume`; `identity`: `run_identity(run)`) is refused."""
-    target = {"train": run.abstract_state}
+    (`resume.check_resume`; `identity`: this run's `RunIdentity`) is refused."""
+    target = {"train": run.program.abstract_state}
     if run.cfg.loss.udm:
         target["udm"] = {"classifier": udm.abstract_params(run.hidden_size),
                          "weights": jax.ShapeDtypeStruct((len(run.train_data),), jnp.float32)}
-    identity = run_identity(run) if identity is None else identity
+    identity = identity or run_identity(model_dir=run.model_dir, separate_reference=run.cfg.model.separate_reference,
+                                        ref_path=run.ref_path, ref_fingerprint=run.ref_fingerprint,
+                                        train_data_fingerprint=run.train_data.fingerprint())
 
     def check(step, extras):
-        ckpt_lib.check_reference(extras, run.ref_fingerprint)
-        check_resume(run, step, extras, identity)
+        check_resume(identity, step, extras, config=run.cfg.flat(), allow_config_change=run.cfg.run.allow_config_change,
+                     steps=run.steps, output_dir=run.output_dir)
 
     found = checkpointer.restore_latest(target, check)
     if found is None:
@@ -460,9 +287,9 @@ def precompute(run: Run, udm_state=None) -> Tables:
 
         def table(data):
             dtypes = f"{jnp.dtype(compute_dtype(cfg.model.dtype)).name}-{cfg.model.ref_dtype}"
-            name = f"reference_logps-{ref_id}-{dtypes}-{data.fingerprint()[:16]}.npy"
+            cache = run.dir.reference_logps(ref_id, dtypes, data.fingerprint()[:16])
             return reference_table(data, cfg.data, cfg.run.eval_batch, run.ref_graphdef, run.reference, run.mesh,
-                                   os.path.join(run.output_dir, name))
+                                   cache)
 
         tables = tables._replace(ref_table=table(run.train_data),
                                  eval_ref_table=table(run.eval_data) if run.eval_data is not None else None)

@@ -1,9 +1,9 @@
-"""Training checkpoints (Orbax) and the identity of the reference weights.
+"""Training checkpoints (Orbax).
 
 One checkpoint per saved step under `output_dir/checkpoints/<step>/`, holding two items:
   - `state`:  any pytree of arrays (the TrainState; put the UDM classifier params in it too, e.g.
               `{"train": train_state, "udm": udm_params}`: they are arrays and want the same handling).
-  - `extras`: a JSON-able dict (data-iterator state, resolved config, reference path + fingerprint).
+  - `extras`: a JSON-able dict (data-iterator state, resolved config, the run's identity: `bco_jax.resume`).
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only once every item
 is written (and, on object stores, adds a commit marker). A run killed mid-save leaves only the tmp
@@ -20,7 +20,6 @@ implementation named by the abstract state's dtype, so the abstract state stays 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,14 +33,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bco_jax import losses as L
-from bco_jax.errors import TrainError, log
+from bco_jax.errors import ConfigError, TrainError, log
 from bco_jax.files import atomic_write_json, atomic_write_text
+from bco_jax.run_dir import RunDir
 
-REFERENCE_FINGERPRINT = "reference_fingerprint"  # extras key written by the trainer
-REFERENCE_PATH = "reference_path"
-FINAL_STATE_FILE = "bco_state.json"  # beside hf/: what `python -m bco_jax.evaluate` needs
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
-_WEIGHT_NAMES = ("config.json",)
 # What a finalized checkpoint holds, besides the arrays (see `classify`).
 COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "extras/metadata")
 
@@ -145,8 +140,8 @@ class Checkpointer:
     def __init__(self, output_dir, *, save_total_limit: int | None = None, async_save: bool = True,
                  constant_extras: dict | None = None):
         if save_total_limit is not None and save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be >= 1 or None, got {save_total_limit}")
-        self.directory = Path(output_dir).absolute() / "checkpoints"
+            raise ConfigError(f"save_total_limit must be >= 1 or None, got {save_total_limit}")
+        self.directory = Path(RunDir(str(output_dir)).checkpoints).absolute()
         self.constant_extras = dict(constant_extras or {})
         self._set_aside_torn()
         options = ocp.CheckpointManagerOptions(
@@ -294,51 +289,10 @@ def _as_abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def params_fingerprint(path) -> str:
-    """`sha256:<hex>` over the weight files of an HF folder (or of one file).
-
-    Hashes `*.safetensors`, `*.safetensors.index.json` and `config.json`: names, sizes and bytes, in
-    sorted order, streamed in 1 MiB blocks (multi-GB weights never sit in memory). Tokenizer files and
-    README do not count: they do not change the reference log-probs' weights.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file()
-                       and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name in _WEIGHT_NAMES))
-    else:
-        raise FileNotFoundError(f"reference model not found: {path}")
-    if not any(p.name.endswith(".safetensors") for p in files):
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(f"{p.name}\0{os.path.getsize(p)}\0".encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def check_reference(extras: dict, fingerprint: str) -> None:
-    """Refuse to resume when the checkpoint was trained against other reference weights.
-
-    `extras` is what `restore` returned; the trainer writes `REFERENCE_FINGERPRINT` (and
-    `REFERENCE_PATH`) into it at save time. A checkpoint without a recorded fingerprint is refused too.
-    """
-    saved = extras.get(REFERENCE_FINGERPRINT)
-    if saved == fingerprint:
-        return
-    where = extras.get(REFERENCE_PATH, "an unrecorded path")
-    raise ValueError(f"reference weights differ from the checkpoint's: checkpoint was trained against "
-                     f"{where} ({saved}), now {fingerprint}; use the original reference model or a new "
-                     f"output_dir")
-
-
 def record_config(output_dir: str, config: dict, start: int, identity: dict) -> None:
     """config.json: the configuration of the latest start; config_history.jsonl: one line per start
     (time, step, keys changed since the previous start, the whole config and what it trained from)."""
-    path = os.path.join(output_dir, "config_history.jsonl")
+    path = RunDir(output_dir).config_history
     history = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -348,7 +302,7 @@ def record_config(output_dir: str, config: dict, start: int, identity: dict) -> 
     line = json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": start, "changed": changed,
                        "config": config, "identity": identity}, sort_keys=True)
     atomic_write_text(path, "".join(history) + line + "\n")
-    atomic_write_json(os.path.join(output_dir, "config.json"), config, indent=2, sort_keys=True)
+    atomic_write_json(RunDir(output_dir).config, config, indent=2, sort_keys=True)
 
 
 def write_final_state(output_dir, *, step: int, reward_shift, beta: float, loss_type: str, reference_path: str,
@@ -363,4 +317,4 @@ def write_final_state(output_dir, *, step: int, reward_shift, beta: float, loss_
                                "class_means": np.asarray(shift.class_means).tolist(),
                                "class_counts": np.asarray(shift.class_counts).tolist(),
                                "mean": float(shift.mean), "count": float(shift.count)}}
-    atomic_write_json(os.path.join(output_dir, FINAL_STATE_FILE), record, indent=2)
+    atomic_write_json(RunDir(str(output_dir)).final_state, record, indent=2)

@@ -37,6 +37,8 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-USER_ERRORS = (ConfigError, DataError, TrainError, ValueError, FileNotFoundError)
+# What the CLIs report as one line `error: ...` and exit 2: the project's own user errors, and a
+# missing file. Anything else (a bare ValueError included) is a bug: its traceback, exit 1.
+USER_ERRORS = (ConfigError, DataError, TrainError, FileNotFoundError)
 
 __all__ = ["USER_ERRORS", "ConfigError", "DataError", "TrainError", "log"]

@@ -26,26 +26,28 @@ import numpy as np
 from flax import nnx
 
 from bco_jax import losses as L
-from bco_jax.build import completion_capacity
-from bco_jax.checkpoint import FINAL_STATE_FILE as STATE_FILE
+from bco_jax.argv import join_negative_values
+from bco_jax.config import add_keys
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
+from bco_jax.data.batch import Batch, Sequences
+from bco_jax.errors import USER_ERRORS, ConfigError
 from bco_jax.metrics import eval_summary
 from bco_jax.models import generate, load_hf
 from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
+from bco_jax.run_dir import EVAL_REPORT, FINAL_STATE, RunDir, samples_path
 from bco_jax.sharding import data_parallel_size, host_gather, put_batch
-from bco_jax.step import batch_logps
+from bco_jax.step import scored_logps
 
 
 def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_size: int, mesh,
               ref_table=None) -> dict:
     """eval_ metrics over a whole labelled dataset with the state's current delta (`eval_fn`:
-    `bco_jax.build.Run.eval_fn`). Every process calls it; each reads its share of the rows."""
+    `bco_jax.step.StepProgram.eval`). Every process calls it; each reads its share of the rows."""
     rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
     devices = data_parallel_size(mesh) // jax.process_count()  # packed rows are packed per device
     for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count(), devices):
-        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift,
-                      completion_capacity(batch))
+        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift)
         for key in rows:
             rows[key].append(host_gather(out[key]).reshape(-1))
         loss_sum += float(host_gather(out["loss_sum"]))
@@ -56,39 +58,34 @@ def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_si
 
 def resolve_model(path: str) -> tuple[str, dict]:
     """A training output dir (its hf/ export, saved state and resolved config) or a plain HF folder."""
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+    out = RunDir(path)
+    if os.path.exists(out.final_state):
+        with open(out.final_state, encoding="utf-8") as f:
             saved = json.load(f)
-        config = os.path.join(path, "config.json")
-        if os.path.exists(config):
-            with open(config, encoding="utf-8") as f:
+        if os.path.exists(out.config):
+            with open(out.config, encoding="utf-8") as f:
                 saved["config"] = json.load(f)
-        return os.path.join(path, "hf"), saved
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--model {path}: neither a training output dir ({STATE_FILE}) nor an HF folder")
+        return out.hf, saved
+    if not os.path.exists(os.path.join(path, "config.json")):  # an HF model folder's own config
+        raise FileNotFoundError(f"--model {path}: neither a training output dir ({FINAL_STATE}) nor an HF folder")
     return path, {}
 
 
 def load_reward_fn(spec: str):
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"--reward_fn {spec!r}: expected module:function")
+        raise ConfigError(f"--reward_fn {spec!r}: expected module:function")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"--reward_fn {spec!r}: {err}") from None
-
-
-# The keys a log-prob pass reads (packed rows add their segments and the example axis).
-LOGPS_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "row_first_example",
-              "example_mask")
+        raise ConfigError(f"--reward_fn {spec!r}: {err}") from None
 
 
 @functools.lru_cache(maxsize=16)  # one compilation per model structure, not per call
 def _logps_fn(graphdef):
-    @functools.partial(jax.jit, static_argnums=2)
-    def fn(params, batch, capacity=None):  # the step's own log-prob helper
-        return batch_logps(graphdef, params, batch, capacity=capacity)[0]
+    @jax.jit
+    def fn(params, batch: Batch):  # the step's own log-prob helper, on an unpaired [E] batch
+        return scored_logps(graphdef, params, batch)[:, 0]
     return fn
 
 
@@ -97,10 +94,9 @@ def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> d
     pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
     rewards, labels, mask = [], [], []
     for batch in ordered_batches(data, cfg, batch_size):
-        arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in LOGPS_KEYS}
-        capacity = int(batch["completion_capacity"][0])
-        r = L.implicit_reward(pol_fn(policy[1], arrays, capacity), ref_fn(reference[1], arrays, capacity), beta)
-        rewards.append(np.asarray(r)), labels.append(batch["labels"]), mask.append(batch["example_mask"])
+        arrays = jax.tree.map(jnp.asarray, batch.replace(example_index=None))
+        r = L.implicit_reward(pol_fn(policy[1], arrays), ref_fn(reference[1], arrays), beta)
+        rewards.append(np.asarray(r)), labels.append(batch.labels), mask.append(batch.example_mask)
     rewards, labels, mask = (np.concatenate(x) for x in (rewards, labels, mask))
     out = eval_summary(rewards, labels, mask, 0.0, 1, delta)
     out.pop("eval_loss")
@@ -143,7 +139,7 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
         full_mask, full, loss_mask = right_align(
             jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1), jnp.concatenate([jnp.asarray(ids), tokens], axis=1),
             jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1))
-        arrays = {"input_ids": full, "attention_mask": full_mask, "loss_mask": loss_mask}
+        arrays = Batch(example_mask=jnp.ones(len(full), bool), main=Sequences(full, full_mask, loss_mask))
         lp_pol, lp_ref = np.asarray(pol_fn(policy[1], arrays)), np.asarray(ref_fn(reference[1], arrays))
         tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)
         stop = set(eos_ids or model.config.eos_token_ids)
@@ -167,24 +163,26 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
 
 
 def parse(argv=None):
+    """The evaluator's options; the trainer's keys among them are typed and checked as the trainer
+    reads them (`bco_jax.config.add_keys`)."""
     p = argparse.ArgumentParser(prog="python -m bco_jax.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="training output dir (uses hf/ and its saved delta) or HF folder")
-    p.add_argument("--ref_model", help="reference HF folder (default: the training run's, else --model)")
     p.add_argument("--data", required=True, help="labelled feedback (any format the trainer reads)")
-    p.add_argument("--beta", type=float, help="implicit-reward beta (default: the training run's, else 0.1)")
+    add_keys(p, {"ref_model": None, "beta": None, "max_length": None, "batch_size": 64, "seed": 0}, helps={
+        "ref_model": "reference HF folder (default: the training run's, else --model)",
+        "beta": "implicit-reward beta (default: the training run's, else 0.1)",
+        "max_length": "default: the training run's, else 1024",
+        "batch_size": "prompts or examples per forward pass"})
     p.add_argument("--delta", type=float, help="reward shift (default: the training run's saved delta, else 0)")
     p.add_argument("--reward_fn", help="oracle module:function(prompt, completion) -> float")
     p.add_argument("--num_samples", type=int, default=256, help="held-out prompts to sample (default 256)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_length", type=int, help="default: the training run's, else 1024")
     p.add_argument("--packing", choices=("true", "false"),
                    help="pack several examples per row for the reward pass (default: the training run's, else false)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="JSON report path (default: <model>/eval.json); samples go beside it")
-    return p.parse_args(argv)
+    p.add_argument("--output", help=f"JSON report path (default: <model>/{EVAL_REPORT}); samples go beside it")
+    return p.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
 
 
 def run(args) -> dict:
@@ -218,11 +216,11 @@ def run(args) -> dict:
                                      top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                                      reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
     report.update(sampled)
-    output = args.output or os.path.join(args.model, "eval.json")
+    output = args.output or RunDir(args.model).eval_report
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.splitext(output)[0] + "_samples.jsonl", "w", encoding="utf-8") as f:
+    with open(samples_path(output), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     for key, value in report.items():
         print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
@@ -233,7 +231,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         run(parse(argv))
-    except (DataError, ValueError, FileNotFoundError, OSError) as err:
+    except (*USER_ERRORS, OSError) as err:  # a user error, an unreadable file: one line; a bug: its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,7 @@ import numpy as np
 
 from bco_jax.errors import TrainError, log
 from bco_jax.files import atomic_write_text
+from bco_jax.run_dir import RunDir
 
 SUM_KEYS = ("rewards_sum/chosen", "rewards_sum/rejected", "logps_sum/chosen", "logps_sum/rejected",
             "count/chosen", "count/rejected", "tokens", "skipped")
@@ -115,11 +116,11 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._file = open(RunDir(output_dir).metrics, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self._tb = SummaryWriter(RunDir(output_dir).tensorboard)
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -202,7 +203,7 @@ def truncate_metrics(output_dir: str, step: int, finished: bool, keep_start: boo
     """A resumed run replays the steps after its checkpoint: drop their old records (and, when the
     run had finished, its final evaluation, which the resumed run writes again). `keep_start=False`:
     drop step `step`'s records too (a run starting over from step 0 writes them again)."""
-    path = os.path.join(output_dir, "metrics.jsonl")
+    path = RunDir(output_dir).metrics
     if not os.path.exists(path):
         return
 

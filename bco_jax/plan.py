@@ -14,7 +14,6 @@ the step is traced, by a score-free stand-in with the same inputs and outputs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +23,8 @@ import re
 import sys
 import time
 
-from bco_jax.errors import USER_ERRORS, ConfigError  # imports nothing of jax
+from bco_jax.argv import join_negative_values, parse_mesh  # these two import nothing of jax
+from bco_jax.errors import USER_ERRORS, ConfigError
 
 HEADROOM = 0.10  # of device memory kept free for the runtime, fragmentation and XLA's own buffers
 FUSED_KERNELS = ("cudnn", "splash")  # targets whose attention never holds the [b, N, T, S] scores
@@ -39,7 +39,7 @@ def parse_bytes(text: str) -> int:
     """"16GiB", "80 GB", "512MiB", "1e9" -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 80GB, 512MiB)")
+        raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 80GB, 512MiB)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -59,41 +59,22 @@ def analytic_parameter_count(cfg) -> int:
 # ----------------------------------------------------------------------------------------- arguments
 
 
-def _join_negative(argv: list[str]) -> list[str]:
-    """`--mesh -1,8,1` -> `--mesh=-1,8,1` (argparse would read the value as a flag)."""
-    out = []
-    for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\d", token):
-            out[-1] = f"{out[-1]}={token}"
-        else:
-            out.append(token)
-    return out
-
-
-def _mesh(text: str) -> tuple[int, int, int]:
-    shape = tuple(int(x) for x in text.split(","))
-    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise argparse.ArgumentTypeError(f"expected data,fsdp,tensor (one may be -1), got {text!r}")
-    return shape
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def device_count(argv: list[str]) -> int:
-    """--devices, else the product of a fully given --mesh; read before jax is imported."""
+    """--devices, else the product of a fully given --mesh; read before jax is imported (`bco_jax.argv`
+    imports nothing of it)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--mesh", type=_mesh, default="1,-1,1")
+    pre.add_argument("--mesh", default="1,-1,1")
     pre.add_argument("--devices", type=int, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.devices or {"-h", "--help"} & set(argv):
         return known.devices or 1
-    if -1 in known.mesh:
+    try:
+        mesh = parse_mesh(known.mesh)
+    except ConfigError as err:
+        pre.error(str(err))
+    if -1 in mesh:
         raise SystemExit("error: --mesh has a -1: give --devices N (how many devices to plan for)")
-    return math.prod(known.mesh)
+    return math.prod(mesh)
 
 
 def simulate_devices(n: int) -> None:
@@ -111,36 +92,22 @@ def simulate_devices(n: int) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The trainer's keys (its help text and choices), with the planner's defaults for an accelerator."""
-    import typing
-
-    from bco_jax.config import SECTIONS, key_table
+    """The trainer's keys (typed, documented and checked as the trainer reads them), with the planner's
+    defaults for an accelerator; then the planner's own options."""
+    from bco_jax.config import add_keys
 
     p = argparse.ArgumentParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
-
-    def key(name, default, type=str, help=None):
-        section, field = key_table()[name]
-        hint = typing.get_type_hints(SECTIONS[section])[name]
-        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
-        p.add_argument(f"--{name}", type=type, default=default, choices=choices, required=default is None,
-                       help=f"{help or field.metadata['help']} (here: {default})")
-
-    key("model", None, help="HF folder of the policy, or its config.json (no weights are read)")
-    key("ref_model", "", help="a separate reference (folder or config.json); with use_peft, beside the base")
-    key("mesh", "1,-1,1", type=_mesh)
-    key("batch_size", 64, type=int)
-    key("gradient_accumulation_steps", 1, type=int)
-    key("max_length", 1024, type=int)
-    key("remat", "full")
-    key("precompute_ref_log_probs", False, type=_bool)
-    key("dtype", "bfloat16", help="compute dtype (auto: bfloat16, the target being a GPU / TPU)")
-    key("ref_dtype", "bfloat16")
-    key("attn_implementation", "auto",
-        help="the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and splash do not")
-    key("use_peft", False, type=_bool)
-    key("lora_r", 16, type=int)
-    key("lora_target_modules", "all-linear", help="comma-separated PEFT module names, or all-linear")
-    key("load_in_8bit", False, type=_bool, help="with use_peft: the frozen base's projections in int8")
+    add_keys(p, {"model": None, "ref_model": "", "mesh": "1,-1,1", "batch_size": 64, "gradient_accumulation_steps": 1,
+                 "max_length": 1024, "remat": "full", "precompute_ref_log_probs": False, "dtype": "bfloat16",
+                 "ref_dtype": "bfloat16", "attn_implementation": "auto", "use_peft": False, "lora_r": 16,
+                 "lora_target_modules": "all-linear", "load_in_8bit": False}, required=("model",), helps={
+        "model": "HF folder of the policy, or its config.json (no weights are read)",
+        "ref_model": "a separate reference (folder or config.json); with use_peft, beside the base",
+        "dtype": "compute dtype (auto: bfloat16, the target being a GPU / TPU)",
+        "attn_implementation": "the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and "
+                               "splash do not",
+        "lora_target_modules": "comma-separated PEFT module names, or all-linear",
+        "load_in_8bit": "with use_peft: the frozen base's projections in int8"})
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
@@ -173,21 +140,9 @@ def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def score_free_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *mask_and_flags, **kw):
-    """Stand-in for a fused attention kernel (`models.attention.attend`'s signature): the same inputs,
-    output and gradients, O(B T N H) memory. Its values mean nothing; only its memory is planned."""
-    import jax
-    import jax.numpy as jnp
-
-    groups = q_BxTxNxH.shape[2] // k_BxSxKxH.shape[2]
-    k_BxTxNxH, v_BxTxNxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
-    gate_BxTxNx1 = jax.nn.sigmoid(jnp.sum(q_BxTxNxH * k_BxTxNxH, axis=-1, keepdims=True, dtype=jnp.float32))
-    return (gate_BxTxNx1 * v_BxTxNxH).astype(q_BxTxNxH.dtype)
-
-
 class Planner:
     """Everything of a plan but the batch: the abstract state and reference on `mesh`, the jitted step.
-    `fused_attention`: trace the model with `score_free_attention` in place of its attention.
+    `fused_attention`: compile with attention's planning-only "score_free" kernel (a fused kernel's memory).
     `ref_cfg`: a separate reference's config (None: the model's; with LoRA, the base is the reference)."""
 
     def __init__(self, model_cfg, mesh, *, dtype, ref_dtype, precompute_ref_log_probs, fused_attention,
@@ -195,13 +150,15 @@ class Planner:
         import jax
         from flax import nnx
 
-        from bco_jax import losses as L
         from bco_jax.config import LossOptions, OptimOptions
-        from bco_jax.models import lora, weight_decay_mask
+        from bco_jax.models import lora
         from bco_jax.sharding import model_shardings
-        from bco_jax.step import init_state, make_optimizer, state_shardings, train_step
+        from bco_jax.step import compile_step, trained_part
 
-        self.mesh, self.fused_attention = mesh, fused_attention
+        self.mesh = mesh
+        if fused_attention:  # the target's kernel holds no [T, S] scores: compile a stand-in that holds none either
+            model_cfg = dataclasses.replace(model_cfg, attn_implementation="score_free")
+            ref_cfg = ref_cfg and dataclasses.replace(ref_cfg, attn_implementation="score_free")
         lora_cfg = dataclasses.replace(model_cfg, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
                                        lora_targets=tuple(lora_targets),
                                        quantize_base=quantize_base) if lora_rank else model_cfg
@@ -215,21 +172,15 @@ class Planner:
         base_cfg = dataclasses.replace(model_cfg, quantize_base=quantize_base) if base_is_reference else model_cfg
         ref_graphdef, ref_state = abstract_models(ref_cfg or base_cfg, dtype,
                                                   dtype if base_is_reference else ref_dtype)[1]
-        trained = (lambda tree: lora.split_adapters(tree)[1]) if lora_rank else (lambda tree: tree)
-        params = trained(nnx.to_pure_dict(param_state))
+        params = trained_part(nnx.to_pure_dict(param_state), bool(lora_rank))
         full = nnx.to_pure_dict(param_state)
         self.parameters = sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(
             lora.split_adapters(full)[0]) if not str(path[-1].key).endswith("_scale"))  # int8 scales: not weights
         self.trainable_parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-        # As build(): the same optimizer (its schedule's length changes no memory), state and shardings.
-        loss = LossOptions()
-        optimizer, schedule = make_optimizer(OptimOptions(), 1000, trained(weight_decay_mask(param_state)))
-        shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay)
-        make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=0)
-        abstract = jax.eval_shape(make_state, params)
-        shardings = state_shardings(abstract, trained(nnx.to_pure_dict(model_shardings(param_state, mesh))), mesh,
-                                    optimizer)
-        self.state = _placed(abstract, shardings)
+        # The program build() compiles (the schedule's length changes no memory).
+        self.program = compile_step((graphdef, ref_graphdef), param_state, mesh, loss=LossOptions(),
+                                    optim=OptimOptions(), total_steps=1000, lora=bool(lora_rank))
+        self.state = self.program.abstract_state
         reference = None if precompute_ref_log_probs or base_is_reference else _placed(
             nnx.to_pure_dict(ref_state), nnx.to_pure_dict(model_shardings(ref_state, mesh)))
         if lora_rank:  # the base is needed by the policy even when reference log-probs are precomputed
@@ -239,49 +190,35 @@ class Planner:
         else:
             self.reference = reference
         self.precompute = precompute_ref_log_probs
-        self.step_fn = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=loss,
-                                                 optimizer=optimizer, schedule=schedule, lora=bool(lora_rank)),
-                               out_shardings=(shardings, None), donate_argnums=0, static_argnums=3)
 
-    def batch(self, accumulation: int, rows: int, length: int) -> dict:
-        """The unpaired BCO batch the step reads: [A, rows, T] tokens, [A, rows] labels and masks."""
-        import jax
-        import jax.numpy as jnp
-
+    def batch(self, accumulation: int, rows: int, length: int):
+        """The unpaired BCO batch the step reads: [A, rows, T] tokens, [A, rows] labels and masks;
+        capacity T: the LM head on every position, the most the data pipeline asks for."""
+        from bco_jax.data.batch import Batch
         from bco_jax.sharding import batch_sharding
 
-        def spec(shape, dtype):
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(self.mesh, len(shape)))
-
-        tokens_AxBxT, rows_AxB = (accumulation, rows, length), (accumulation, rows)
-        batch = {k: spec(tokens_AxBxT, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-        batch.update(labels=spec(rows_AxB, jnp.bool_), example_mask=spec(rows_AxB, jnp.bool_))
-        if self.precompute:
-            batch["reference_logps"] = spec(rows_AxB, jnp.float32)
-        return batch
+        return Batch.abstract(accumulation, rows, length, precomputed=self.precompute, capacity=length,
+                              sharding=functools.partial(batch_sharding, self.mesh))
 
     def per_device(self, accumulation: int, rows: int, length: int) -> tuple[dict, int]:
         """(bytes per device by part and their total, XLA's argument bytes) of the step compiled for
         [accumulation, rows, length] batches."""
-        from unittest import mock
-
         import jax
 
-        from bco_jax.models import decoder
+        from bco_jax.step import memory_report
 
         batch = self.batch(accumulation, rows, length)
-        stand_in = mock.patch.object(decoder, "attend", score_free_attention) if self.fused_attention else None
-        with jax.set_mesh(self.mesh), stand_in or contextlib.nullcontext():
-            # completion_capacity = T: the LM head on every position, the most the data pipeline asks for
-            xla = self.step_fn.lower(self.state, self.reference, batch, length).compile().memory_analysis()
+        with jax.set_mesh(self.mesh):
+            xla = memory_report(self.program.step.lower(self.state, self.reference, batch).compile())
         params = bytes_per_device(self.state.params)
         parts = {"params_bytes": params,
                  "optimizer_bytes": bytes_per_device(self.state) - params,  # AdamW moments, the state's scalars
                  "reference_bytes": bytes_per_device(self.reference),
                  "batch_bytes": bytes_per_device(batch),
                  # XLA's temporaries, and the outputs not aliased to the donated state (the metrics)
-                 "temporaries_bytes": xla.temp_size_in_bytes + xla.output_size_in_bytes - xla.alias_size_in_bytes}
-        return {**parts, "total_bytes": sum(parts.values())}, xla.argument_size_in_bytes
+                 "temporaries_bytes": xla["temp_size_in_bytes"] + xla["output_size_in_bytes"]
+                 - xla["alias_size_in_bytes"]}
+        return {**parts, "total_bytes": sum(parts.values())}, xla["argument_size_in_bytes"]
 
 
 def _placed(tree, shardings):
@@ -323,10 +260,11 @@ def plan(args, mesh) -> dict:
                           f"({accumulation}) x data-parallel devices ({data_parallel})")
     rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
     fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
+    from bco_jax.config import separate_reference
     from bco_jax.models import lora
 
-    separate = bool(args.ref_model) and os.path.abspath(args.ref_model) != os.path.abspath(args.model)
-    targets = lora.resolve_targets([t for t in args.lora_target_modules.split(",") if t]) if args.use_peft else ()
+    separate = separate_reference(args.model, args.ref_model)
+    targets = lora.resolve_targets(args.lora_target_modules) if args.use_peft else ()
     planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                       ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
                       fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets,
@@ -402,7 +340,7 @@ def table(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = _join_negative(list(sys.argv[1:] if argv is None else argv))
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     simulate_devices(device_count(argv))  # before jax is imported, which happens from here on
     args = parser().parse_args(argv)
     import jax

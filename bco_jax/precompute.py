@@ -9,21 +9,20 @@ run reuses it; the step then reads reference log-probs from the batch and the we
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from bco_jax import udm
 from bco_jax.data import ordered_batches, prompt_batches
+from bco_jax.data.batch import Batch
 from bco_jax.errors import log
 from bco_jax.files import atomic_write
 from bco_jax.sharding import data_shard, host_gather, put_batch, shard_devices
-from bco_jax.step import PAIR_SIDES, batch_logps
+from bco_jax.step import scored_logps
 
 
 def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh, cache_path) -> np.ndarray:
@@ -32,21 +31,17 @@ def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh,
     if os.path.exists(cache_path):
         log.info("reference log-probs: reusing %s", cache_path)
         return np.load(cache_path)
-    prefixes = [f"{side}_" for side in PAIR_SIDES] if data.paired else [""]
+    @jax.jit
+    def logps_fn(params, batch):  # [E, S] of a [1, ...] batch: the step's own helper
+        return scored_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch))
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def logps_fn(params, batch, capacity):  # every prefix of a [1, b, ...] batch: the step's own helper
-        mb = {k: v[0] for k, v in batch.items()}
-        return jnp.stack([batch_logps(graphdef, params, mb, prefix, capacity)[0] for prefix in prefixes], axis=-1)
-
-    table = np.zeros((len(data), len(prefixes)), np.float32)
+    table = np.zeros((len(data), 2 if data.paired else 1), np.float32)
     shard, shards = data_shard(mesh)
     # Packed rows give one value per entry of the example axis, as unpacked rows do per row.
     for batch in ordered_batches(data, data_cfg, batch_size, shard, shards, shard_devices(mesh)):
-        index = batch.pop("example_index")
-        idx = host_gather(put_batch({"i": index.astype(np.int32)}, mesh)["i"]).reshape(-1)  # whole global batch
-        capacity = int(batch["completion_capacity"][0])
-        values = host_gather(logps_fn(ref_params, put_batch(batch, mesh), capacity)).reshape(len(idx), -1)
+        idx = host_gather(put_batch(batch.example_index.astype(np.int32), mesh)).reshape(-1)  # whole global batch
+        values = host_gather(logps_fn(ref_params, put_batch(batch.replace(example_index=None), mesh)))
+        values = values.reshape(len(idx), -1)
         table[idx[idx >= 0]] = values[idx >= 0]
     table = table if data.paired else table[:, 0]
     if jax.process_index() == 0:
@@ -60,17 +55,16 @@ def _embeddings(data, data_cfg, indices, batch_size: int, graphdef, ref_params, 
     `classifier`, only their density-ratio weights ([len]) computed on the devices."""
 
     @jax.jit
-    def embed(params, batch, classifier):
-        ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    def embed(params, prompts, classifier):
+        ids, mask = prompts.input_ids[0], prompts.attention_mask[0]
         emb_BxD = udm.mean_pool(nnx.merge(graphdef, params).hidden_states(ids, attention_mask=mask), mask)
         return emb_BxD if classifier is None else udm.log_density_ratio(classifier, emb_BxD)
 
     shard, shards = data_shard(mesh)
     out = []
     for batch in prompt_batches(data, data_cfg, indices, batch_size, shard, shards):
-        arrays = put_batch({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
-        index = host_gather(put_batch({"i": batch["example_index"].astype(np.int32)}, mesh)["i"]).reshape(-1)
-        values = host_gather(embed(ref_params, arrays, classifier))
+        index = host_gather(put_batch(batch.example_index.astype(np.int32), mesh)).reshape(-1)
+        values = host_gather(embed(ref_params, put_batch(batch.main, mesh), classifier))
         out.append(values.reshape(len(index), *values.shape[1:])[index >= 0])
     return np.concatenate(out)
 
@@ -96,17 +90,11 @@ def fit_udm(data, data_cfg, loss_cfg, batch_size: int, seed: int, graphdef, ref_
     return state, {"udm/accuracy_chosen": acc_up, "udm/accuracy_rejected": acc_down}
 
 
-def attach_tables(batch: dict, ref_table=None, weights=None) -> dict:
-    """The batch with its per-example table values added and `example_index` removed: precomputed
-    reference log-probs and UDM weights, looked up on the host."""
-    batch = dict(batch)
-    idx = np.maximum(batch.pop("example_index"), 0)
-    if ref_table is not None:
-        if ref_table.ndim == 2:
-            for j, side in enumerate(PAIR_SIDES):
-                batch[f"{side}_reference_logps"] = ref_table[idx, j]
-        else:
-            batch["reference_logps"] = ref_table[idx]
-    if weights is not None:
-        batch["weights"] = weights[idx]
-    return batch
+def attach_tables(batch: Batch, ref_table=None, weights=None) -> Batch:
+    """The batch with its per-example table values added and `example_index` removed (it stays on
+    the host): precomputed reference log-probs ([E, S], `Batch.reference_logps`) and UDM weights,
+    looked up on the host."""
+    idx = np.maximum(batch.example_index, 0)
+    reference_logps = None if ref_table is None else ref_table.reshape(len(ref_table), -1)[idx]
+    return batch.replace(example_index=None, reference_logps=reference_logps,
+                         weights=None if weights is None else weights[idx])

@@ -20,11 +20,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from bco_jax.errors import TrainError
+from bco_jax.argv import MESH_AXES, parse_mesh
+from bco_jax.errors import ConfigError, TrainError
 
 log = logging.getLogger("bco_jax.sharding")
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -42,19 +41,48 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def detected_cluster():
-    """The cluster environment JAX would join on its own (TPU pod slice, SLURM, Open MPI, k8s ...),
-    when it has more than one process; else None. Reads environment variables (and, on a Cloud TPU
-    VM, its metadata), starts nothing."""
-    from jax._src.clusters import ClusterEnv  # the table behind jax.distributed.initialize()
+# Schedulers that tell each process how many there are, as JAX's own detection reads them:
+# name -> (variables that must all be set, the variable holding the process count).
+_CLUSTER_ENVIRONMENTS = {
+    "SLURM": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+              "SLURM_NTASKS"),
+    "Open MPI": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE"),
+}
+_TPU_HOSTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # a multi-host TPU slice's workers (GKE)
+# A Cloud TPU VM names its slice's workers in its metadata (where JAX's own detection reads them).
+_TPU_DEVICES = ("/dev/accel0", "/dev/vfio/0")
+_TPU_METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints"
 
-    for env in ClusterEnv._cluster_types:
-        if not env.opt_in_only_method and env.is_env_present():
+
+def _cloud_tpu_workers() -> int:
+    """Workers of this Cloud TPU VM's slice from its metadata server; 0 off a TPU VM or unreadable."""
+    if not any(os.path.exists(d) for d in _TPU_DEVICES):
+        return 0
+    import urllib.request
+
+    try:
+        request = urllib.request.Request(_TPU_METADATA, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return len([w for w in answer.read().decode().split(",") if w.strip()])
+    except (OSError, ValueError):
+        return 0
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment this process runs in when it has more than one process
+    (SLURM, Open MPI, a TPU slice naming its workers in the environment or, on a Cloud TPU VM, in
+    its metadata), which `jax.distributed.initialize()` then joins on its own; else None. Starts
+    nothing. Other clusters (Kubernetes jobs, ...) are joined with coordinator_address."""
+    for name, (variables, count) in _CLUSTER_ENVIRONMENTS.items():
+        if all(v in os.environ for v in variables):
             try:
-                return env if env.get_process_count() > 1 else None
-            except Exception:  # a half-set environment: let an explicit address decide
+                return name if int(os.environ[count]) > 1 else None
+            except ValueError:  # a half-set environment: let an explicit address decide
                 return None
-    return None
+    hosts = next((os.environ[v] for v in _TPU_HOSTS if v in os.environ), "")
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return "TPU slice"
+    return "Cloud TPU VM slice" if _cloud_tpu_workers() > 1 else None
 
 
 def initialize_distributed(launch) -> bool:
@@ -78,7 +106,7 @@ def initialize_distributed(launch) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used on the CPU backend
     # A peer that never comes makes JAX abort the process from C++ (a page of stack trace): a watchdog
     # ends it a little earlier with one line instead.
-    where = address or f"the {cluster.__name__} coordinator"
+    where = address or f"the {cluster} coordinator"
     watchdog = threading.Timer(timeout_s, _give_up, args=(
         f"error: could not join the multi-process job within distributed_timeout={timeout_s}s: "
         f"no answer from every peer via {where} (is every process started, with the same address?)",))
@@ -94,7 +122,7 @@ def initialize_distributed(launch) -> bool:
     finally:
         watchdog.cancel()
     log.info("joined a %d-process job as process %d (%s)", jax.process_count(), jax.process_index(),
-             address or cluster.__name__)
+             address or cluster)
     return True
 
 
@@ -110,22 +138,17 @@ def batch_axes(rules=None) -> tuple[str, ...]:
 
 
 def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
-    """Mesh over ("data", "fsdp", "tensor"); one entry may be -1 to take the remaining devices."""
+    """Mesh over ("data", "fsdp", "tensor"); one entry may be -1 to take the remaining devices.
+    `shape`: three sizes, or the config's string "data,fsdp,tensor"."""
     devices = devices if devices is not None else jax.devices()
-    shape = list(shape)
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
-    if any(s != -1 and s < 1 for s in shape):
-        raise ValueError(f"mesh entries must be positive, or -1 for the remaining devices, got {shape}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    shape = list(parse_mesh(shape))  # ConfigError naming the mesh: three entries, one -1 at most
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
+            raise ConfigError(f"mesh: {len(devices)} devices do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+        raise ConfigError(f"mesh: {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
@@ -176,14 +199,14 @@ def model_shardings(state, mesh, rules=None):
 
 def build_mesh(shape) -> jax.sharding.Mesh:
     """The configured mesh; a fully specified mesh smaller than the machine uses the first devices
-    (of every process alike, so that no process is left without one). Raises ValueError naming the
+    (of every process alike, so that no process is left without one). Raises ConfigError naming the
     shape when the devices do not fit it."""
     devices, processes = jax.devices(), jax.process_count()
     wanted = int(np.prod(shape))
     if -1 not in shape and 0 < wanted < len(devices):
         log.warning("mesh %s uses %d of %d devices", shape, wanted, len(devices))
         if wanted % processes:
-            raise ValueError(f"{list(shape)} needs {wanted} devices, which do not split evenly over "
+            raise ConfigError(f"mesh: {list(shape)} needs {wanted} devices, which do not split evenly over "
                              f"{processes} processes")
         per_process = {}
         for d in devices:
@@ -201,14 +224,14 @@ def data_parallel_size(mesh) -> int:
 def data_shard(mesh) -> tuple[int, int]:
     """(index, count): which block of every global batch's rows this process feeds, of how many.
     One block per process in a data-parallel job; processes whose devices hold the same rows (a
-    tensor axis across hosts) feed the same block. Raises ValueError when this process's devices
+    tensor axis across hosts) feed the same block. Raises ConfigError when this process's devices
     do not hold one contiguous block of rows (reorder the mesh)."""
     n = data_parallel_size(mesh)
     probe = NamedSharding(mesh, PartitionSpec(batch_axes()))
     rows = sorted({index[0].start or 0 for index in probe.addressable_devices_indices_map((n,)).values()})
     block = len(rows)
     if rows != list(range(rows[0], rows[0] + block)) or n % block or rows[0] % block:
-        raise ValueError(f"mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold batch "
+        raise ConfigError(f"mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold batch "
                          f"rows {rows} of {n}, not one aligned block; give each host whole data/fsdp slices")
     return rows[0] // block, n // block
 
@@ -228,16 +251,18 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, batch_axes(), *([None] * (ndim - 2))))
 
 
-def put_batch(local: dict, mesh, accumulation: int = 1) -> dict:
-    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh (A = accumulation).
-    The rows are this process's block of the global batch (`data_shard`)."""
-    out, (_, blocks) = {}, data_shard(mesh)
-    for key, value in local.items():
+def put_batch(local, mesh, accumulation: int = 1):
+    """This process's rows [b, ...] -> global [A, B/A, ...] jax.Arrays on the mesh (A = accumulation),
+    for every array of `local` (a `bco_jax.data.batch.Batch` or any pytree of arrays). The rows are
+    this process's block of the global batch (`data_shard`)."""
+    _, blocks = data_shard(mesh)
+
+    def put(value):
         value = np.asarray(value).reshape(accumulation, -1, *np.shape(value)[1:])
         global_shape = (accumulation, value.shape[1] * blocks, *value.shape[2:])
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
-                                                          global_shape)
-    return out
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value, global_shape)
+
+    return jax.tree.map(put, local)
 
 
 def host_gather(x) -> np.ndarray:

@@ -4,7 +4,9 @@
 micro-batches of the global batch (gradient accumulation inside the step), then one AdamW update.
 It is a pure function of arrays, jitted once per batch shape by the caller with explicit shardings.
 
-Batches arrive as [A, b, ...] arrays: A micro-batches of b rows (the caller reshapes). Delta:
+Batches (`bco_jax.data.batch.Batch`) arrive as [A, b, ...] arrays: A micro-batches of b rows
+(`sharding.put_batch` reshapes). `compile_step` builds the whole program once (abstract state,
+initializer, jitted step and eval) for the trainer, the planner and the benchmarks alike. Delta:
 with `reward_shift=ema` every micro-batch of a step uses the delta from before the step and the state
 is then updated once with all of the step's rewards, so the update does not depend on how the batch
 is split; with `reward_shift=trl` the state moves before each micro-batch's loss, as TRL does.
@@ -24,13 +26,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bco_jax import losses as L
-from bco_jax.models import example_logps, sequence_logps
-from bco_jax.models.lora import join_adapters
+from bco_jax.data.batch import PAIR_SIDES, Batch, Sequences
+from bco_jax.models import example_logps, sequence_logps, weight_decay_mask
+from bco_jax.models.lora import join_adapters, split_adapters
+from bco_jax.sharding import abstract_on, model_shardings
 
 if typing.TYPE_CHECKING:
     from bco_jax.config import LossOptions  # the loss section of the config: frozen, jit-static
-
-PAIR_SIDES = ("chosen", "rejected")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -107,31 +109,25 @@ def init_state(params, optimizer, reward_shift: L.RewardShiftState, seed: int) -
 # ---------------------------------------------------------------------------------------- forward
 
 
-def batch_logps(graphdef, params, mb, prefix="", capacity=None, dropout_rng=None):
-    """(logps_B, counts_B) of the `prefix` sequences of a [b, ...] batch dict, one per example:
-    per row, or with packed rows (`segment_ids`, see `bco_jax.data.packing`) per entry of the
-    batch's example axis. `capacity`: scored tokens a row may hold (the batch's
-    `completion_capacity`); the LM head runs on that many positions per row, or on all of them when
+def batch_logps(graphdef, params, seqs: Sequences, num_examples: int, capacity: int | None = None,
+                dropout_rng=None):
+    """(logps_E, counts_E) of a [R, T] `Sequences`, one per example: per row, or with packed rows
+    per entry of the example axis (`num_examples`). `capacity`: scored tokens a row may hold (the
+    batch's `BatchShape`); the LM head runs on that many positions per row, or on all of them when
     None. `dropout_rng`: LoRA dropout (training)."""
     model = nnx.merge(graphdef, params)
-    if prefix + "segment_ids" in mb:
-        return example_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"], mb[prefix + "loss_mask"],
-                             mb[prefix + "segment_ids"], mb[prefix + "positions"], mb[prefix + "row_first_example"],
-                             mb["example_mask"].shape[0], completion_capacity=capacity, dropout_rng=dropout_rng)
-    return sequence_logps(model, mb[prefix + "input_ids"], mb[prefix + "attention_mask"],
-                          mb[prefix + "loss_mask"], completion_capacity=capacity, dropout_rng=dropout_rng)
+    if seqs.packed:
+        return example_logps(model, seqs.input_ids, seqs.attention_mask, seqs.loss_mask, seqs.segment_ids,
+                             seqs.positions, seqs.row_first_example, num_examples, completion_capacity=capacity,
+                             dropout_rng=dropout_rng)
+    return sequence_logps(model, seqs.input_ids, seqs.attention_mask, seqs.loss_mask, completion_capacity=capacity,
+                          dropout_rng=dropout_rng)
 
 
-def capacities(capacity) -> tuple[int | None, int | None]:
-    """(main pass, KTO's KL pass) LM-head capacities from the step's static `completion_capacity`:
-    one int for both, or a pair when they differ (packed rows beside padded KL rows)."""
-    return tuple(capacity) if isinstance(capacity, tuple) else (capacity, capacity)
-
-
-def _reference_logps(ref_graphdef, reference, mb, prefix="", capacity=None):
-    if prefix + "reference_logps" in mb:  # precomputed: the loop put them in the batch
-        return mb[prefix + "reference_logps"]
-    return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, mb, prefix, capacity)[0])
+def scored_logps(graphdef, params, mb: Batch) -> jax.Array:
+    """[E, S] log-probs of a micro-batch's scored sequences (`Batch.scored`): the reference table's layout."""
+    return jnp.stack([batch_logps(graphdef, params, seqs, mb.num_examples, mb.shape.capacity)[0]
+                      for seqs in mb.scored()], axis=-1)
 
 
 def _masked_sum(x, mask):
@@ -148,8 +144,12 @@ def _class_stats(rewards, logps, up, mask):
     }
 
 
-def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOptions, delta, capacity=None,
-                     lora=False, rng=None):
+# LoRA dropout draws one key per sequence kind (the kind's place here: main 0, KTO's KL 3).
+_SEQUENCE_KINDS = ("main", *PAIR_SIDES, "kl")
+
+
+def micro_batch_loss(params, reference, mb: Batch, shift, *, graphdefs, cfg: LossOptions, delta, lora=False,
+                     rng=None):
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
@@ -161,19 +161,23 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
         base, reference = reference
         params = join_adapters(base, params)
         reference = base if reference is None else reference  # None: the base with adapters off
-    main_capacity, kl_capacity = capacities(capacity)
+    E = mb.num_examples
 
-    def policy_logps(prefix=""):
-        key = None if rng is None else jax.random.fold_in(rng, len(prefix))  # one draw per sequence kind
-        return batch_logps(graphdef, params, mb, prefix, kl_capacity if prefix == "kl_" else main_capacity, key)
+    def capacity(kind):
+        return mb.shape.kl_capacity if kind == "kl" and mb.shape.kl_capacity is not None else mb.shape.capacity
 
-    def reference_logps(prefix=""):
-        return _reference_logps(ref_graphdef, reference, mb, prefix,
-                                kl_capacity if prefix == "kl_" else main_capacity)
-    mask = mb["example_mask"].astype(bool)
+    def policy_logps(kind="main"):
+        key = None if rng is None else jax.random.fold_in(rng, _SEQUENCE_KINDS.index(kind))
+        return batch_logps(graphdef, params, getattr(mb, kind), E, capacity(kind), key)
+
+    def reference_logps(kind="main"):
+        if mb.reference_logps is not None:  # precomputed (never for KTO's KL rows): the loop put them in the batch
+            return mb.reference_logps[:, 0 if kind == "main" else PAIR_SIDES.index(kind)]
+        return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, getattr(mb, kind), E, capacity(kind))[0])
+    mask = mb.example_mask.astype(bool)
     if cfg.loss_type in L.PAIRED_LOSSES:
-        (pol_w, n_w), (pol_l, n_l) = (policy_logps(f"{s}_") for s in PAIR_SIDES)
-        ref_w, ref_l = (reference_logps(f"{s}_") for s in PAIR_SIDES)
+        (pol_w, n_w), (pol_l, n_l) = (policy_logps(side) for side in PAIR_SIDES)
+        ref_w, ref_l = (reference_logps(side) for side in PAIR_SIDES)
         if cfg.loss_type == "ipo":  # IPO on length-averaged log-probs, as TRL
             pol_w, ref_w = pol_w / jnp.maximum(n_w, 1), ref_w / jnp.maximum(n_w, 1)
             pol_l, ref_l = pol_l / jnp.maximum(n_l, 1), ref_l / jnp.maximum(n_l, 1)
@@ -187,10 +191,10 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
     else:
         logps, _ = policy_logps()
         ref = reference_logps()
-        labels, row_mask = mb["labels"].astype(bool), mask
+        labels, row_mask = mb.labels.astype(bool), mask
         if cfg.loss_type == "kto":
-            pol_kl = jax.lax.stop_gradient(policy_logps("kl_")[0])
-            ref_kl = reference_logps("kl_")
+            pol_kl = jax.lax.stop_gradient(policy_logps("kl")[0])
+            ref_kl = reference_logps("kl")
             kl = L.kto_kl(pol_kl, ref_kl, mask)
             losses, rewards = L.kto_loss(logps, ref, labels, kl, beta=cfg.beta,
                                          desirable_weight=cfg.desirable_weight,
@@ -203,27 +207,26 @@ def micro_batch_loss(params, reference, mb, shift, *, graphdefs, cfg: LossOption
             else:
                 used_delta = delta
             losses, rewards = L.bco_loss(logps, ref, labels, used_delta, beta=cfg.beta,
-                                         weights=mb.get("weights"))
+                                         weights=mb.weights)
     stats = _class_stats(jax.lax.stop_gradient(rewards), jax.lax.stop_gradient(logps), labels, row_mask)
     stats["delta"] = used_delta
     return _masked_sum(losses, mask), (jax.lax.stop_gradient(rewards), labels, row_mask, shift, stats)
 
 
-def train_step(state: TrainState, reference, batch, completion_capacity=None, *, graphdefs, cfg: LossOptions,
-               optimizer, schedule, lora=False):
+def train_step(state: TrainState, reference, batch: Batch, *, graphdefs, cfg: LossOptions, optimizer, schedule,
+               lora=False):
     """One optimizer step over a global batch of [A, b, ...] arrays. Returns (state, metrics).
 
     The gradient is that of the mean per-example loss over every real example of the step (TRL's
     reduction), whatever A is. A non-finite loss or gradient skips the update, the reward-shift update
-    included (one NaN would poison delta for good), and is counted. `completion_capacity` (static):
-    the batch's scored tokens per row at most; the LM head runs on that many positions per row (a
-    pair: main rows, KTO's KL rows; see `capacities`).
+    included (one NaN would poison delta for good), and is counted. The batch's static `BatchShape`
+    says how many positions per row the LM head runs on.
     `reference`: the reference's parameters, or None when its log-probs are precomputed into the batch.
     `lora`: `state.params` are LoRA adapters, their dropout draws from `state.rng`, and `reference` is
     the pair (frozen base the adapters sit on, reference's parameters), the latter None when the
     reference is that base with adapters off (no second copy) or is precomputed.
     """
-    n_examples = jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
+    n_examples = jnp.maximum(jnp.sum(batch.example_mask).astype(jnp.float32), 1.0)
     delta = L.reward_shift_delta(state.reward_shift)
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
 
@@ -233,8 +236,7 @@ def train_step(state: TrainState, reference, batch, completion_capacity=None, *,
         grads, loss_sum, shift, i = carry
         rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
         (mb_loss, (rewards, labels, mask, shift, stats)), g = grad_fn(
-            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta,
-            capacity=completion_capacity, lora=lora, rng=rng)
+            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, lora=lora, rng=rng)
         grads = jax.tree.map(lambda acc, x: acc + x / n_examples, grads, g)
         return (grads, loss_sum + mb_loss, shift, i + 1), (rewards, labels, mask, stats)
 
@@ -275,20 +277,79 @@ def train_step(state: TrainState, reference, batch, completion_capacity=None, *,
     return new_state, metrics
 
 
-def _tokens(batch):
-    keys = [k for k in batch if k.endswith("attention_mask") and not k.startswith("kl_")]
-    return sum(jnp.sum(batch[k]).astype(jnp.float32) for k in keys)
+def _tokens(batch: Batch):
+    return sum(jnp.sum(seqs.attention_mask).astype(jnp.float32) for seqs in batch.scored())
 
 
-def eval_step(params, reference, batch, shift, completion_capacity=None, *, graphdefs, cfg: LossOptions,
-              lora=False):
+def eval_step(params, reference, batch: Batch, shift, *, graphdefs, cfg: LossOptions, lora=False):
     """Per-row rewards, labels, mask and losses of one [b, ...] batch, for accuracy / AUC on the host.
     Uses the state's current delta and does not move it."""
     delta = L.reward_shift_delta(shift)
     # Any mode but "trl" uses the delta given; evaluation must not move TRL's running mean either.
     shift = dataclasses.replace(shift, mode="none")
     loss_sum, (rewards, labels, mask, _, stats) = micro_batch_loss(
-        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, capacity=completion_capacity,
-        lora=lora)
+        params, reference, batch, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, lora=lora)
     return {"rewards": rewards, "labels": labels, "mask": mask, "loss_sum": loss_sum, **stats,
-            "delta": delta, "n_examples": jnp.sum(batch["example_mask"])}
+            "delta": delta, "n_examples": jnp.sum(batch.example_mask)}
+
+
+# ---------------------------------------------------------------------------------------- program
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The training program of one model on one mesh: what `compile_step` returns.
+
+    `step(state, frozen, batch) -> (state, metrics)` (the state donated) and
+    `eval(params, frozen, batch, reward_shift) -> per-row outputs` on [1, b, ...] batches are jitted;
+    `frozen` is `train_step`'s `reference`. `init(trained params) -> TrainState` builds the initial
+    state straight onto its shardings (on several hosts no process holds all of it).
+    `abstract_state`: the state's shapes, dtypes and shardings."""
+    abstract_state: TrainState
+    init: typing.Callable
+    step: typing.Callable
+    eval: typing.Callable
+    schedule: typing.Callable
+
+
+def trained_part(params, lora: bool):
+    """What the optimizer trains: the whole policy, or with LoRA its adapters alone."""
+    return split_adapters(params)[1] if lora else params
+
+
+def compile_step(graphdefs, abstract_params, mesh, *, loss: LossOptions, optim, total_steps: int, seed: int = 0,
+                 lora: bool = False) -> StepProgram:
+    """The program for the policy `abstract_params` (an abstract nnx.State; with `lora`, adapters
+    included) and reference / base graphdefs `graphdefs` = (policy's, reference's) on `mesh`:
+    AdamW as `optim` says over `total_steps`, the loss as `loss` says."""
+    decay = trained_part(weight_decay_mask(abstract_params), lora)
+    optimizer, schedule = make_optimizer(optim, total_steps, decay)
+    shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay)
+    make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=seed)
+    params_shape = trained_part(nnx.to_pure_dict(abstract_params), lora)
+    shape = jax.eval_shape(make_state, params_shape)
+    shardings = state_shardings(shape, trained_part(nnx.to_pure_dict(model_shardings(abstract_params, mesh)), lora),
+                                mesh, optimizer)
+    step = jax.jit(functools.partial(train_step, graphdefs=graphdefs, cfg=loss, optimizer=optimizer,
+                                     schedule=schedule, lora=lora),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+    def evaluate(params, frozen, batch, reward_shift):
+        return eval_step(params, frozen, jax.tree.map(lambda x: x[0], batch), reward_shift, graphdefs=graphdefs,
+                         cfg=loss, lora=lora)
+
+    return StepProgram(abstract_state=abstract_on(shape, shardings), init=jax.jit(make_state, out_shardings=shardings),
+                       step=step, eval=jax.jit(evaluate), schedule=schedule)
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+                 "generated_code_size_in_bytes")
+
+
+def memory_report(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled function, in bytes, with
+    `peak_estimate_bytes` = arguments + temporaries."""
+    mem = compiled.memory_analysis()
+    report = {k: int(getattr(mem, k, 0) or 0) for k in MEMORY_FIELDS}
+    report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]
+    return report

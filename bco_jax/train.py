@@ -31,23 +31,23 @@ from bco_jax.build import (
     Run,
     Tables,
     build,
-    completion_capacity,
     export_policy,
     policy_params,
     precompute,
     restore,
-    save_model_copies,
 )
-from bco_jax.config import TrainConfig, parse_args, run_name
-from bco_jax.errors import USER_ERRORS, ConfigError, fault_point, log
+from bco_jax.config import TrainConfig, parse_args
+from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, fault_point, log
 from bco_jax.evaluate import eval_pass
 from bco_jax.files import atomic_write_json
-from bco_jax.guards import check_finite, check_output_dir, check_result, run_identity
+from bco_jax.load import save_model_copies
 from bco_jax.metrics import MetricsWriter, Reporter
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
+from bco_jax.resume import IDENTITY, RunIdentity, run_identity
+from bco_jax.run_dir import RunDir, check_output_dir
 from bco_jax.sharding import initialize_distributed, put_batch
-from bco_jax.step import TrainState
+from bco_jax.step import TrainState, memory_report
 
 
 class _Preemption:
@@ -97,7 +97,7 @@ def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int
     """eval_ metrics on the run's eval_data (empty without one), written at `step` by `writer`."""
     if run.eval_data is None:
         return {}
-    record = eval_pass(run.eval_fn, state.params, run.frozen, state.reward_shift, run.eval_data, run.cfg.data,
+    record = eval_pass(run.program.eval, state.params, run.frozen, state.reward_shift, run.eval_data, run.cfg.data,
                        run.cfg.run.eval_batch, run.mesh, tables.eval_ref_table)
     if writer is not None:
         writer.write(step, record)
@@ -107,9 +107,7 @@ def evaluate(run: Run, state: TrainState, tables: Tables, writer=None, step: int
 def save(run: Run, checkpointer, step: int, state: TrainState, tables: Tables) -> None:
     check_finite(state, step, "saved")
     item = {"train": state} if tables.udm is None else {"train": state, "udm": tables.udm}
-    checkpointer.save(step, item, {"data": run.iterator.state(), "config": flat_config(run.cfg),
-                                   ckpt_lib.REFERENCE_PATH: os.path.abspath(run.ref_path),
-                                   ckpt_lib.REFERENCE_FINGERPRINT: run.ref_fingerprint})
+    checkpointer.save(step, item, {"data": run.iterator.state(), "config": flat_config(run.cfg)})
     fault_point("checkpoint")  # the write goes on in the background
 
 
@@ -117,35 +115,57 @@ def flat_config(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(cfg.flat(), default=str))
 
 
+def check_finite(state: TrainState, step: int, what: str) -> None:
+    """Refuse to save or export a policy holding a NaN or inf (one reduction, one host sync)."""
+    bad = ckpt_lib.nonfinite_arrays(state.params)
+    if bad:
+        raise TrainError(f"step {step}: the policy has non-finite weights in {', '.join(bad[:3])}: not {what} "
+                         "(the last checkpoint is kept); lower learning_rate or check the data")
+
+
+def check_result(run: Run, state: TrainState, final: dict) -> None:
+    """A run whose policy is garbage must not end like a finished one: non-finite weights, a last
+    step skipped (its loss or gradients were not finite at the final weights), or a non-finite
+    final evaluation loss."""
+    check_finite(state, run.steps, "exported")
+    skipped = int(jax.device_get(state.nonfinite_in_row))
+    if skipped:
+        raise TrainError(f"the last {skipped} step(s) were skipped (non-finite loss or gradients): the final "
+                         "policy is not exported (the checkpoints are kept); lower learning_rate or check the data")
+    if "eval_loss" in final and not np.isfinite(final["eval_loss"]):
+        raise TrainError("the final evaluation loss is not finite: the policy is not exported (the checkpoints "
+                         "are kept); lower learning_rate or check the data")
+
+
 def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer, start: int = 0):
     """Steps start+1 .. run.steps; returns (final state, last logged record). SIGTERM: save, exit.
     Metrics of step N are read while step N+1 runs; windows end at checkpoints, so a resumed run logs
     exactly what an uninterrupted one does."""
-    cfg = run.cfg.run
-    reporter = Reporter(writer, total=run.steps, start=start, batch_size=cfg.batch_size,
-                        epoch_length=run.iterator.epoch_length, logging_steps=cfg.logging_steps,
-                        max_nonfinite_steps=cfg.max_nonfinite_steps, show=run.main_process)
+    opts = run.cfg.run
+    reporter = Reporter(writer, total=run.steps, start=start, batch_size=opts.batch_size,
+                        epoch_length=run.iterator.epoch_length, logging_steps=opts.logging_steps,
+                        max_nonfinite_steps=opts.max_nonfinite_steps, show=run.main_process)
     preemption, pending = _Preemption(), None
     weights = None if tables.udm is None else tables.udm["weights"]
     try:
         for step in range(start + 1, run.steps + 1):
             local = attach_tables(next(run.iterator), tables.ref_table, weights)
-            batch = put_batch(local, run.mesh, cfg.gradient_accumulation_steps)
-            state, metrics = run.step_fn(state, run.frozen, batch, completion_capacity(local))
+            batch = put_batch(local, run.mesh, opts.gradient_accumulation_steps)
+            state, metrics = run.program.step(state, run.frozen, batch)
             fault_point("step")
             if pending is not None:  # read step N-1's metrics while step N runs
                 reporter.add(*pending)
             pending = (step, metrics)
             stop = preemption.reached(step)  # read once: the save and the exit must agree
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != run.steps:
+            if opts.eval_steps and step % opts.eval_steps == 0 and step != run.steps:
                 evaluate(run, state, tables, writer, step)  # before the save: a resume replays it if lost
-            if step % cfg.save_steps == 0 or step == run.steps or stop:
+            if step % opts.save_steps == 0 or step == run.steps or stop:
                 reporter.add(*pending)
                 reporter.flush(step)
                 pending = None
                 save(run, checkpointer, step, state, tables)
             if stop:
-                code = 128 + int(preemption.signum) if cfg.sigterm_exit_code is None else cfg.sigterm_exit_code
+                code = 128 + int(preemption.signum) if opts.sigterm_exit_code is None else opts.sigterm_exit_code
                 log.warning("stopped by a signal: saved step %d, exiting with code %d", step, code)
                 writer.close()
                 raise SystemExit(code)
@@ -156,33 +176,35 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
     return state, reporter.last
 
 
-def run(cfg: TrainConfig, *, demo: bool = False) -> dict:
+def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     """Train as configured; returns the last logged and evaluated metrics. `demo`: also score the
     oracle task before and after and print the table (the embedded default run)."""
     if not cfg.model.model or not cfg.data.train_data:
         raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
                           "for the embedded demo")
-    output_dir = cfg.run.output_dir or os.path.join("outputs", run_name(cfg))
+    output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)  # before anything is written
-    built = build(cfg, output_dir=output_dir)
+    run = build(cfg, output_dir=output_dir)
     if cfg.run.dry_run:
-        with jax.set_mesh(built.mesh):
-            return dry_run(built)
-    identity = run_identity(built)
-    checkpointer = ckpt_lib.Checkpointer(built.output_dir, save_total_limit=cfg.run.save_total_limit,
-                                         constant_extras={"identity": identity})
+        with jax.set_mesh(run.mesh):
+            return dry_run(run)
+    identity = run_identity(model_dir=run.model_dir, separate_reference=cfg.model.separate_reference,
+                            ref_path=run.ref_path, ref_fingerprint=run.ref_fingerprint,
+                            train_data_fingerprint=run.train_data.fingerprint())
+    checkpointer = ckpt_lib.Checkpointer(run.output_dir, save_total_limit=cfg.run.save_total_limit,
+                                         constant_extras={IDENTITY: identity.record()})
     try:
-        state, udm_state, start = restore(built, checkpointer, identity)  # outside the mesh context, as loading is
+        state, udm_state, start = restore(run, checkpointer, identity)  # outside the mesh context, as loading is
     except BaseException:
         checkpointer.close()
         raise
     # Under the mesh context the models pin activations to the batch axes, so with FSDP XLA gathers
     # weights rather than the whole batch's activations.
-    with jax.set_mesh(built.mesh):
-        return _train(built, checkpointer, state, udm_state, start, demo, identity)
+    with jax.set_mesh(run.mesh):
+        return _fit_built(run, checkpointer, state, udm_state, start, demo, identity)
 
 
-def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, identity: dict) -> dict:
+def _fit_built(run: Run, checkpointer, state, udm_state, start: int, demo: bool, identity: RunIdentity) -> dict:
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
     save_model_copies(run)
     tables = precompute(run, udm_state)
@@ -190,14 +212,11 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
         run = dataclasses.replace(run, reference=None)
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
     if main_process:
-        ckpt_lib.record_config(output_dir, flat_config(cfg), start, identity)
+        ckpt_lib.record_config(output_dir, flat_config(cfg), start, identity.record())
     if tables.udm_log and start == 0:
         writer.write(0, tables.udm_log)
-    before_path = os.path.join(output_dir, "demo_before.json")
-    if demo and start == 0:  # every process: evaluation and sampling run over the whole mesh
-        before = {**evaluate(run, state, tables, writer, 0), **score_oracle(run, state)}
-        if main_process:
-            atomic_write_json(before_path, before)
+    if demo and start == 0:
+        _demo_before(run, state, tables, writer)
 
     state, last = train_loop(run, state, tables, checkpointer, writer, start)
     final = evaluate(run, state, tables, writer, run.steps)
@@ -209,18 +228,35 @@ def _train(run: Run, checkpointer, state, udm_state, start: int, demo: bool, ide
     if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
         fault_point("export")
         export_policy(run, state)
-        log.info("exported the policy to %s", os.path.join(output_dir, "hf"))
+        log.info("exported the policy to %s", run.dir.hf)
     result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}
     if demo:
-        after = {**final, **score_oracle(run, state)}
-        if main_process:
-            with open(before_path, encoding="utf-8") as f:
-                before = json.load(f)
-            oracle_demo.print_table(before, after, output_dir)
-            result.update({f"before_{k}": v for k, v in before.items()})
-        result.update(after)
+        result.update(_demo_after(run, state, final))
     writer.close()
     return result
+
+
+# ------------------------------------------------------------------------------- the embedded demo
+
+
+def _demo_before(run: Run, state: TrainState, tables: Tables, writer) -> None:
+    """The demo's scores before training, kept in output_dir so that a resumed demo still has them.
+    Every process scores: evaluation and sampling run over the whole mesh."""
+    before = {**evaluate(run, state, tables, writer, 0), **score_oracle(run, state)}
+    if run.main_process:
+        atomic_write_json(run.dir.demo_before, before)
+
+
+def _demo_after(run: Run, state: TrainState, final: dict) -> dict:
+    """The demo's scores after training, with those from before (`before_*`); prints the table."""
+    after = {**final, **score_oracle(run, state)}
+    out = {}
+    if run.main_process:
+        with open(run.dir.demo_before, encoding="utf-8") as f:
+            before = json.load(f)
+        oracle_demo.print_table(before, after, run.output_dir)
+        out.update({f"before_{k}": v for k, v in before.items()})
+    return {**out, **after}
 
 
 def score_oracle(run: Run, state: TrainState) -> dict:
@@ -234,15 +270,10 @@ def dry_run(run: Run) -> dict:
     reference = run.frozen
     if run.cfg.run.precompute_ref_log_probs:  # no reference weights (with LoRA, the base stays)
         reference = dataclasses.replace(run, reference=None).frozen
-        for key in [k for k in local if k.endswith("input_ids")]:  # one per example (packed rows hold several)
-            local[key.replace("input_ids", "reference_logps")] = np.zeros(len(local["example_mask"]), np.float32)
+        local = local.replace(reference_logps=np.zeros((local.num_examples, len(local.scored())), np.float32))
     batch = put_batch(local, run.mesh, run.cfg.run.gradient_accumulation_steps)
-    compiled = run.step_fn.lower(run.abstract_state, reference, batch, completion_capacity(local)).compile()
-    mem = compiled.memory_analysis()
-    report = {k: int(getattr(mem, k, 0) or 0) for k in
-              ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")}
-    report["peak_estimate_bytes"] = report["argument_size_in_bytes"] + report["temp_size_in_bytes"]
-    shape = next(v.shape for k, v in batch.items() if k.endswith("input_ids"))
+    report = memory_report(run.program.step.lower(run.program.abstract_state, reference, batch).compile())
+    shape = batch.scored()[0].input_ids.shape
     print(f"dry run: mesh {dict(run.mesh.shape)}, batch [micro-batches, rows, tokens] {shape}")
     for key, value in report.items():
         print(f"  {key:32s} {value / 2**20:10.1f} MiB per device")
@@ -272,7 +303,7 @@ def _fail(err: BaseException, code: int, debug: bool, message: str | None = None
 def main(argv=None) -> int:
     """The CLI; returns the exit code (see the module's doc)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "orbax", "jax._src"):
+    for noisy in ("absl", "orbax", "jax"):  # "jax": the root of JAX's module loggers
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = _wants_debug(argv)
     # A checkpoint that does not read leaves Orbax's background read task failed; asyncio would print
@@ -284,7 +315,7 @@ def main(argv=None) -> int:
         if demo:
             cfg = parse_args(argv, defaults=oracle_demo.defaults())
         initialize_distributed(cfg.launch)
-        run(cfg, demo=demo)
+        fit(cfg, demo=demo)
     except SystemExit as stop:  # stopped by a signal after saving
         return stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt as err:

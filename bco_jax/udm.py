@@ -29,6 +29,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from bco_jax.errors import DataError
+
 # Features whose spread is below this are constant in the sample: dividing by their std would only
 # amplify float noise, so they are left unscaled (their weight is then driven to 0 by the L2 term).
 _MIN_STD = 1e-6
@@ -120,7 +122,7 @@ def fit_prompt_classifier(emb_up_NxD, emb_down_MxD, *, l2: float = 1e-3, max_ste
     if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[1]:
         raise ValueError(f"UDM embeddings must be [N, D] and [M, D], got {up.shape} and {down.shape}")
     if up.shape[0] == 0 or down.shape[0] == 0:
-        raise ValueError(f"UDM needs prompts of both classes, got {up.shape[0]} thumbs-up and "
+        raise DataError(f"UDM needs prompts of both classes, got {up.shape[0]} thumbs-up and "
                          f"{down.shape[0]} thumbs-down")
     params, steps, grad_norm = _fit(up, down, jnp.float32(l2), jnp.float32(tol), max_steps)
     if float(grad_norm) >= tol:

@@ -1,7 +1,9 @@
 """BCO train-step throughput and MFU on one accelerator (H100 / H200 / a TPU host), self-contained.
 
-    python bench/accelerator.py              # Llama-3.2-1B shape, seq 2048: about 4 minutes on an H200
-    python bench/accelerator.py --smoke      # a tiny shape on CPU (the test suite runs this)
+    python -m bench.accelerator              # Llama-3.2-1B shape, seq 2048: about 4 minutes on an H200
+    python -m bench.accelerator --smoke      # a tiny shape on CPU (the test suite runs this)
+
+(from the repository root).
 
 Random weights, no network, no data files: it imports only `bco_jax.models`, `bco_jax.step`,
 `bco_jax.losses` and the config dataclasses (nothing of the data pipeline), so it runs on an image
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
@@ -30,7 +31,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                          "TPU v4": 275.0, "TPU v6": 918.0}  # dense bf16, no sparsity
@@ -99,39 +99,38 @@ def matmul_peak(jax, jnp, smoke: bool) -> float:
 
 
 def make_batch(np, batch: int, seq: int, vocab: int, precomputed: bool):
-    """One micro-batch [1, B, T]: half prompt, half scored completion, both classes."""
+    """One micro-batch [1, B, T]: half prompt, half scored completion, both classes; the LM head on
+    the completion's T/2 positions."""
+    from bco_jax.data.batch import Batch, BatchShape, Sequences
+
     rng = np.random.default_rng(0)
     loss_mask = np.zeros((1, batch, seq), np.int32)
     loss_mask[..., seq // 2:] = 1
-    out = {"input_ids": rng.integers(3, vocab, (1, batch, seq)).astype(np.int32),
-           "attention_mask": np.ones((1, batch, seq), np.int32), "loss_mask": loss_mask,
-           "labels": (np.arange(batch) % 2 == 0)[None], "example_mask": np.ones((1, batch), bool)}
-    if precomputed:
-        out["reference_logps"] = rng.normal(-2.0 * seq, 1.0, (1, batch)).astype(np.float32)
-    return out
+    main = Sequences(rng.integers(3, vocab, (1, batch, seq)).astype(np.int32), np.ones((1, batch, seq), np.int32),
+                     loss_mask)
+    reference_logps = rng.normal(-2.0 * seq, 1.0, (1, batch, 1)).astype(np.float32) if precomputed else None
+    return Batch(example_mask=np.ones((1, batch), bool), main=main, labels=(np.arange(batch) % 2 == 0)[None],
+                 reference_logps=reference_logps, shape=BatchShape(seq // 2))
 
 
 def build_step(jax, jnp, model_cfg, kernel: str, remat: str, live: bool, steps: int):
+    """(program, initial state, reference, graphdef): the trainer's own compiled step on one device."""
     from flax import nnx
 
-    from bco_jax import losses as L
     from bco_jax.config import LossOptions, OptimOptions
-    from bco_jax.models import Decoder, weight_decay_mask
-    from bco_jax.step import init_state, make_optimizer, train_step
+    from bco_jax.models import Decoder
+    from bco_jax.sharding import make_mesh
+    from bco_jax.step import compile_step
 
     cfg = dataclasses.replace(model_cfg, attn_implementation=kernel, remat=remat)
-    policy = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    graphdef, param_state = nnx.split(policy)
+    graphdef, param_state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32))
     params = nnx.to_pure_dict(param_state)
     reference = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if live else None  # ref_dtype bfloat16
     ref_graphdef = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))[0]
-    optimizer, schedule = make_optimizer(OptimOptions(learning_rate=1e-6, warmup_ratio=0.0), steps,
-                                         weight_decay_mask(param_state))
-    state = init_state(params, optimizer, L.reward_shift_init("ema"), 0)
-    step = jax.jit(functools.partial(train_step, graphdefs=(graphdef, ref_graphdef), cfg=LossOptions(),
-                                     optimizer=optimizer, schedule=schedule),
-                   donate_argnums=0, static_argnums=3)
-    return step, state, reference, graphdef, params
+    program = compile_step((graphdef, ref_graphdef), param_state, make_mesh((1, 1, 1), jax.devices()[:1]),
+                           loss=LossOptions(), optim=OptimOptions(learning_rate=1e-6, warmup_ratio=0.0),
+                           total_steps=steps)
+    return program, program.init(params), reference, graphdef
 
 
 def kernel_check(jax, jnp, np, graphdef, params, batch, kernel: str) -> float:
@@ -140,15 +139,14 @@ def kernel_check(jax, jnp, np, graphdef, params, batch, kernel: str) -> float:
 
     from bco_jax.models import sequence_logps
 
-    batch = {k: np.array(v) for k, v in batch.items()}
-    tail = batch["attention_mask"].shape[-1] // 8  # every other row right-padded: sequence lengths differ
-    batch["attention_mask"][:, ::2, -tail:] = 0
-    batch["loss_mask"][:, ::2, -tail:] = 0
+    seqs = jax.tree.map(lambda v: np.array(v[0]), batch.main)
+    tail = seqs.attention_mask.shape[-1] // 8  # every other row right-padded: sequence lengths differ
+    seqs.attention_mask[::2, -tail:] = 0
+    seqs.loss_mask[::2, -tail:] = 0
 
     def logps(gd):
-        mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}
-        fn = jax.jit(lambda p: sequence_logps(nnx.merge(gd, p), mb["input_ids"], mb["attention_mask"],
-                                              mb["loss_mask"])[0])
+        fn = jax.jit(lambda p: sequence_logps(nnx.merge(gd, p), seqs.input_ids, seqs.attention_mask,
+                                              seqs.loss_mask)[0])
         return np.asarray(fn(params), np.float64)
 
     model = nnx.merge(graphdef, params)
@@ -158,17 +156,17 @@ def kernel_check(jax, jnp, np, graphdef, params, batch, kernel: str) -> float:
 
 
 def time_config(jax, jnp, np, model_cfg, kernel, live, args, batch_size) -> dict:
+    from bco_jax.step import memory_report
+
     seq = args.seq
-    step, state, reference, graphdef, params = build_step(jax, jnp, model_cfg, kernel, args.remat, live,
-                                                          args.warmup + args.steps)
+    program, state, reference, graphdef = build_step(jax, jnp, model_cfg, kernel, args.remat, live,
+                                                     args.warmup + args.steps)
     host = make_batch(np, batch_size, seq, model_cfg.vocab_size, not live)
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    batch = jax.tree.map(jnp.asarray, host)
     t0 = time.perf_counter()
-    compiled = step.lower(state, reference, batch, seq // 2).compile()
+    compiled = program.step.lower(state, reference, batch).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    memory = {k: int(getattr(mem, k, 0) or 0) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                        "temp_size_in_bytes", "alias_size_in_bytes")}
+    memory = memory_report(compiled)
     check = None
     if kernel != "xla":
         check = kernel_check(jax, jnp, np, graphdef, state.params, host, kernel)
@@ -217,7 +215,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accelerator-{'smoke-' if args.smoke else ''}{stamp}.json")
     record = {"time_utc": stamp, "device": name, "backend": backend, "jax": jax.__version__,
-              "python": platform.python_version(), "command": " ".join(["python", "bench/accelerator.py",
+              "python": platform.python_version(), "command": " ".join(["python", "-m", "bench.accelerator",
                                                                          *(argv or sys.argv[1:])]),
               "model": "tiny" if args.smoke else "Llama-3.2-1B shape (random weights)",
               "body_params": body_params(model_cfg), "measured_bf16_tflops": peak, "datasheet_bf16_tflops": datasheet,

@@ -1,10 +1,10 @@
 """Sequence packing: training throughput packed vs padded (with length buckets) on ragged lengths.
 
-One random LlamaForCausalLM folder (bench_train_step's: 4 layers, hidden 256, 8 heads / 4 kv, vocab
-32000, word-level tokenizer) and unpaired feedback whose prompt and completion lengths (in tokens,
-BOS and EOS included) are drawn from log-normals with medians 200 and 60 and sigma 0.8, each capped
-at 1024; an example longer than `--max_length` has its prompt cut by the data pipeline, as training
-does. Two runs are built with `bco_jax.build.build` as the CLI builds them (BCO, float32, live
+One random LlamaForCausalLM folder (`bench.fixtures.build_model_dir`: 4 layers, hidden 256, 8 heads /
+4 kv, vocab 32000, word-level tokenizer) and unpaired feedback whose prompt and completion lengths (in
+tokens, BOS and EOS included) are drawn from log-normals with medians 200 and 60 and sigma 0.8, each
+capped at 1024; an example longer than `--max_length` has its prompt cut by the data pipeline, as
+training does. Two runs are built with `bco_jax.build.build` as the CLI builds them (BCO, float32, live
 reference, mesh 1,1,1 on one CPU device, `--batch` examples per step), one with `packing false`
 (rows padded to the pipeline's length buckets, powers of 2 from 64) and one with `packing true`.
 Both read the same examples in the same order.
@@ -15,8 +15,8 @@ alternate, padded step i then packed step i, each timed from the host batch to t
 runs take the same updates: their losses are printed side by side as a check. Throughput is
 examples / total timed seconds; the ratio packed / padded is the number to read.
 
-    .venv/bin/python bench/bench_packing.py                  # ~4 min on 2 cores
-    .venv/bin/python bench/bench_packing.py --steps 3 --no-save
+    .venv/bin/python -m bench.bench_packing                  # ~4 min on 2 cores
+    .venv/bin/python -m bench.bench_packing --steps 3 --no-save
 
 Writes bench/results/packing_cpu.json (and prints a summary).
 """
@@ -31,17 +31,15 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-
-from bench_train_step import (  # noqa: E402
+from bench.fixtures import (
+    RESULTS,
     SPECIAL,
     add_model_args,
     build_model_dir,
     git_commit,
+    lower_step,
     machine_info,
+    step_shape,
     versions,
 )
 
@@ -87,32 +85,24 @@ def build_run(args, work, packing: bool):
     return run, initial_state(run), batches
 
 
-def shape_key(local):
-    from bco_jax.build import completion_capacity
-
-    return (local["input_ids"].shape, completion_capacity(local))
-
-
 def compile_all(run, state, batches):
     """{shape: compiled step} for every shape of `batches`, and the seconds it took."""
-    from bco_jax.build import completion_capacity
     from bco_jax.sharding import put_batch
 
     compiled, start = {}, time.perf_counter()
     for local in batches:
-        key = shape_key(local)
+        key = step_shape(local)
         if key not in compiled:
-            lowered = run.step_fn.lower(state, run.reference, put_batch(local, run.mesh), completion_capacity(local))
-            compiled[key] = lowered.compile()
+            compiled[key] = lower_step(run, state, run.reference, put_batch(local, run.mesh)).compile()
     return compiled, time.perf_counter() - start
 
 
 def token_stats(batches):
     """Real tokens, and token slots the step computes (rows x length), over `batches`."""
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    slots = sum(int(b["input_ids"].size) for b in batches)
+    real = sum(int(b.main.attention_mask.sum()) for b in batches)
+    slots = sum(int(b.main.input_ids.size) for b in batches)
     return {"real_tokens": real, "token_slots": slots, "fill": real / slots,
-            "shapes": sorted({f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}/C{shape_key(b)[1]}"
+            "shapes": sorted({f"{b.main.input_ids.shape[0]}x{b.main.input_ids.shape[1]}/C{b.shape.capacity}"
                               for b in batches})}
 
 
@@ -127,7 +117,7 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=0.8)
     p.add_argument("--cap", type=int, default=1024, help="cap on each drawn length")
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--output", default=os.path.join(HERE, "results", "packing_cpu.json"))
+    p.add_argument("--output", default=os.path.join(RESULTS, "packing_cpu.json"))
     args = p.parse_args(argv)
     args.intermediate = args.intermediate or round(args.hidden * 2.6875)
     args.seq = args.max_length  # build_model_dir sizes max_position_embeddings from it
@@ -153,7 +143,7 @@ def main(argv=None):
             for m in modes.values():
                 local = m["batches"][i]
                 t = time.perf_counter()
-                m["state"], metrics = m["compiled"][shape_key(local)](m["state"], m["run"].reference,
+                m["state"], metrics = m["compiled"][step_shape(local)](m["state"], m["run"].reference,
                                                                       put_batch(local, m["run"].mesh))
                 jax.block_until_ready((m["state"], metrics))
                 m["times"].append(time.perf_counter() - t)
@@ -169,7 +159,7 @@ def main(argv=None):
         lengths = ragged_lengths(args.batch * args.steps, args)
     ratio = report["packed"]["examples_per_s"] / report["padded"]["examples_per_s"]
     rec = {"time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "command": " ".join(["python", "bench/bench_packing.py", *(argv if argv is not None else sys.argv[1:])]),
+           "command": " ".join(["python", "-m", "bench.bench_packing", *(argv if argv is not None else sys.argv[1:])]),
            "args": {k: v for k, v in vars(args).items() if k not in ("output", "no_save")},
            "drawn_lengths_mean": {"prompt": float(lengths[0].mean()), "completion": float(lengths[1].mean())},
            **report, "ratio_examples_per_s": ratio,

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_smoke_mode_runs_and_reports(tmp_path):
     code = ("import sys, runpy; sys.argv = ['accelerator.py', '--smoke', '--out', sys.argv[1]]\n"
-            "try:\n    runpy.run_path('bench/accelerator.py', run_name='__main__')\n"
+            "try:\n    runpy.run_module('bench.accelerator', run_name='__main__', alter_sys=True)\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "missing = [m for m in ('grain', 'tensorflow_datasets', 'tensorboardX', 'torch') if m in sys.modules]\n"
             "assert not missing, missing\n")

@@ -9,7 +9,8 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from bco_jax import udm
-from bco_jax.checkpoint import REFERENCE_FINGERPRINT, REFERENCE_PATH, Checkpointer, check_reference, params_fingerprint
+from bco_jax.checkpoint import Checkpointer
+from bco_jax.resume import REFERENCE_FINGERPRINT, REFERENCE_PATH, check_reference, params_fingerprint
 
 
 def _mesh(shape, names):

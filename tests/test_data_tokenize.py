@@ -52,8 +52,8 @@ def our_ids(tok, examples, max_length, **cfg_kw):
     batch = assemble(data, cfg, np.arange(len(keep)), 0, 1, cfg.buckets())
     out = []
     for r in range(len(keep)):
-        n = batch["attention_mask"][r].sum()
-        out.append((batch["input_ids"][r, :n].tolist(), batch["loss_mask"][r, :n].tolist()))
+        n = batch.main.attention_mask[r].sum()
+        out.append((batch.main.input_ids[r, :n].tolist(), batch.main.loss_mask[r, :n].tolist()))
     return out, stats
 
 
@@ -213,9 +213,9 @@ def test_whole_dataset_matches_trl_in_order(tmp_path, kind):
     data = load_dataset(cfg.train_data, tok, cfg)
     ours = []
     for b in ordered_batches(data, cfg, 4):
-        for r in np.flatnonzero(b["example_mask"]):
-            n = b["attention_mask"][r].sum()
-            ours.append((b["input_ids"][r, :n].tolist(), b["loss_mask"][r, :n].tolist(), bool(b["labels"][r])))
+        for r in np.flatnonzero(b.example_mask):
+            n = b.main.attention_mask[r].sum()
+            ours.append((b.main.input_ids[r, :n].tolist(), b.main.loss_mask[r, :n].tolist(), bool(b.labels[r])))
     assert ours == trl_pipeline(rows, tok, 24)
 
 

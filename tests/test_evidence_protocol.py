@@ -1,15 +1,12 @@
 """The evidence protocol's decisions (experiments/oracle): paired t-intervals, verdicts, the learning-rate
 grid's extension at an edge and the selection, on hand-made results (no training)."""
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "oracle"))
-import protocol as P
-from stats import HELD, INCONCLUSIVE, NOT_HELD, paired_interval
+from experiments.oracle import protocol as P
+from experiments.oracle.stats import HELD, INCONCLUSIVE, NOT_HELD, paired_interval
 
 
 def test_paired_interval_matches_the_t_table():
@@ -46,7 +43,7 @@ def test_grid_grows_at_an_edge_until_the_best_is_inside():
 
 def test_selection_and_variants():
     cfg = P.full_config("arithmetic")
-    task = P.Task("t", None, "", "", P._methods(mismatch=True))
+    task = P.Task("t", None, "", "", P.method_table(mismatch=True))
     runs = _grid("bco", {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.6, 3e-3: 0.55, 1e-2: 0.2})
     chosen = P.selected_rates(runs, task, cfg)
     assert chosen["bco"] == 3e-4  # a tie goes to the smaller rate
@@ -63,7 +60,7 @@ def test_committed_results_give_the_pinned_verdicts(task):
     verdict the protocol decided comes out the same."""
     import json
 
-    import report
+    from experiments.oracle import report
 
     with open(report.RESULTS[task], encoding="utf-8") as f:
         results = json.load(f)

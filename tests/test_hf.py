@@ -13,7 +13,7 @@ from flax import nnx
 
 from bco_jax.models import Decoder, ModelConfig, load_hf, read_config, save_hf
 from bco_jax.models import safetensors_io as st
-from bco_jax.models.hf import config_to_hf
+from bco_jax.models.config import config_to_hf
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])

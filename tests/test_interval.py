@@ -211,7 +211,7 @@ def test_trainer_runs_on_the_shipped_interval_set(tmp_path):
     from bco_jax.config import parse_args
     # Two steps, no evaluation or export: the run reads the set, tokenizes it with the model's tokenizer and
     # trains (most of the ~15 s is compiling the step).
-    result = train.run(parse_args([
+    result = train.fit(parse_args([
         "--model", INTERVAL_MODEL_DIR, "--train_data", os.path.join(INTERVAL_FEEDBACK_DIR, "binary.jsonl"),
         "--eval_data", "", "--output_dir", str(tmp_path / "run"), "--batch_size", "16", "--max_steps", "2",
         "--learning_rate", "1e-3", "--logging_steps", "1", "--warmup_ratio", "0", "--max_length", "16",

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 
 from bco_jax import sharding
-from bco_jax.models import sequence_logps
-from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.models import Decoder, ModelConfig, sequence_logps
 from bco_jax.models.logprobs import chunk_slots, token_logps
 
 

@@ -15,6 +15,7 @@ from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 from bco_jax import train
 from bco_jax.config import parse_args
 from bco_jax.models import Decoder, ModelConfig, lora, sequence_logps
+from bco_jax.models.projections import PROJECTIONS
 
 CFG = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)
@@ -43,7 +44,7 @@ def test_adapters_off_is_the_base_and_merging_is_exact():
 
 
 def test_targets_and_dropout():
-    assert lora.resolve_targets("all-linear") == lora.resolve_targets([]) == tuple(lora.PROJECTIONS)
+    assert lora.resolve_targets("all-linear") == lora.resolve_targets([]) == tuple(PROJECTIONS)
     assert lora.resolve_targets(["v_proj", "q_proj"]) == ("wq", "wv")
     with pytest.raises(ValueError, match="unknown module"):
         lora.resolve_targets(["qkv"])
@@ -81,7 +82,7 @@ def test_trainer_trains_adapters_exports_peft_and_resumes(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     straight = tmp_path / "straight"
-    train.run(parse_args(flags(assets, straight)))
+    train.fit(parse_args(flags(assets, straight)))
     records = [r for r in read_metrics(straight) if "loss" in r]
     assert len(records) == 4 and records[-1]["delta"] != 0.0  # rewards moved: the adapters trained
     # The checkpoint holds the adapters (and their moments) only.
@@ -101,15 +102,15 @@ def test_trainer_trains_adapters_exports_peft_and_resumes(assets, tmp_path):
 
     # Killed after step 2 and resumed: the same adapters as the straight run (bit for bit on CPU).
     resumed = tmp_path / "resumed"
-    train.run(parse_args(flags(assets, resumed, steps=2)))
-    train.run(parse_args(flags(assets, resumed)))
+    train.fit(parse_args(flags(assets, resumed, steps=2)))
+    train.fit(parse_args(flags(assets, resumed)))
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
     # A run that starts from the exported adapter and takes a step of learning rate 0 exports it unchanged.
     again = tmp_path / "again"
-    train.run(parse_args(flags(assets, again, "--lora_adapter", str(straight / "adapter"), "--learning_rate", "0",
+    train.fit(parse_args(flags(assets, again, "--lora_adapter", str(straight / "adapter"), "--learning_rate", "0",
                                steps=1)))
     c = load_file(str(again / "adapter" / "adapter_model.safetensors"))
     assert all(np.allclose(a[k], c[k], atol=1e-7) for k in a)
@@ -125,7 +126,7 @@ def test_separate_ref_model(assets, tmp_path):
     from safetensors.numpy import load_file
 
     from bco_jax import losses as L
-    from bco_jax.build import build, completion_capacity, export_policy, initial_state, precompute
+    from bco_jax.build import build, export_policy, initial_state, precompute
     from bco_jax.models import load_hf
     from bco_jax.precompute import attach_tables
     from bco_jax.sharding import put_batch
@@ -136,17 +137,18 @@ def test_separate_ref_model(assets, tmp_path):
     assert run.frozen[1] is not None and run.frozen[0] is not run.frozen[1]
     state = initial_state(run)
     local = next(run.iterator)  # the first batch, scored by hand by both models
-    rows, labels = (np.asarray(local[k], bool) for k in ("example_mask", "labels"))
-    ids, mask, loss_mask = (jnp.asarray(local[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    rows, labels = (np.asarray(x, bool) for x in (local.example_mask, local.labels))
+    ids, mask, loss_mask = (jnp.asarray(x) for x in (local.main.input_ids, local.main.attention_mask,
+                                                      local.main.loss_mask))
     base_lp, ref_lp = (np.asarray(sequence_logps(load_hf(assets[k]), ids, mask, loss_mask)[0])
                        for k in ("model", "ref"))
     with jax.set_mesh(run.mesh):  # as the trainer runs
         tables = precompute(run)
         # (b) precomputed: the reference's log-probs, not the base's
-        np.testing.assert_allclose(tables.ref_table[local["example_index"][rows]], ref_lp[rows], rtol=1e-5)
+        np.testing.assert_allclose(tables.ref_table[local.example_index[rows]], ref_lp[rows], rtol=1e-5)
         # (a) the live step against the hand computation (delta = 0 at step 0)
         batch = put_batch(attach_tables(local), run.mesh, cfg.run.gradient_accumulation_steps)
-        state, metrics = run.step_fn(state, run.frozen, batch, completion_capacity(local))
+        state, metrics = run.program.step(state, run.frozen, batch)  # the LM-head capacity: batch.shape
         rewards = cfg.loss.beta * (base_lp - ref_lp)
         losses, _ = L.bco_loss(jnp.asarray(base_lp), jnp.asarray(ref_lp), jnp.asarray(labels), 0.0,
                                beta=cfg.loss.beta)
@@ -176,7 +178,7 @@ def test_load_in_8bit_trains_on_an_int8_base_and_exports_float(assets, tmp_path)
     runs = {}
     for name, extra in (("float", []), ("int8", ["--load_in_8bit", "true"])):
         out = tmp_path / name
-        train.run(parse_args(flags(assets, out, "--save_steps", "4", *extra, steps=3)))
+        train.fit(parse_args(flags(assets, out, "--save_steps", "4", *extra, steps=3)))
         runs[name] = [r for r in read_metrics(out) if "loss" in r]
     assert runs["int8"][-1]["delta"] != 0.0 and np.isfinite(runs["int8"][-1]["loss"])
     # The int8 base (the reference too) changes the numbers a little, not the run.

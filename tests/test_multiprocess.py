@@ -72,7 +72,7 @@ def test_two_processes_match_one_and_resume_without_model_folders(tmp_path):
     data = feedback_file(tmp_path / "train.jsonl", 64)
     extra = ["--udm", "true", "--precompute_ref_log_probs", "true", "--prompt_sample_size", "16"]
     launch(2, flags(model, data, tmp_path / "multi") + extra)
-    train.run(parse_args(flags(model, data, tmp_path / "single") + extra))
+    train.fit(parse_args(flags(model, data, tmp_path / "single") + extra))
     multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
     assert_same_records(multi, single, ("loss", "delta", "rewards/chosen", "rewards/rejected", "grad_norm",
                                         "count/chosen", "eval_loss", "eval_reward_auc", "udm/accuracy_chosen"))
@@ -88,7 +88,7 @@ def test_two_processes_match_one_and_resume_without_model_folders(tmp_path):
     # run saved (config, tokenizer, reference weights, UDM weights, reference log-probs).
     shutil.move(model, tmp_path / "moved")
     more = [a if a != "4" else "6" for a in flags(model, data, tmp_path / "multi")]  # --max_steps 6
-    train.run(parse_args(more + extra))
+    train.fit(parse_args(more + extra))
     steps = [r["step"] for r in read_metrics(tmp_path / "multi") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6] and "6" in os.listdir(tmp_path / "multi" / "checkpoints")
 
@@ -98,9 +98,9 @@ def test_kto_two_processes_resume_a_one_process_checkpoint_under_slurm(tmp_path)
     data = feedback_file(tmp_path / "train.jsonl", 64)
     kto = ["--loss_type", "kto", "--eval_data", "", "--export_hf", "false", "--lr_scheduler_type", "constant"]
     straight = tmp_path / "straight"
-    train.run(parse_args(flags(model, data, straight) + kto))
+    train.fit(parse_args(flags(model, data, straight) + kto))
     resumed = tmp_path / "resumed"
-    train.run(parse_args([a if a != "4" else "2" for a in flags(model, data, resumed)] + kto))
+    train.fit(parse_args([a if a != "4" else "2" for a in flags(model, data, resumed)] + kto))
     launch(2, flags(model, data, resumed) + kto, slurm=True)  # joins through SLURM's variables
     assert_same_records(read_metrics(resumed), read_metrics(straight), ("loss", "delta", "grad_norm"))
 

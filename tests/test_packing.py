@@ -14,7 +14,6 @@ from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 
 from bco_jax import evaluate, train
 from bco_jax import losses as L
-from bco_jax.build import completion_capacity
 from bco_jax.config import ConfigError, LossOptions, parse_args
 from bco_jax.data import DataConfig, assemble, load_dataset
 from bco_jax.data.packing import first_fit_decreasing, row_buckets
@@ -71,32 +70,33 @@ def test_packed_batches_hold_each_example_once_where_its_device_would(data):
     P, A, D = 2, 2, 2  # processes x micro-batches x data devices per process: 8 groups of 2 examples
     parts = [assemble(data, cfg, global_ids, p, P, cfg.buckets(), A, D) for p in range(P)]
     plain = [assemble(data, unpacked(cfg), global_ids, p, P, cfg.buckets(), A, D) for p in range(P)]
-    assert parts[0]["input_ids"].shape == parts[1]["input_ids"].shape  # every process agrees
-    rows, T = parts[0]["input_ids"].shape
+    assert parts[0].main.input_ids.shape == parts[1].main.input_ids.shape  # every process agrees
+    assert parts[0].shape == parts[1].shape
+    rows, T = parts[0].main.input_ids.shape
     assert rows % (A * D) == 0 and rows // (A * D) in row_buckets(2) and T in cfg.buckets()
 
     def micro(batch, a):  # put_batch's layout: [A, rows / A] per process, processes concatenated
-        return {k: np.concatenate([np.reshape(b[k], (A, -1, *b[k].shape[1:]))[a] for b in batch]) for k in batch[0]}
+        return jax.tree.map(lambda *xs: np.concatenate([np.reshape(x, (A, -1, *x.shape[1:]))[a] for x in xs]), *batch)
 
     for a in range(A):
         mb, ref = micro(parts, a), micro(plain, a)
         # The micro-batch holds the examples it holds unpacked.
-        assert sorted(mb["example_index"].tolist()) == sorted(ref["example_index"].tolist())
-        seen = []
-        for r in range(len(mb["input_ids"])):
-            for s in range(1, mb["segment_ids"][r].max() + 1):
-                slot = mb["row_first_example"][r] + s - 1
-                i = mb["example_index"][slot]
-                at = mb["segment_ids"][r] == s
-                np.testing.assert_array_equal(mb["input_ids"][r][at], seqs.ids(i))
-                np.testing.assert_array_equal(mb["positions"][r][at], np.arange(at.sum()))
-                assert mb["loss_mask"][r][at].sum() == len(seqs.ids(i)) - seqs.prompt_lens[i]
-                assert mb["labels"][slot] == data.labels[i] and mb["example_mask"][slot]
+        assert sorted(mb.example_index.tolist()) == sorted(ref.example_index.tolist())
+        seen, main = [], mb.main
+        for r in range(len(main.input_ids)):
+            for s in range(1, main.segment_ids[r].max() + 1):
+                slot = main.row_first_example[r] + s - 1
+                i = mb.example_index[slot]
+                at = main.segment_ids[r] == s
+                np.testing.assert_array_equal(main.input_ids[r][at], seqs.ids(i))
+                np.testing.assert_array_equal(main.positions[r][at], np.arange(at.sum()))
+                assert main.loss_mask[r][at].sum() == len(seqs.ids(i)) - seqs.prompt_lens[i]
+                assert mb.labels[slot] == data.labels[i] and mb.example_mask[slot]
                 # KTO's KL row of this example is its unpacked KL row.
-                k = list(ref["example_index"]).index(i)
-                np.testing.assert_array_equal(mb["kl_input_ids"][slot], ref["kl_input_ids"][k])
+                k = list(ref.example_index).index(i)
+                np.testing.assert_array_equal(mb.kl.input_ids[slot], ref.kl.input_ids[k])
                 seen.append(slot)
-        assert sorted(seen) == np.flatnonzero(mb["example_mask"]).tolist()  # each real example once
+        assert sorted(seen) == np.flatnonzero(mb.example_mask).tolist()  # each real example once
     assert first_fit_decreasing(np.array([5, 9, 3, 4]), 10) == [[1], [0, 3], [2]]
 
 
@@ -107,15 +107,19 @@ def test_kto_eval_step_same_packed_and_unpacked(data):
     params = nnx.to_pure_dict(params)
     ref = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
     shift = L.reward_shift_init("ema", 0.5)
-    fn = jax.jit(lambda p, r, b, c: eval_step(p, r, b, shift, c, graphdefs=(graphdef, graphdef),
-                                              cfg=LossOptions(loss_type="kto")), static_argnums=3)
-    out = {}
+    # The batch's static shape (LM-head capacities) is pytree metadata: one compilation per shape.
+    fn = jax.jit(lambda p, r, b: eval_step(p, r, b, shift, graphdefs=(graphdef, graphdef),
+                                           cfg=LossOptions(loss_type="kto")))
+    out, shapes = {}, {}
     for packing in (True, False):
         batch = assemble(data, cfg if packing else unpacked(cfg), np.arange(10, 26), 0, 1, cfg.buckets())
-        index = batch["example_index"]
-        res = fn(params, ref, attach_tables(batch), completion_capacity(batch))
+        index = batch.example_index
+        res = fn(params, ref, attach_tables(batch))
         out[packing] = (float(res["loss_sum"]), np.asarray(res["rewards"])[np.argsort(index)])
-    assert isinstance(completion_capacity(batch), int)  # unpacked: one capacity; packed: a pair
+        shapes[packing] = batch.shape
+    # unpacked: one capacity (the KL rows' is the main rows'); packed: a pair (KL rows stay padded)
+    assert isinstance(shapes[False].capacity, int) and shapes[False].kl_capacity is None
+    assert isinstance(shapes[True].capacity, int) and isinstance(shapes[True].kl_capacity, int)
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5)
     np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)
 
@@ -132,7 +136,7 @@ def test_first_step_of_a_run_is_the_same_packed_and_unpacked(assets, tmp_path):
     # devices and micro-batches (rows packed per device); packed, the reference log-probs are
     # precomputed by a packed pass, unpacked they are live.
     def first(out, *extra):
-        train.run(parse_args(["--model", assets["model"], "--ref_model", assets["ref"], "--train_data",
+        train.fit(parse_args(["--model", assets["model"], "--ref_model", assets["ref"], "--train_data",
                               assets["train"], "--output_dir", str(tmp_path / out), "--batch_size", "16",
                               "--max_steps", "1", "--logging_steps", "1", "--max_length", "16",
                               "--length_buckets", "16", "--tensorboard", "false", "--export_hf", "false",

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from bco_jax import plan
-from bco_jax.models import read_config
+from bco_jax.models import attention, read_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "experiments", "recipes")
@@ -109,9 +109,9 @@ def test_lora_plan_trains_adapters_only(tmp_path):
 def test_score_free_stand_in_matches_attention_shapes_and_gradients():
     q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
     k, v = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16)) for i in (1, 2))
-    out = plan.score_free_attention(None, q, k, v, None, True)
+    out = attention.score_free_causal(q, k, v, None, None)
     assert out.shape == q.shape and out.dtype == q.dtype
-    grads = jax.grad(lambda q, k, v: plan.score_free_attention(None, q, k, v, None, True).sum(), (0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda q, k, v: attention.score_free_causal(q, k, v, None, None).sum(), (0, 1, 2))(q, k, v)
     assert all(g.shape == x.shape and bool(abs(g).sum() > 0) for g, x in zip(grads, (q, k, v)))
 
 

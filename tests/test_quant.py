@@ -15,10 +15,11 @@ from jax.sharding import PartitionSpec as P
 from bco_jax import sharding
 from bco_jax.models import Decoder, ModelConfig, load_hf, lora, quant, save_hf, token_logps
 from bco_jax.models.decoder import _linear, layer_param_shapes
+from bco_jax.models.projections import PROJECTIONS
 
 CFG = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)  # a tiny Llama
-LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets=tuple(lora.PROJECTIONS))
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets=tuple(PROJECTIONS))
 
 
 def graphdef_of(cfg):
@@ -58,7 +59,7 @@ def test_round_trip_is_within_half_a_step_per_channel():
     for name, (shape, axes) in layer_param_shapes(CFG).items():
         if name not in quant.QUANTIZED:
             continue
-        n_in = quant.input_axes(name)
+        n_in = PROJECTIONS[name].n_in
         w = rng.standard_normal((3, *shape)).astype(np.float32) * np.exp(rng.standard_normal((3, *shape)))
         w[0, ..., 0] = 0.0  # an all-zero channel (layer 0, first output along the last axis)
         q, scale = jax.jit(quant.quantize, static_argnums=1)(w, n_in)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from bco_jax import losses as L
 from bco_jax.config import LossOptions, OptimOptions
+from bco_jax.data.batch import Batch, BatchShape, Sequences
 from bco_jax.models import Decoder, ModelConfig, sequence_logps
 from bco_jax.step import eval_step, init_state, learning_rate_schedule, make_optimizer, train_step
 
@@ -29,29 +30,30 @@ def models():
     return graphdef, params, ref
 
 
-def unpaired_batch(seed, prefix=""):
+def sequences(seed):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, CFG.vocab_size, (B, T)).astype(np.int32)
     lengths = rng.integers(6, T + 1, B)
     am = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
     lm = am * (np.arange(T)[None] >= 4)
-    out = {prefix + "input_ids": ids, prefix + "attention_mask": am, prefix + "loss_mask": lm.astype(np.int32)}
-    return out
+    return Sequences(input_ids=ids, attention_mask=am, loss_mask=lm.astype(np.int32))
 
 
 def make_batch(seed, *, paired=False, pad_rows=0):
+    example_mask = np.arange(B) < B - pad_rows
     if paired:
-        batch = {**unpaired_batch(seed, "chosen_"), **unpaired_batch(seed + 100, "rejected_")}
-    else:
-        batch = unpaired_batch(seed)
-        batch["labels"] = np.random.default_rng(seed).random(B) < 0.5
-        batch["labels"][:2] = [True, False]
-    batch["example_mask"] = np.arange(B) < B - pad_rows
-    return batch
+        return Batch(example_mask=example_mask, chosen=sequences(seed), rejected=sequences(seed + 100))
+    labels = np.random.default_rng(seed).random(B) < 0.5
+    labels[:2] = [True, False]
+    return Batch(example_mask=example_mask, main=sequences(seed), labels=labels)
 
 
 def split(batch, a):
-    return {k: jnp.asarray(v).reshape(a, B // a, *v.shape[1:]) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jnp.asarray(v).reshape(a, B // a, *v.shape[1:]), batch)
+
+
+def seq_args(seqs, rows=slice(None)):
+    return [jnp.asarray(x[rows]) for x in (seqs.input_ids, seqs.attention_mask, seqs.loss_mask)]
 
 
 OPTIMIZER, SCHEDULE = make_optimizer(OptimOptions(learning_rate=1e-3, warmup_ratio=0.0), 10, decay_mask=None)
@@ -74,7 +76,7 @@ def run(models, batches, *, accumulation=1, cfg=BCO, shift_mode="ema", precomput
     history = []
     for batch in batches:
         if precomputed is not None:
-            batch = {**batch, "reference_logps": precomputed(batch)}
+            batch = batch.replace(reference_logps=precomputed(batch))
         state, metrics = step(state, None if precomputed is not None else ref, split(batch, accumulation))
         history.append(jax.device_get(metrics))
     return state, history
@@ -106,11 +108,10 @@ def test_completion_capacity_changes_no_number(models):
     # Scored tokens are positions 4 .. 11 of 12: a capacity of 8 runs the LM head on 8 positions per row.
     graphdef, params, ref = models
     batch = split(make_batch(7, pad_rows=1), 2)
-    step = jax.jit(functools.partial(train_step, graphdefs=(graphdef, graphdef), cfg=BCO, optimizer=OPTIMIZER,
-                                     schedule=SCHEDULE), static_argnums=3)
+    step = jitted_step(graphdef, BCO)  # the shape is pytree metadata: one compilation per shape
     state = init_state(params, OPTIMIZER, L.reward_shift_init("ema", 0.5), 0)
-    full, m_full = step(state, ref, batch, None)
-    slim, m_slim = step(state, ref, batch, 8)
+    full, m_full = step(state, ref, batch.replace(shape=BatchShape(None)))
+    slim, m_slim = step(state, ref, batch.replace(shape=BatchShape(8)))
     for key in ("loss", "grad_norm", "rewards_sum/chosen", "logps_sum/rejected"):
         np.testing.assert_allclose(m_slim[key], m_full[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert_trees_close(slim.params, full.params, rtol=1e-5, atol=1e-6)
@@ -126,11 +127,11 @@ def test_trl_mode_moves_delta_per_micro_batch_like_trl(models):
     total, deltas = 0.0, []
     for mb in range(2):
         rows = slice(mb * B // 2, (mb + 1) * B // 2)
-        args = [jnp.asarray(batch[k][rows]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        args = seq_args(batch.main, rows)
         pol, ref_lp = sequence_logps(model, *args)[0], sequence_logps(ref_model, *args)[0]
-        shift = L.reward_shift_update(shift, 0.1 * (pol - ref_lp), batch["labels"][rows])
+        shift = L.reward_shift_update(shift, 0.1 * (pol - ref_lp), batch.labels[rows])
         deltas.append(float(L.reward_shift_delta(shift)))
-        total += float(jnp.sum(L.bco_loss(pol, ref_lp, batch["labels"][rows],
+        total += float(jnp.sum(L.bco_loss(pol, ref_lp, batch.labels[rows],
                                           L.reward_shift_delta(shift))[0]))
     np.testing.assert_allclose(hist[0]["loss"], total / B, rtol=1e-5)
     # TRL logs the mean of its micro-batches' deltas.
@@ -142,9 +143,8 @@ def test_precomputed_reference_equals_live_reference(models):
     graphdef, _, ref = models
     ref_model = nnx.merge(graphdef, ref)
 
-    def precompute(batch):
-        return sequence_logps(ref_model, *(jnp.asarray(batch[k]) for k in
-                                           ("input_ids", "attention_mask", "loss_mask")))[0]
+    def precompute(batch):  # [E, 1]: one column, the main sequences'
+        return sequence_logps(ref_model, *seq_args(batch.main))[0][:, None]
 
     batches = [make_batch(s) for s in range(2)]
     live, h_live = run(models, batches, cfg=LossOptions())
@@ -157,7 +157,7 @@ def test_precomputed_reference_equals_live_reference(models):
 def test_nonfinite_step_is_skipped_and_counted(models):
     graphdef, params, _ = models
     def bad(batch):
-        return np.full(B, np.nan, np.float32)
+        return np.full((B, 1), np.nan, np.float32)
     state, hist = run(models, [make_batch(0)], precomputed=bad)
     assert hist[0]["skipped"] == 1
     assert int(state.nonfinite_in_row) == 1 and int(state.skipped_steps) == 1 and int(state.step) == 1
@@ -173,7 +173,7 @@ def test_paired_losses_train_and_match_the_loss_function(models, loss_type):
     model, ref_model = nnx.merge(graphdef, params), nnx.merge(graphdef, ref)
     lp = {}
     for side in ("chosen", "rejected"):
-        args = [jnp.asarray(batch[f"{side}_{k}"]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        args = seq_args(getattr(batch, side))
         (p, n), r = sequence_logps(model, *args), sequence_logps(ref_model, *args)[0]
         if loss_type == "ipo":
             p, r = p / n, r / n
@@ -186,19 +186,19 @@ def test_paired_losses_train_and_match_the_loss_function(models, loss_type):
 
 def test_kto_step_uses_mismatched_kl_pairs(models):
     batch = make_batch(4)
-    kl = unpaired_batch(40, "kl_")
-    _, hist = run(models, [{**batch, **kl}], cfg=LossOptions(loss_type="kto"))
+    kl = sequences(40)
+    _, hist = run(models, [batch.replace(kl=kl)], cfg=LossOptions(loss_type="kto"))
     # TRL's KTO by hand in float64: z0 = max(mean over rows of the KL pairs' log-ratio, 0), then
     # 1 - sigmoid(beta (r - z0)) for thumbs-up and 1 - sigmoid(beta (z0 - r)) for thumbs-down.
     graphdef, params, ref = models
     model, ref_model = nnx.merge(graphdef, params), nnx.merge(graphdef, ref)
 
-    def logratio(b, prefix=""):
-        args = [jnp.asarray(b[prefix + k]) for k in ("input_ids", "attention_mask", "loss_mask")]
+    def logratio(seqs):
+        args = seq_args(seqs)
         return np.float64(sequence_logps(model, *args)[0]) - np.float64(sequence_logps(ref_model, *args)[0])
 
-    z0 = max(float(np.mean(logratio(kl, "kl_"))), 0.0)
-    r, up = logratio(batch), batch["labels"]
+    z0 = max(float(np.mean(logratio(kl))), 0.0)
+    r, up = logratio(batch.main), batch.labels
     def sigmoid(x):
         return 1 / (1 + np.exp(-x))
     losses = np.where(up, 1 - sigmoid(0.1 * (r - z0)), 1 - sigmoid(0.1 * (z0 - r)))
@@ -209,13 +209,13 @@ def test_kto_step_uses_mismatched_kl_pairs(models):
 def test_eval_step_does_not_move_trl_running_mean(models):
     graphdef, params, ref = models
     shift = L.reward_shift_update(L.reward_shift_init("trl"), jnp.array([0.3]), jnp.array([True]))
-    batch = {k: jnp.asarray(v) for k, v in make_batch(5).items()}
+    batch = jax.tree.map(jnp.asarray, make_batch(5))
     out = eval_step(params, ref, batch, shift, graphdefs=(graphdef, graphdef), cfg=LossOptions())
     # The loss used the state's delta (0.3) as it was, not one moved by this batch's rewards.
-    args = [batch[k] for k in ("input_ids", "attention_mask", "loss_mask")]
+    args = seq_args(batch.main)
     pol = sequence_logps(nnx.merge(graphdef, params), *args)[0]
     ref_lp = sequence_logps(nnx.merge(graphdef, ref), *args)[0]
-    want = jnp.sum(L.bco_loss(pol, ref_lp, batch["labels"], 0.3)[0])
+    want = jnp.sum(L.bco_loss(pol, ref_lp, batch.labels, 0.3)[0])
     np.testing.assert_allclose(out["loss_sum"], want, rtol=1e-5)
 
 

@@ -41,7 +41,7 @@ def test_end_to_end_bco_learns_writes_and_exports(assets, tmp_path):
     out = tmp_path / "run"
     # Evaluated on its own training feedback: a random tiny model cannot generalise arithmetic in 12
     # steps, but its implicit reward must come to separate the examples it was trained on.
-    result = train.run(parse_args(args(assets, out, "--max_steps", "12", "--save_steps", "5",
+    result = train.fit(parse_args(args(assets, out, "--max_steps", "12", "--save_steps", "5",
                                        "--save_total_limit", "2", "--eval_data", assets["train"])))
     records = [r for r in read_metrics(out) if "loss" in r]
     assert len(records) == 12 and set(records[0]) >= TRL_KEYS
@@ -61,7 +61,7 @@ def test_end_to_end_bco_learns_writes_and_exports(assets, tmp_path):
 
 
 def _run_losses(assets, out, *extra):
-    train.run(parse_args(args(assets, out, *extra)))
+    train.fit(parse_args(args(assets, out, *extra)))
     return np.array([r["loss"] for r in read_metrics(out) if "loss" in r])
 
 
@@ -93,15 +93,15 @@ def test_udm_weights_reach_the_loss_and_resume_exactly(assets, tmp_path):
     udm = ["--udm", "true", "--prompt_sample_size", "16"]
     plain = _run_losses(assets, tmp_path / "plain", *common, "--max_steps", "3")
     straight = tmp_path / "straight"
-    result = train.run(parse_args(args(assets, straight, *common, *udm, "--max_steps", "3")))
+    result = train.fit(parse_args(args(assets, straight, *common, *udm, "--max_steps", "3")))
     weighted = np.array([r["loss"] for r in read_metrics(straight) if "loss" in r])
     assert 0.0 <= result["udm/accuracy_chosen"] <= 1.0
     assert abs(weighted[0] - plain[0]) > 1e-6  # the density-ratio weights reach the first loss
     # Stopped after step 2 and resumed from the checkpoint (UDM weights and classifier restored, not refit):
     # step 3 is the same, bit for bit.
     resumed = tmp_path / "resumed"
-    train.run(parse_args(args(assets, resumed, *common, *udm, "--max_steps", "2")))
-    train.run(parse_args(args(assets, resumed, *common, *udm, "--max_steps", "3")))
+    train.fit(parse_args(args(assets, resumed, *common, *udm, "--max_steps", "2")))
+    train.fit(parse_args(args(assets, resumed, *common, *udm, "--max_steps", "3")))
     again = [r for r in read_metrics(resumed) if "loss" in r]
     assert [r["step"] for r in again] == [1, 2, 3]
     np.testing.assert_array_equal([r["loss"] for r in again], weighted)
@@ -185,9 +185,9 @@ def test_validation_errors_name_the_key(assets, tmp_path):
     with pytest.raises(ConfigError, match="--shuffle"):
         parse_args(["--shuffle", "maybe"])
     with pytest.raises(ConfigError, match="batch_size"):
-        train.run(parse_args(args(assets, tmp_path / "x", "--batch_size", "12", "--mesh", "8,1,1")))
+        train.fit(parse_args(args(assets, tmp_path / "x", "--batch_size", "12", "--mesh", "8,1,1")))
     with pytest.raises(DataError, match="train.jsonl:1: paired=true needs chosen/rejected"):
-        train.run(parse_args(args(assets, tmp_path / "y", "--loss_type", "dpo")))
+        train.fit(parse_args(args(assets, tmp_path / "y", "--loss_type", "dpo")))
     bad = feedback_file(tmp_path / "bad.jsonl", 8, bad_line=3)
     proc = _cli(args(assets, tmp_path / "z", "--train_data", bad))
     assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and ":4" in proc.stderr
@@ -218,7 +218,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(assets, tmp_path):
 
 
 def test_dry_run_reports_per_device_memory(assets, tmp_path, capsys):
-    report = train.run(parse_args(args(assets, tmp_path / "dry", "--dry_run", "true", "--mesh", "2,2,2")))
+    report = train.fit(parse_args(args(assets, tmp_path / "dry", "--dry_run", "true", "--mesh", "2,2,2")))
     assert report["temp_size_in_bytes"] > 0 and report["argument_size_in_bytes"] > 0
     assert "MiB per device" in capsys.readouterr().out
     assert not (tmp_path / "dry" / "checkpoints").exists()
@@ -226,7 +226,7 @@ def test_dry_run_reports_per_device_memory(assets, tmp_path, capsys):
 
 def test_evaluate_cli_on_a_training_output(assets, tmp_path):
     out = tmp_path / "for_eval"
-    train.run(parse_args(args(assets, out, "--max_steps", "3")))
+    train.fit(parse_args(args(assets, out, "--max_steps", "3")))
     state = json.loads((out / "bco_state.json").read_text())
     report_path = tmp_path / "report" / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "bco_jax.evaluate", "--model", str(out), "--data", assets["eval"],
@@ -251,9 +251,9 @@ def test_evaluate_cli_on_a_training_output(assets, tmp_path):
 def test_rerunning_a_finished_run_does_not_duplicate_records(assets, tmp_path):
     out = tmp_path / "again"
     common = ["--max_steps", "2", "--export_hf", "false"]
-    train.run(parse_args(args(assets, out, *common)))
+    train.fit(parse_args(args(assets, out, *common)))
     first = read_metrics(out)
-    train.run(parse_args(args(assets, out, *common)))
+    train.fit(parse_args(args(assets, out, *common)))
     second = read_metrics(out)
     assert [r["step"] for r in first] == [r["step"] for r in second] and len(first) == 3
     assert first[-1]["eval_loss"] == second[-1]["eval_loss"]

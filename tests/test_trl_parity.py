@@ -77,7 +77,7 @@ def _trl_records(model_dir, rows, out, accumulation, logging_steps):
 
 
 def _our_records(model_dir, data, out, accumulation, logging_steps):
-    train.run(parse_args([
+    train.fit(parse_args([
         "--model", model_dir, "--train_data", data, "--eval_data", "", "--output_dir", str(out),
         "--batch_size", str(BATCH), "--max_steps", str(STEPS), "--learning_rate", str(LR),
         "--logging_steps", str(logging_steps), "--warmup_ratio", "0", "--lr_scheduler_type", "linear",

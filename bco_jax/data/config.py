@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 
 def _opt(default, help_text: str, **kw):
     if isinstance(default, (list, dict)):
@@ -59,15 +61,15 @@ class DataConfig:
 
     def __post_init__(self):
         if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         if self.min_completion_length < 1:
-            raise ValueError(f"min_completion_length must be >= 1, got {self.min_completion_length}")
+            raise ConfigError(f"min_completion_length must be >= 1, got {self.min_completion_length}")
         if self.thumbs_up_fraction is not None and not 0.0 < self.thumbs_up_fraction < 1.0:
-            raise ValueError(f"thumbs_up_fraction must be in (0, 1), got {self.thumbs_up_fraction}")
+            raise ConfigError(f"thumbs_up_fraction must be in (0, 1), got {self.thumbs_up_fraction}")
         if self.mixture_weights and any(w <= 0 for w in self.mixture_weights):
-            raise ValueError(f"mixture_weights must be positive, got {self.mixture_weights}")
+            raise ConfigError(f"mixture_weights must be positive, got {self.mixture_weights}")
         if self.rating_range and len(self.rating_range) != 2:
-            raise ValueError(f"rating_range must be [low, high], got {self.rating_range}")
+            raise ConfigError(f"rating_range must be [low, high], got {self.rating_range}")
 
     def buckets(self) -> list[int]:
         """The padded lengths a batch may take, ascending, the last one max_length."""

@@ -1,4 +1,5 @@
-"""Bad-input reporting: one exception type and a collector that either stops or counts.
+"""Bad-input reporting: the exception types of bad data (DataError) and of options that do not fit
+the data (ConfigError), and a collector that either stops or counts.
 
 Every malformed record is named by where it came from ("file.jsonl:12", "dir row 7") and why, so
 a user can fix the file; with skip_invalid the same findings are kept and reported instead.
@@ -8,11 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from bco_jax.errors import DataError
+from bco_jax.errors import ConfigError, DataError
 
 log = logging.getLogger("bco_jax.data")
 
-__all__ = ["DataError", "Issues"]
+__all__ = ["ConfigError", "DataError", "Issues"]
 
 
 @dataclass

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]
+from .batch import Batch, BatchShape, Sequences
+from .errors import ConfigError
 
 
 def row_buckets(n: int) -> list[int]:
@@ -75,7 +76,7 @@ def assemble_packed(data, global_ids: np.ndarray, process_index: int, process_co
     per_process = accumulation * shard_devices
     n_groups = process_count * per_process
     if len(global_ids) % n_groups:
-        raise ValueError(f"packing: a batch of {len(global_ids)} examples does not split into {process_count} "
+        raise ConfigError(f"packing: a batch of {len(global_ids)} examples does not split into {process_count} "
                          f"processes x {accumulation} micro-batches x {shard_devices} devices")
     per_group = len(global_ids) // n_groups
     groups = pack_groups(seqs, global_ids, n_groups, T)
@@ -109,8 +110,6 @@ def assemble_packed(data, global_ids: np.ndarray, process_index: int, process_co
     completion = seqs.lengths(ids) - seqs.prompt_lens[ids]
     longest = max((int(completion[row].sum()) for g in groups for row in g), default=1)
     capacity = next(c for c in capacity_buckets(T) if c >= min(longest, T))
-    return {"input_ids": input_ids, "attention_mask": (segment_ids > 0).astype(np.int32), "loss_mask": loss_mask,
-            "segment_ids": segment_ids, "positions": positions, "row_first_example": first_example,
-            "completion_capacity": np.full(rows, capacity, np.int32),
-            "example_index": example_index, "example_mask": valid,
-            "labels": np.where(valid, data.labels[np.maximum(example_index, 0)], False)}, where
+    main = Sequences(input_ids, (segment_ids > 0).astype(np.int32), loss_mask, segment_ids, positions, first_example)
+    return Batch(example_mask=valid, main=main, example_index=example_index, shape=BatchShape(capacity),
+                 labels=np.where(valid, data.labels[np.maximum(example_index, 0)], False)), where

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from .batch import PAIR_SIDES, Batch, BatchShape, Sequences
 from .config import DataConfig
 from .dataset import TokenizedDataset
+from .errors import ConfigError, DataError
 from .packing import assemble_packed
 
 log = logging.getLogger("bco_jax.data")
-Batch = dict[str, np.ndarray]
 
 
 def _derived_seed(seed: int, salt: str) -> int:
@@ -55,13 +56,13 @@ def build_order(data: TokenizedDataset, cfg: DataConfig, seed: int, shuffle: boo
     weights = list(cfg.mixture_weights) if sampling else []
     n_sources = int(data.source_ids.max()) + 1
     if stratify and data.paired:
-        raise ValueError("thumbs_up_fraction / both_classes_per_batch apply to unpaired data only")
+        raise ConfigError("thumbs_up_fraction / both_classes_per_batch apply to unpaired data only")
     if weights and len(weights) != n_sources:
-        raise ValueError(f"mixture_weights has {len(weights)} entries for {n_sources} train_data entries")
+        raise ConfigError(f"mixture_weights has {len(weights)} entries for {n_sources} train_data entries")
     if not stratify and not weights:
         return _leaf(ids, shuffle, seed, "all"), n
     if stratify and (data.labels.all() or not data.labels.any()):
-        raise ValueError("thumbs_up_fraction / both_classes_per_batch need both classes in the data")
+        raise DataError("thumbs_up_fraction / both_classes_per_batch need both classes in the data")
     source_w = np.array(weights or np.bincount(data.source_ids, minlength=n_sources), float)
     groups = _weighted_leaves(data, source_w / source_w.sum(), stratify, shuffle, seed)
     class_w = [sum(w for _, w, _ in leaves) for leaves in groups]
@@ -109,16 +110,16 @@ class BatchIterator:
         data-parallel devices per process the rows are fed to (`sharding.put_batch`): examples are
         packed per micro-batch and device, exactly the examples that device would hold unpacked."""
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+            raise ConfigError(f"global_batch_size {global_batch_size} is not divisible by "
                              f"process_count {process_count}")
         if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+            raise ConfigError(f"process_index {process_index} outside [0, {process_count})")
         self.data, self.cfg, self.seed = data, cfg, int(seed)
         self.global_batch_size, self.process_index, self.process_count = (
             global_batch_size, process_index, process_count)
         self.local_batch_size = global_batch_size // process_count
         if cfg.packing and data.paired:
-            raise ValueError("packing: paired data (chosen/rejected) is not packed; use packing false")
+            raise ConfigError("packing: paired data (chosen/rejected) is not packed; use packing false")
         self.layout = (accumulation, shard_devices)
         self.buckets = cfg.buckets()
         self._shuffle = cfg.shuffle if shuffle is None else shuffle
@@ -150,8 +151,8 @@ class BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._it)  # StopIteration at the end of a finite run
-        self.position += int(batch.pop("_global_rows"))
+        batch, rows = next(self._it)  # StopIteration at the end of a finite run
+        self.position += rows
         return batch
 
     def state(self) -> dict:
@@ -161,7 +162,7 @@ class BatchIterator:
 
     def restore(self, state: dict) -> None:
         if int(state["seed"]) != self.seed or int(state["examples"]) != len(self.data):
-            raise ValueError(f"data iterator state {state} was saved for another seed or dataset "
+            raise ConfigError(f"data iterator state {state} was saved for another seed or dataset "
                              f"(now seed={self.seed}, examples={len(self.data)})")
         if int(state.get("epoch_length", self.epoch_length)) != self.epoch_length:
             log.warning("data: sampling options changed since the state was saved (epoch of %s, now %d "
@@ -169,14 +170,13 @@ class BatchIterator:
                         state["epoch_length"], self.epoch_length)
         self._start(int(state["position"]))
 
-    def _assemble(self, global_ids: np.ndarray) -> Batch:
+    def _assemble(self, global_ids: np.ndarray) -> tuple[Batch, int]:
         rows = len(global_ids)
         ids = np.full(self.global_batch_size, -1, np.int64)
         ids[:rows] = global_ids
         batch = assemble(self.data, self.cfg, ids, self.process_index, self.process_count, self.buckets,
                          *self.layout)
-        batch["_global_rows"] = np.int64(rows)
-        return batch
+        return batch, rows
 
 
 def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, process_index: int,
@@ -191,33 +191,32 @@ def assemble(data: TokenizedDataset, cfg: DataConfig, global_ids: np.ndarray, pr
                                 shard_devices, kl_partner)
     T = _bucket(data, global_ids, kl_partner, buckets)
     valid = local >= 0
-    batch: Batch = {"example_mask": valid, "example_index": local.copy(),
-                    "completion_capacity": np.full(len(local), completion_capacity(data, global_ids, T), np.int32)}
+    shape = BatchShape(completion_capacity(data, global_ids, T))
     if data.paired:
-        for name in ("chosen", "rejected"):
-            batch.update(_pack(data.seqs[name], local, T, data.pad_id, f"{name}_"))
-        return batch
+        sides = {name: _pack(data.seqs[name], local, T, data.pad_id) for name in PAIR_SIDES}
+        return Batch(example_mask=valid, example_index=local.copy(), shape=shape, **sides)
     seqs = data.seqs["completion"]
-    batch.update(_pack(seqs, local, T, data.pad_id, ""))
-    batch["labels"] = np.where(valid, data.labels[np.maximum(local, 0)], False)
+    kl = None
     if kl_partner is not None:
         partner = kl_partner[process_index * b:(process_index + 1) * b]
-        kl = [_kl_ids(seqs, i, j, cfg.max_length) if i >= 0 else None for i, j in zip(local, partner)]
-        batch.update(_pad_rows(kl, T, data.pad_id, "kl_"))
-    return batch
+        kl = _pad_rows([_kl_ids(seqs, i, j, cfg.max_length) if i >= 0 else None for i, j in zip(local, partner)],
+                       T, data.pad_id)
+    return Batch(example_mask=valid, example_index=local.copy(), main=_pack(seqs, local, T, data.pad_id), kl=kl,
+                 labels=np.where(valid, data.labels[np.maximum(local, 0)], False), shape=shape)
 
 
 def _assemble_packed(data, cfg, global_ids, process_index, process_count, buckets, accumulation, shard_devices,
                      kl_partner) -> Batch:
     T = _bucket(data, global_ids, None, buckets)
     batch, where = assemble_packed(data, global_ids, process_index, process_count, accumulation, shard_devices, T)
-    if kl_partner is not None:  # KL rows stay one per example (padded), in the examples' packed order
-        seqs = data.seqs["completion"]
-        kl = [_kl_ids(seqs, global_ids[p], kl_partner[p], cfg.max_length) if p >= 0 else None for p in where]
-        T_kl = _bucket(data, global_ids, kl_partner, buckets)
-        batch.update(_pad_rows(kl, T_kl, data.pad_id, "kl_"))
-        batch["kl_completion_capacity"] = np.full(len(where), completion_capacity(data, global_ids, T_kl), np.int32)
-    return batch
+    if kl_partner is None:
+        return batch
+    # KL rows stay one per example (padded), in the examples' packed order
+    seqs = data.seqs["completion"]
+    kl = [_kl_ids(seqs, global_ids[p], kl_partner[p], cfg.max_length) if p >= 0 else None for p in where]
+    T_kl = _bucket(data, global_ids, kl_partner, buckets)
+    shape = BatchShape(batch.shape.capacity, completion_capacity(data, global_ids, T_kl))
+    return batch.replace(kl=_pad_rows(kl, T_kl, data.pad_id), shape=shape)
 
 
 def _kl_partners(global_ids: np.ndarray) -> np.ndarray:
@@ -265,12 +264,12 @@ def completion_capacity(data: TokenizedDataset, global_ids: np.ndarray, T: int) 
     return next(c for c in (max(T // 4, 1), max(T // 2, 1), T) if c >= min(longest, T))
 
 
-def _pack(seqs, local: np.ndarray, T: int, pad_id: int, prefix: str) -> Batch:
+def _pack(seqs, local: np.ndarray, T: int, pad_id: int) -> Sequences:
     rows = [(seqs.ids(i).tolist(), int(seqs.prompt_lens[i])) if i >= 0 else None for i in local]
-    return _pad_rows(rows, T, pad_id, prefix)
+    return _pad_rows(rows, T, pad_id)
 
 
-def _pad_rows(rows: list, T: int, pad_id: int, prefix: str) -> Batch:
+def _pad_rows(rows: list, T: int, pad_id: int) -> Sequences:
     """Right-padded input_ids / attention_mask / loss_mask [b, T] from (ids, prompt length) rows."""
     input_ids = np.full((len(rows), T), pad_id, np.int32)
     attention = np.zeros((len(rows), T), np.int32)
@@ -283,8 +282,7 @@ def _pad_rows(rows: list, T: int, pad_id: int, prefix: str) -> Batch:
         input_ids[r, :n] = ids[:n]
         attention[r, :n] = 1
         loss[r, plen:n] = 1
-    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention,
-            f"{prefix}loss_mask": loss}
+    return Sequences(input_ids, attention, loss)
 
 
 def ordered_batches(data: TokenizedDataset, cfg: DataConfig, batch_size: int, process_index: int = 0,
@@ -325,6 +323,4 @@ def prompt_batches(data: TokenizedDataset, cfg: DataConfig, indices, batch_size:
         local = global_ids[process_index * b:(process_index + 1) * b]
         rows = [(seqs.ids(i)[:seqs.prompt_lens[i]].tolist(), int(seqs.prompt_lens[i])) if i >= 0 else None
                 for i in local]
-        packed = _pad_rows(rows, T, data.pad_id, "")
-        yield {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
-               "example_index": local, "example_mask": local >= 0}
+        yield Batch(example_mask=local >= 0, main=_pad_rows(rows, T, data.pad_id), example_index=local)

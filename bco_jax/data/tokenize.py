@@ -85,7 +85,7 @@ def render_chat(tokenizer, prompt: list, completion: list) -> tuple[str, str]:
     """(prompt text, completion text) of a chat record, rendered as TRL's apply_chat_template does."""
     last_role = prompt[-1]["role"] if prompt else "user"
     if last_role not in ("user", "tool", "assistant"):
-        raise ValueError(f"the prompt's last message has role {last_role!r}; it must be user, tool or assistant")
+        raise DataError(f"the prompt's last message has role {last_role!r}; it must be user, tool or assistant")
     cont = last_role == "assistant"
     prompt_text = tokenizer.apply_chat_template(
         prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont)

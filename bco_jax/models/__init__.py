@@ -1,7 +1,12 @@
-"""Flax NNX decoders (Llama / Mistral / Qwen2), HF checkpoint import/export, log-probs, sampling."""
-from bco_jax.models.decoder import Decoder, ModelConfig, compute_dtype, decays, weight_decay_mask
+"""Flax NNX decoders (Llama / Mistral / Qwen2), HF checkpoint import/export, log-probs, sampling.
+
+Inside, imports go one way: projections (the table of a layer's projections) and attention ->
+config (ModelConfig, config.json) -> quant -> lora -> decoder -> hf, logprobs, generate.
+"""
+from bco_jax.models.config import ModelConfig, compute_dtype, read_config
+from bco_jax.models.decoder import Decoder, decays, weight_decay_mask
 from bco_jax.models.generate import generate
-from bco_jax.models.hf import load_hf, read_config, save_hf
+from bco_jax.models.hf import load_hf, save_hf
 from bco_jax.models.logprobs import example_logps, sequence_logps, token_logps
 
 __all__ = ["Decoder", "ModelConfig", "compute_dtype", "decays", "example_logps", "generate", "load_hf", "read_config",

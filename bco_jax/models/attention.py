@@ -14,6 +14,10 @@ Kernels for `is_causal=True`:
   rows run on "xla" under "auto", and an explicit "cudnn" refuses them.
 - "splash" (TPU): Pallas splash attention, padding given as segment ids (any padding side).
 - "auto": cudnn on GPU (bfloat16 / float16), splash on TPU, xla otherwise.
+Kernels are registered in `CAUSAL_KERNELS` by name. One more is registered for the memory planner
+only, not offered to users: "score_free", a stand-in with a fused kernel's inputs, outputs and
+gradients but no [T, S] scores, whose values mean nothing (`bco_jax.plan` compiles with it to count
+what cudnn / splash hold on the target).
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import numpy as np
 
 from bco_jax.sharding import mesh_spec
 
-ATTN_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+ATTN_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # the user's choices (--attn_implementation)
+CAUSAL_KERNELS = {}  # name -> kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window), see `_kernel`
 XLA_QUERY_BLOCK = 128
 SPLASH_BLOCK = 128
 
@@ -64,11 +69,19 @@ def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool, packed: 
     `mask` is [B, 1, T, S] bool, complete."""
     if not is_causal:
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation="xla")
-    kernel = {"xla": xla_causal, "cudnn": cudnn_causal, "splash": splash_causal}
     implementation = resolve(cfg.attn_implementation, q_BxTxNxH.dtype, packed)
-    return kernel[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg.sliding_window)
+    return CAUSAL_KERNELS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg.sliding_window)
 
 
+def _kernel(name: str):
+    """Register a causal self-attention kernel under `name` (a `ModelConfig.attn_implementation`)."""
+    def register(fn):
+        CAUSAL_KERNELS[name] = fn
+        return fn
+    return register
+
+
+@_kernel("xla")
 def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, block: int = XLA_QUERY_BLOCK):
     """Causal self-attention in blocks of queries, each against the keys it can see: about half the
     work of one [T, T] score matrix, which XLA cannot skip (2x faster on CPU, forward and backward).
@@ -93,6 +106,7 @@ def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None,
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+@_kernel("cudnn")
 def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None):
     """cuDNN flash attention. Right-padded rows: the first `sum(valid)` tokens are real."""
     lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
@@ -102,6 +116,7 @@ def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None)
         implementation="cudnn")
 
 
+@_kernel("splash")
 def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None):
     """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). `segment_BxT`
     are segment ids: padding is segment 0, the real tokens of a row segment 1 (or 1, 2, ... when
@@ -136,3 +151,13 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | No
     spec = jax.sharding.PartitionSpec(batch)  # a Pallas call is not partitioned by XLA: shard it by hand
     return jax.shard_map(run, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
+
+
+@_kernel("score_free")
+def score_free_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None):
+    """Planning only: a stand-in for a fused kernel with the same inputs, output and gradients in
+    O(B T N H) memory, no [T, S] scores. Its values mean nothing; only its memory is planned."""
+    groups = q_BxTxNxH.shape[2] // k_BxTxKxH.shape[2]
+    k_BxTxNxH, v_BxTxNxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxTxKxH, v_BxTxKxH))
+    gate_BxTxNx1 = jax.nn.sigmoid(jnp.sum(q_BxTxNxH * k_BxTxNxH, axis=-1, keepdims=True, dtype=jnp.float32))
+    return (gate_BxTxNx1 * v_BxTxNxH).astype(q_BxTxNxH.dtype)

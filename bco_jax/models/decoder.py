@@ -6,7 +6,6 @@ not grow with depth. Every parameter carries logical axis names (`out_sharding` 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -16,66 +15,22 @@ import numpy as np
 from flax import nnx
 
 from bco_jax.models import lora, quant
-from bco_jax.models.attention import ATTN_IMPLEMENTATIONS, attend, attention_mask
+from bco_jax.models.attention import attend, attention_mask
+from bco_jax.models.config import ModelConfig, compute_dtype
+from bco_jax.models.projections import (
+    ATTENTION,
+    DOWN_PROJ,
+    GATE_PROJ,
+    K_PROJ,
+    MLP,
+    O_PROJ,
+    PROJECTIONS,
+    Q_PROJ,
+    UP_PROJ,
+    V_PROJ,
+    Projection,
+)
 from bco_jax.sharding import mesh_spec
-
-REMAT_POLICIES = ("none", "full", "save_dots")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a decoder. Built from an HF config.json by `read_config`; frozen and hashable
-    so it can live in an NNX graphdef that is a static jit argument."""
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_positions: int = 8192
-    max_position_embeddings: int = 4096
-    sliding_window: int | None = None  # Mistral: a query sees keys with q - k < window
-    qkv_bias: bool = False  # Qwen2
-    o_bias: bool = False  # Llama attention_bias also biases o_proj
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    architecture: str = "LlamaForCausalLM"
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()  # all ids that end a generation (Llama 3 has several)
-    pad_token_id: int | None = None
-    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
-    attn_implementation: str = "auto"  # attention kernel, see attention.ATTN_IMPLEMENTATIONS
-    lora_rank: int = 0  # > 0: LoRA adapters on `lora_targets` (bco_jax.models.lora)
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ()
-    quantize_base: bool = False  # the 7 projections stored int8 + per-channel scales (bco_jax.models.quant)
-    hf_config_json: str = ""  # the source config.json, written back by save_hf
-    generation_config_json: str = ""  # the source generation_config.json, if any
-
-    def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
-                             f"got {self.attn_implementation!r}")
-
-
-def compute_dtype(name: str = "auto") -> jnp.dtype:
-    """"auto": bfloat16 on accelerators, float32 on CPU (where bfloat16 matmuls are slow and tests
-    compare against float32 references); otherwise the named dtype."""
-    if name == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(name)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -154,15 +109,17 @@ def _int8_matmul(x_MxK, q, scale, dtype, n_in: int):
     return x_MxK @ w.reshape(x_MxK.shape[1], -1)
 
 
-def _projection(cfg: ModelConfig, dtype, p, name: str, x, key, n_in: int = 1):
-    """Projection `name` (with its bias), plus its LoRA update (alpha / r) * dropout(x) A B when `p`
+def _projection(cfg: ModelConfig, dtype, p, proj: Projection, x, key):
+    """Projection `proj` (with its bias), plus its LoRA update (alpha / r) * dropout(x) A B when `p`
     holds adapters for it; `key` draws the dropout (None: no dropout, as at evaluation)."""
-    y = _linear(x, p[name], p.get(BIASES.get(name)), dtype, n_in, p.get(name + quant.SCALE))
+    name, n_in = proj.name, proj.n_in
+    y = _linear(x, p[name], p.get(proj.bias), dtype, n_in, p.get(name + quant.SCALE))
     a = p.get(f"{name}_lora_a")
     if a is None:
         return y
     if key is not None and cfg.lora_dropout > 0:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, LORA_TARGETS.index(name)), 1 - cfg.lora_dropout, x.shape)
+        index = list(PROJECTIONS).index(name)  # each projection's own dropout stream
+        keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1 - cfg.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1 - cfg.lora_dropout), 0).astype(x.dtype)
     low_rank = _linear(_linear(x, a, None, dtype, n_in), p[f"{name}_lora_b"], None, dtype)
     return y + (cfg.lora_alpha / cfg.lora_rank) * low_rank
@@ -173,9 +130,9 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache
     """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
     `cache_index` and attention runs over the whole cache. `key`: this layer's LoRA dropout key."""
     x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
-    q_BxTxNxH = _projection(cfg, dtype, p, "wq", x, key)
-    k_BxTxKxH = _projection(cfg, dtype, p, "wk", x, key)
-    v_BxTxKxH = _projection(cfg, dtype, p, "wv", x, key)
+    q_BxTxNxH = _projection(cfg, dtype, p, Q_PROJ, x, key)
+    k_BxTxKxH = _projection(cfg, dtype, p, K_PROJ, x, key)
+    v_BxTxKxH = _projection(cfg, dtype, p, V_PROJ, x, key)
     q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
@@ -183,41 +140,25 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
     attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal, packed)
-    h_BxTxD = h_BxTxD + _projection(cfg, dtype, p, "wo", attn_BxTxNxH, key, n_in=2)
+    h_BxTxD = h_BxTxD + _projection(cfg, dtype, p, O_PROJ, attn_BxTxNxH, key)
     x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
-    gate_BxTxF = _projection(cfg, dtype, p, "w_gate", x, key)
-    up_BxTxF = _projection(cfg, dtype, p, "w_up", x, key)
-    down = _projection(cfg, dtype, p, "w_down", jax.nn.silu(gate_BxTxF) * up_BxTxF, key)
+    gate_BxTxF = _projection(cfg, dtype, p, GATE_PROJ, x, key)
+    up_BxTxF = _projection(cfg, dtype, p, UP_PROJ, x, key)
+    down = _projection(cfg, dtype, p, DOWN_PROJ, jax.nn.silu(gate_BxTxF) * up_BxTxF, key)
     new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
     return h_BxTxD + down, new_kv
 
 
-BIASES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate", "w_up": "b_up", "w_down": "b_down"}
-LORA_TARGETS = tuple(BIASES)  # the projections an adapter can sit on
-
-
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis. A bias
-    carries the output axes of its matrix, or "bias" for the hidden size (replicated, like norms)."""
-    D, N, K, H, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    shapes = {
-        "attn_norm": ((D,), ("norm",)),
-        "wq": ((D, N, H), ("embed", "q_heads", "head_dim")),
-        "wk": ((D, K, H), ("embed", "kv_heads", "head_dim")),
-        "wv": ((D, K, H), ("embed", "kv_heads", "head_dim")),
-        "wo": ((N, H, D), ("q_heads", "head_dim", "embed")),
-        "mlp_norm": ((D,), ("norm",)),
-        "w_gate": ((D, F), ("embed", "mlp")),
-        "w_up": ((D, F), ("embed", "mlp")),
-        "w_down": ((F, D), ("mlp", "embed")),
-    }
-    if cfg.qkv_bias:
-        shapes.update(bq=((N, H), ("q_heads", "head_dim")), bk=((K, H), ("kv_heads", "head_dim")),
-                      bv=((K, H), ("kv_heads", "head_dim")))
-    if cfg.o_bias:
-        shapes["bo"] = ((D,), ("bias",))
-    if cfg.mlp_bias:
-        shapes.update(b_gate=((F,), ("mlp",)), b_up=((F,), ("mlp",)), b_down=((D,), ("bias",)))
+    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis: each norm
+    with the projections it feeds, then the biases the config has (`projections.PROJECTIONS`). The
+    order is the order parameters are initialized in (it draws their random keys)."""
+    norm = ((cfg.hidden_size,), ("norm",))
+    shapes = {"attn_norm": norm}
+    shapes.update((p.name, (p.shape(cfg), p.axes)) for p in ATTENTION)
+    shapes["mlp_norm"] = norm
+    shapes.update((p.name, (p.shape(cfg), p.axes)) for p in MLP)
+    shapes.update((p.bias, (p.bias_shape(cfg), p.bias_axes)) for p in PROJECTIONS.values() if p.has_bias(cfg))
     return shapes
 
 
@@ -256,7 +197,7 @@ class Layers(nnx.Module):
         if cfg.quantize_base:  # drawn in param_dtype as above, then stored int8 + scale
             scales = tuple(name + quant.SCALE for name in quant.QUANTIZED)
             for name in quant.QUANTIZED:
-                (shape, axes), n_in = shapes[name], quant.input_axes(name)
+                (shape, axes), n_in = shapes[name], PROJECTIONS[name].n_in
                 q, scale = quant.quantize(getattr(self, name)[...], n_in)
                 setattr(self, name, nnx.Param(q, out_sharding=("layers", *axes), eager_sharding=False))
                 scale_axes = ("layers", *quant.scale_shape(name, shape, axes)[1])

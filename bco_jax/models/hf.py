@@ -1,202 +1,59 @@
-"""HuggingFace checkpoints: config.json <-> ModelConfig, safetensors import / export.
+"""HuggingFace checkpoints: safetensors import / export (config.json is `config.py`'s).
 
 Import reads tensors lazily from memory-mapped safetensors and places each shard of each parameter
 straight onto its target device (`jax.make_array_from_callback`), so a model larger than one device
 loads onto a mesh. Pickle checkpoints are refused, never unpickled. No torch at run time.
-The name mapping is one table, `KEY_TABLE`.
+The name mapping is one table, `KEY_TABLE`, whose per-layer projection rows come from
+`projections.PROJECTIONS`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax.errors import ConfigError
 from bco_jax.models import quant
 from bco_jax.models import safetensors_io as st
-from bco_jax.models.decoder import Decoder, ModelConfig
+from bco_jax.models.config import config_to_hf, read_config, rename_deprecated
+from bco_jax.models.decoder import Decoder
+from bco_jax.models.projections import ATTENTION, MLP, PROJECTIONS
 from bco_jax.sharding import host_gather, mesh_spec
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ROPE_TYPES = ("default", "linear", "llama3")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
+
+
+def _layer_rows(hf_norm: str, our_norm: str, projections) -> tuple:
+    """A layer's norm, then the weights and biases of the projections it feeds. HF stores a weight
+    as [out, in] and we as [in..., out...]: permuted (1, 0), with the side that has heads x head_dim
+    split in two (our q/k/v outputs, o's inputs)."""
+    rows = [(f"model.layers.{{i}}.{hf_norm}.weight", f"layers/{our_norm}", (0,), None)]
+    for p in projections:
+        split = 0 if p.n_in == 2 else (1 if len(p.outputs) == 2 else None)
+        rows.append((f"model.layers.{{i}}.{p.module}.weight", f"layers/{p.name}", (1, 0), split))
+    for p in projections:
+        split = 0 if len(p.outputs) == 2 else None
+        rows.append((f"model.layers.{{i}}.{p.module}.bias", f"layers/{p.bias}", (0,), split))
+    return tuple(rows)
+
+
 # (HF tensor name, our parameter path, HF->ours axis permutation, axis of the permuted tensor that is
-#  split into two of ours (heads x head_dim), or None). "{i}" entries are stacked over layers.
+#  split into two of ours (heads x head_dim), or None). "{i}" entries are stacked over layers. The
+#  order is the order tensors are written in.
 KEY_TABLE = (
     ("model.embed_tokens.weight", "embed", (0, 1), None),
     ("model.norm.weight", "final_norm", (0,), None),
     ("lm_head.weight", "lm_head", (1, 0), None),
-    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm", (0,), None),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/wq", (1, 0), 1),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/wk", (1, 0), 1),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/wv", (1, 0), 1),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers/wo", (1, 0), 0),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/bq", (0,), 0),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/bk", (0,), 0),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/bv", (0,), 0),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers/bo", (0,), None),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm", (0,), None),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers/w_gate", (1, 0), None),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers/w_up", (1, 0), None),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers/w_down", (1, 0), None),
-    ("model.layers.{i}.mlp.gate_proj.bias", "layers/b_gate", (0,), None),
-    ("model.layers.{i}.mlp.up_proj.bias", "layers/b_up", (0,), None),
-    ("model.layers.{i}.mlp.down_proj.bias", "layers/b_down", (0,), None),
+    *_layer_rows("input_layernorm", "attn_norm", ATTENTION),
+    *_layer_rows("post_attention_layernorm", "mlp_norm", MLP),
 )
-
-
-# ----------------------------------------------------------------------------- config.json
-
-
-def _unsupported(key, value, why=""):
-    return ValueError(f"unsupported config.json option {key}={value!r}{': ' + why if why else ''}")
-
-
-def _load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _rope_fields(hf: dict) -> dict:
-    """Rope settings from transformers-5 `rope_parameters` or 4.x `rope_theta` + `rope_scaling`."""
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = dict(hf.get(key) or {})
-    if "full_attention" in params:  # per-layer-type form; our families use one rope for all layers
-        params = dict(params["full_attention"])
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise _unsupported(f"{key}.rope_type", rope_type, f"supported: {ROPE_TYPES}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(f"{key}.partial_rotary_factor", params["partial_rotary_factor"])
-    fields = dict(rope_type=rope_type,
-                  rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
-    if rope_type in ("linear", "llama3"):
-        fields["rope_factor"] = float(params["factor"])
-    if rope_type == "llama3":
-        fields.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                      rope_high_freq_factor=float(params["high_freq_factor"]),
-                      rope_original_max_positions=int(params["original_max_position_embeddings"]))
-    return fields
-
-
-def _as_tuple(ids) -> tuple[int, ...]:
-    if ids is None:
-        return ()
-    return tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
-
-
-def _family(hf: dict) -> str:
-    archs = hf.get("architectures") or []
-    if archs:
-        if archs[0] not in ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {archs[0]!r} (config.json key 'architectures'); "
-                             f"supported: {sorted(ARCHITECTURES)}")
-        return ARCHITECTURES[archs[0]]
-    if hf.get("model_type") not in ARCHITECTURES.values():
-        raise ValueError(f"unsupported model_type {hf.get('model_type')!r} (config.json key 'model_type'); "
-                         f"supported: {sorted(ARCHITECTURES.values())}")
-    return hf["model_type"]
-
-
-def _sliding_window(hf: dict, family: str):
-    if family == "mistral":
-        return hf.get("sliding_window")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise _unsupported("use_sliding_window", True, "Qwen2 per-layer sliding windows")
-    layer_types = set(hf.get("layer_types") or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise _unsupported("layer_types", sorted(layer_types))
-    return None
-
-
-def _renamed(overrides: dict) -> dict:
-    if "attention_impl" in overrides:
-        warnings.warn("attention_impl is deprecated; use attn_implementation", DeprecationWarning, stacklevel=3)
-        overrides = dict(overrides)
-        overrides["attn_implementation"] = overrides.pop("attention_impl") or "auto"
-    return overrides
-
-
-def read_config(path_or_dict, **overrides) -> ModelConfig:
-    """ModelConfig from an HF folder / config.json path / dict. `overrides` set our own fields
-    (remat, attn_implementation). generation_config.json next to config.json supplies the EOS ids."""
-    generation = {}
-    if isinstance(path_or_dict, dict):
-        hf = path_or_dict
-    else:
-        folder = path_or_dict if os.path.isdir(path_or_dict) else os.path.dirname(path_or_dict)
-        hf = _load_json(os.path.join(folder, "config.json"))
-        gen_path = os.path.join(folder, "generation_config.json")
-        generation = _load_json(gen_path) if os.path.exists(gen_path) else {}
-    family = _family(hf)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported("hidden_act", hf["hidden_act"], "only silu (SwiGLU)")
-    heads = hf["num_attention_heads"]
-    eos = generation.get("eos_token_id", hf.get("eos_token_id"))
-    fields = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        sliding_window=_sliding_window(hf, family),
-        qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-        o_bias=family == "llama" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        architecture={v: k for k, v in ARCHITECTURES.items()}[family],
-        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_tuple(eos),
-        pad_token_id=generation.get("pad_token_id", hf.get("pad_token_id")),
-        hf_config_json=json.dumps(hf, sort_keys=True),
-        generation_config_json=json.dumps(generation, sort_keys=True) if generation else "",
-        **_rope_fields(hf),
-    )
-    fields.update(_renamed(overrides))
-    return ModelConfig(**fields)
-
-
-def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
-    """config.json for `cfg`: the source file when there was one, else built from the fields."""
-    if cfg.hf_config_json:
-        hf = json.loads(cfg.hf_config_json)
-        hf.pop("torch_dtype", None)
-        hf["dtype"] = dtype_name
-        hf.setdefault("architectures", [cfg.architecture])
-        return hf
-    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type != "default":
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_positions)
-    eos = list(cfg.eos_token_ids)
-    hf = dict(
-        architectures=[cfg.architecture], model_type=ARCHITECTURES[cfg.architecture],
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=rope, sliding_window=cfg.sliding_window, attention_bias=cfg.o_bias,
-        mlp_bias=cfg.mlp_bias, tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=cfg.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
-        pad_token_id=cfg.pad_token_id, dtype=dtype_name)
-    # Some field combinations (e.g. q/k/v biases on Mistral) have no config.json form: refuse them.
-    ours = {f.name for f in dataclasses.fields(ModelConfig)} - {"remat", "attn_implementation", "hf_config_json",
-                                                               "generation_config_json", "quantize_base"}
-    back = read_config(hf)
-    lost = sorted(f for f in ours if getattr(back, f) != getattr(cfg, f))
-    if lost:
-        raise ValueError(f"ModelConfig fields {lost} have no {cfg.architecture} config.json form")
-    return hf
 
 
 # ----------------------------------------------------------------------------- layout transforms
@@ -254,14 +111,15 @@ def _checkpoint_files(path) -> dict[str, str]:
     """HF tensor name -> safetensors file. Refuses pickle checkpoints without opening them."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _load_json(index)["weight_map"]
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
         return {name: os.path.join(path, f) for name, f in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return dict.fromkeys(st.SafetensorsFile(single).names(), single)
     pickles = [f for f in PICKLE_FILES if os.path.exists(os.path.join(path, f))]
     if pickles:
-        raise ValueError(f"{os.path.join(path, pickles[0])} is a pickle checkpoint; refusing to unpickle it "
+        raise ConfigError(f"{os.path.join(path, pickles[0])} is a pickle checkpoint; refusing to unpickle it "
                          "(it can run arbitrary code). Convert it to safetensors first.")
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
@@ -280,7 +138,7 @@ def _load_param(files, opened, hf_name, layered, shape, perm, split, sharding, d
             raise KeyError(f"tensor {name!r} missing from the checkpoint")
         found = opened(files[name]).shape(name)
         if tuple(found) != _hf_shape(layer_shape, perm, split):
-            raise ValueError(f"tensor {name!r} has shape {tuple(found)}, expected "
+            raise ConfigError(f"tensor {name!r} has shape {tuple(found)}, expected "
                              f"{_hf_shape(layer_shape, perm, split)} from config.json")
 
     def read(index):
@@ -302,7 +160,7 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
     `param_dtype` onto its sharding and quantized there, one projection at a time, so the
     full-precision copy of only one stacked projection exists at once."""
     files = _checkpoint_files(path)
-    cfg = read_config(path, **_renamed(overrides))
+    cfg = read_config(path, **rename_deprecated(overrides))
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(model)
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
@@ -328,7 +186,7 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
         if scale is None:
             var.set_value(value)
             continue
-        n_in = quant.input_axes(our_name.rsplit("/", 1)[-1])
+        n_in = PROJECTIONS[our_name.rsplit("/", 1)[-1]].n_in
         q, s = jax.jit(quant.quantize, static_argnums=(1,),
                        out_shardings=(sharding_of(var), sharding_of(scale)))(value, n_in)
         del value
@@ -354,7 +212,7 @@ def _hf_tensors(model: Decoder):
         for i in range(array.shape[0]):
             layer = array[i]
             if scale is not None:
-                n_in = quant.input_axes(our_name.rsplit("/", 1)[-1])
+                n_in = PROJECTIONS[our_name.rsplit("/", 1)[-1]].n_in
                 layer = quant.dequantize(layer, scale[...][i], n_in, model.param_dtype, lead=0)
             yield hf_name.format(i=i), _to_hf(host_gather(layer), perm, split)
 

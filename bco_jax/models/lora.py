@@ -1,6 +1,6 @@
 """LoRA adapters on the decoder's projections, with PEFT's names, defaults and file format.
 
-A projection W (stacked over layers, e.g. wq [L, D, N, H]) gets a low-rank update
+A projection W (stacked over layers, e.g. the q projection [L, D, N, H]) gets a low-rank update
     y = x W + (alpha / r) * dropout(x) A B,    A [L, in..., r] (PEFT's kaiming-uniform init), B [L, r, out...] (0)
 so the adapted model starts equal to the base. The base stays frozen; only A and B are trained, in
 float32. With the adapters off, the same base is the reference model: no second copy in memory
@@ -19,16 +19,17 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save
 
-# Our projection -> (PEFT module name, HF module path under model.layers.{i}, input axes of our layer shape)
-PROJECTIONS = {
-    "wq": ("q_proj", "self_attn.q_proj", 1), "wk": ("k_proj", "self_attn.k_proj", 1),
-    "wv": ("v_proj", "self_attn.v_proj", 1), "wo": ("o_proj", "self_attn.o_proj", 2),
-    "w_gate": ("gate_proj", "mlp.gate_proj", 1), "w_up": ("up_proj", "mlp.up_proj", 1),
-    "w_down": ("down_proj", "mlp.down_proj", 1),
-}
-PEFT_TO_OURS = {peft: ours for ours, (peft, _, _) in PROJECTIONS.items()}
+from bco_jax.errors import ConfigError
+from bco_jax.files import atomic_write, atomic_write_json
+from bco_jax.models import quant
+from bco_jax.models.projections import PROJECTIONS
+
+PEFT_TO_OURS = {p.peft: name for name, p in PROJECTIONS.items()}  # PEFT's target_modules names -> ours
 
 
 def resolve_targets(target_modules) -> tuple[str, ...]:
@@ -41,15 +42,15 @@ def resolve_targets(target_modules) -> tuple[str, ...]:
         return tuple(PROJECTIONS)
     unknown = [n for n in names if n not in PEFT_TO_OURS]
     if unknown:
-        raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; choose from "
+        raise ConfigError(f"lora_target_modules: unknown module(s) {unknown}; choose from "
                          f"{sorted(PEFT_TO_OURS)} or all-linear")
-    return tuple(ours for ours in PROJECTIONS if PROJECTIONS[ours][0] in names)
+    return tuple(ours for ours, p in PROJECTIONS.items() if p.peft in names)
 
 
 def adapter_shapes(name: str, layer_shape: tuple[int, ...], axes: tuple[str, ...], rank: int):
     """((shape, axes) of A, (shape, axes) of B) for projection `name` whose per-layer weight has
     `layer_shape` / logical `axes` (without the leading layers axis)."""
-    n_in = PROJECTIONS[name][2]
+    n_in = PROJECTIONS[name].n_in
     a = ((*layer_shape[:n_in], rank), (*axes[:n_in], "lora"))
     b = ((rank, *layer_shape[n_in:]), ("lora", *axes[n_in:]))
     return a, b
@@ -57,8 +58,6 @@ def adapter_shapes(name: str, layer_shape: tuple[int, ...], axes: tuple[str, ...
 
 def init_a(key, shape, dtype):
     """PEFT's init of lora_A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    import jax
-
     fan_in = math.prod(shape[1:-1])  # [layers, in..., r]
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -66,8 +65,6 @@ def init_a(key, shape, dtype):
 
 def delta_weight(a, b, scale: float):
     """(alpha / r) * A B as a weight of the projection's own layout [L, in..., out...]."""
-    import jax.numpy as jnp
-
     n_in = a.ndim - 2  # minus the layers and rank axes
     a2 = a.reshape(a.shape[0], math.prod(a.shape[1:1 + n_in]), a.shape[-1])
     b2 = b.reshape(b.shape[0], b.shape[1], -1)
@@ -101,13 +98,11 @@ def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
     base), not the original weights on disk: re-quantizing after the merge would lose most of the
     update (it is far smaller than one int8 step). The PEFT adapter folder, like bitsandbytes QLoRA
     adapters, is meant for the original base."""
-    from bco_jax.models import quant
-
     layers = {k: v for k, v in base["layers"].items() if not k.endswith(quant.SCALE)}
     quantized = [k[:-len(quant.SCALE)] for k in base["layers"] if k.endswith(quant.SCALE)]
     dtypes = {name: layers[name].dtype for name in layers}
     for name in quantized:  # float32 until the update is added, then the base's dtype
-        layers[name] = quant.dequantize(layers[name], base["layers"][name + quant.SCALE], quant.input_axes(name))
+        layers[name] = quant.dequantize(layers[name], base["layers"][name + quant.SCALE], PROJECTIONS[name].n_in)
         dtypes[name] = base["embed"].dtype
     for key in adapters["layers"]:
         if key.endswith("_lora_a"):
@@ -118,7 +113,7 @@ def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
 
 
 def by_projection(adapters: dict) -> dict:
-    """{"layers": {"wq_lora_a": A, ...}} -> {"wq": {"a": A, "b": B}, ...} (host arrays)."""
+    """{"layers": {"<projection>_lora_a": A, ...}} -> {<projection>: {"a": A, "b": B}, ...} (host arrays)."""
     out = {}
     for key, value in adapters["layers"].items():
         name, ab = key.rsplit("_lora_", 1)
@@ -134,7 +129,7 @@ def peft_tensors(adapters: dict, targets):
     as torch.nn.Linear stores them. `adapters`: {projection: {"a": [L, in..., r], "b": [L, r, out...]}}
     of host arrays."""
     for name in targets:
-        _, module, _ = PROJECTIONS[name]
+        module = PROJECTIONS[name].module
         a, b = np.asarray(adapters[name]["a"], np.float32), np.asarray(adapters[name]["b"], np.float32)
         for i in range(a.shape[0]):
             prefix = f"base_model.model.model.layers.{i}.{module}"
@@ -145,7 +140,7 @@ def peft_tensors(adapters: dict, targets):
 def adapter_config(*, rank: int, alpha: float, dropout: float, targets, base_model: str) -> dict:
     """adapter_config.json as PEFT writes it for a causal LM."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-            "lora_dropout": dropout, "target_modules": sorted(PROJECTIONS[t][0] for t in targets),
+            "lora_dropout": dropout, "target_modules": sorted(PROJECTIONS[t].peft for t in targets),
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
             "use_dora": False, "modules_to_save": None, "base_model_name_or_path": base_model,
             "inference_mode": True}
@@ -155,10 +150,6 @@ def save_peft(adapters: dict, path: str, *, rank: int, alpha: float, dropout: fl
               base_model: str) -> None:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained(base, path)` loads onto the base model in transformers."""
-    from safetensors.numpy import save
-
-    from bco_jax.files import atomic_write, atomic_write_json
-
     os.makedirs(path, exist_ok=True)
     blob = save(dict(peft_tensors(adapters, targets)), metadata={"format": "pt"})
     atomic_write(os.path.join(path, "adapter_model.safetensors"), lambda f: f.write(blob))
@@ -169,9 +160,6 @@ def save_peft(adapters: dict, path: str, *, rank: int, alpha: float, dropout: fl
 
 def init_adapters(layer_shapes: dict, num_layers: int, targets, rank: int, key) -> dict:
     """Fresh adapters {projection: {"a", "b"}} (B = 0: the adapted model starts as the base)."""
-    import jax
-    import jax.numpy as jnp
-
     out = {}
     for i, name in enumerate(targets):
         (a_shape, _), (b_shape, _) = adapter_shapes(name, layer_shapes[name], (None,) * len(layer_shapes[name]), rank)
@@ -183,17 +171,15 @@ def init_adapters(layer_shapes: dict, num_layers: int, targets, rank: int, key) 
 def load_peft(path: str, num_layers: int, layer_shapes: dict, targets, rank: int) -> dict:
     """Adapters {projection: {"a", "b"}} in our layout from a PEFT folder (adapter_config.json +
     adapter_model.safetensors), to start a run from; its rank and target modules must be the run's."""
-    from safetensors.numpy import load_file
-
     with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if int(config.get("r", -1)) != rank or set(resolve_targets(config.get("target_modules"))) != set(targets):
-        raise ValueError(f"lora_adapter: {path} has r={config.get('r')} on {config.get('target_modules')}; this run "
-                         f"has lora_r={rank} on {[PROJECTIONS[t][0] for t in targets]}")
+        raise ConfigError(f"lora_adapter: {path} has r={config.get('r')} on {config.get('target_modules')}; this run "
+                         f"has lora_r={rank} on {[PROJECTIONS[t].peft for t in targets]}")
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     adapters = {}
     for name in targets:
-        _, module, n_in = PROJECTIONS[name]
+        module, n_in = PROJECTIONS[name].module, PROJECTIONS[name].n_in
         shape = layer_shapes[name]
         a, b = [], []
         for i in range(num_layers):

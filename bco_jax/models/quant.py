@@ -1,7 +1,8 @@
 """Int8 weight-only quantization of the frozen base under LoRA (QLoRA-style; TRL's `load_in_8bit`).
 
-Each of the seven projections `wq wk wv wo w_gate w_up w_down` (stacked over layers, e.g. wq
-[L, D, N, H]) is stored as int8 values Q with one float32 scale per output channel and layer:
+Each projection the table marks `quantize` (`projections.PROJECTIONS`: all seven; stacked over
+layers, e.g. the q projection [L, D, N, H]) is stored as int8 values Q with one float32 scale per
+output channel and layer:
     scale[l, out...] = max |W[l, :, out...]| / 127     (absmax over the input axes)
     Q = round(W / scale) in [-127, 127],     W ~ Q * scale,     |W - Q * scale| <= scale / 2.
 The scale leaf is `<proj>_scale` [L, out...] beside the weight, with the weight's logical axes minus
@@ -18,7 +19,7 @@ Why float32 scales: they cost 4 bytes per output channel per layer, i.e. 4 / fan
 scale would add a systematic per-channel error of up to 2^-9, the size of the int8 step itself.
 
 Trees are pure param dicts (`nnx.to_pure_dict(state)`, the form `lora.split_adapters` and the build
-use): {"embed": ..., "layers": {"wq": ..., ...}, ...}.
+use): {"embed": ..., "layers": {<projection>: ..., ...}, ...}.
 """
 from __future__ import annotations
 
@@ -27,21 +28,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from bco_jax.models.lora import PROJECTIONS
+from bco_jax.models.projections import PROJECTIONS, sizes
 
-QUANTIZED = tuple(PROJECTIONS)  # the projections an int8 base stores as int8 + scale
+QUANTIZED = tuple(name for name, p in PROJECTIONS.items() if p.quantize)  # stored int8 + scale in an int8 base
 SCALE = "_scale"  # suffix of a quantized projection's scale leaf
 QMAX = 127  # symmetric: -128 is never used, so negation is exact
 
 
-def input_axes(name: str) -> int:
-    """How many leading axes of projection `name`'s per-layer weight it contracts (wo: 2, others 1)."""
-    return PROJECTIONS[name][2]
-
-
 def scale_shape(name: str, layer_shape: tuple[int, ...], axes: tuple[str, ...]):
     """(shape, logical axes) of projection `name`'s per-layer scale: its weight's output axes."""
-    n_in = input_axes(name)
+    n_in = PROJECTIONS[name].n_in
     return tuple(layer_shape[n_in:]), tuple(axes[n_in:])
 
 
@@ -83,7 +79,7 @@ def quantize_base(params: dict, targets=QUANTIZED) -> dict:
         raise ValueError("the tree is already quantized")
     layers = dict(params["layers"])
     for name in targets:
-        layers[name], layers[name + SCALE] = _quantize_jit(layers[name], input_axes(name), 1)
+        layers[name], layers[name + SCALE] = _quantize_jit(layers[name], PROJECTIONS[name].n_in, 1)
     return {**params, "layers": layers}
 
 
@@ -96,24 +92,20 @@ def dequantize_base(params: dict, dtype=None) -> dict:
     for key in params["layers"]:
         if key.endswith(SCALE):
             name = key[:-len(SCALE)]
-            layers[name] = _dequantize_jit(layers[name], params["layers"][key], input_axes(name), dtype, 1)
+            layers[name] = _dequantize_jit(layers[name], params["layers"][key], PROJECTIONS[name].n_in, dtype, 1)
     return {**params, "layers": layers}
 
 
 def projection_bytes(cfg, dtype=jnp.bfloat16, quantized: bool = True) -> int:
-    """Bytes of the seven projections of `cfg` (a ModelConfig) over all layers: int8 + float32
+    """Bytes of the quantized projections of `cfg` (a ModelConfig) over all layers: int8 + float32
     scales when `quantized`, else in `dtype`. For plans and reports; the model's own abstract
     state (`nnx.eval_shape`) gives the same numbers."""
-    from bco_jax.models.decoder import layer_param_shapes
-
-    shapes = layer_param_shapes(cfg)
     total = 0
     for name in QUANTIZED:
-        shape, axes = shapes[name]
-        n = math.prod(shape)
+        p = PROJECTIONS[name]
+        n = math.prod(p.shape(cfg))
         if quantized:
-            out = math.prod(scale_shape(name, shape, axes)[0])
-            total += n + 4 * out
+            total += n + 4 * math.prod(sizes(cfg, p.outputs))
         else:
             total += n * jnp.dtype(dtype).itemsize
     return total * cfg.num_layers

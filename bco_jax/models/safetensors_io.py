@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from bco_jax.errors import ConfigError
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
           "BOOL": np.bool_}
@@ -42,7 +44,7 @@ class SafetensorsFile:
         info = self.header[name]
         dtype_name = info["dtype"]
         if dtype_name not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name}")
+            raise ConfigError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name}")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end == start:

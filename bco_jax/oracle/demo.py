@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from bco_jax import oracle
+from bco_jax import oracle, run_dir
 from bco_jax.oracle import sampling, task
 
 
@@ -37,4 +37,5 @@ def print_table(before: dict, after: dict, output_dir: str) -> None:
         def fmt(d):
             return f"{d[key]:10.4f}" if key in d else f"{'-':>10s}"
         print(f"{name:46s} {fmt(before)} {fmt(after)}")
-    print(f"\noutputs in {output_dir}: metrics.jsonl, tensorboard/, checkpoints/, hf/ (the aligned model)")
+    names = (run_dir.METRICS, f"{run_dir.TENSORBOARD}/", f"{run_dir.CHECKPOINTS}/", f"{run_dir.HF_EXPORT}/")
+    print(f"\noutputs in {output_dir}: {', '.join(names)} (the aligned model)")

@@ -1,7 +1,7 @@
 """Measure the interval task's SFT model: its exact answer distribution on the eval prompts, what its
 samples and greedy answers are, and the shipped assets' sizes; optionally record them in the manifest.
 
-    .venv/bin/python experiments/interval/measure.py --manifest bco_jax/assets/interval/feedback/manifest.json
+    .venv/bin/python -m experiments.interval.measure --manifest bco_jax/assets/interval/feedback/manifest.json
 
 The interval task's point is that each right answer is individually unlikely. Sampled success rates do
 not show that; the model's probability of every complete answer does: for each eval prompt this scores

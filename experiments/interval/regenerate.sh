@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=bco_jax/assets/interval
-$PY experiments/oracle/make_sft.py --task interval --noise 0.5 --out $OUT/sft "$@"
-$PY experiments/oracle/make_feedback.py --task interval --model $OUT/sft --out $OUT/feedback
-$PY experiments/interval/measure.py --model $OUT/sft --manifest $OUT/feedback/manifest.json
+$PY -m experiments.oracle.make_sft --task interval --noise 0.5 --out $OUT/sft "$@"
+$PY -m experiments.oracle.make_feedback --task interval --model $OUT/sft --out $OUT/feedback
+$PY -m experiments.interval.measure --model $OUT/sft --manifest $OUT/feedback/manifest.json

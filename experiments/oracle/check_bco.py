@@ -5,7 +5,7 @@ and the oracle, with a plain loop, so the task can be judged before `python -m b
 and settings for its embedded default can be picked. Reports the oracle success rate on held-out
 prompts before and after, and the held-out implicit-reward accuracy.
 
-    .venv/bin/python experiments/oracle/check_bco.py --steps 200 --learning_rate 1e-4
+    .venv/bin/python -m experiments.oracle.check_bco --steps 200 --learning_rate 1e-4
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Sample answers from the oracle task's SFT model, label them with the oracle, write the feedback sets.
 
-    .venv/bin/python experiments/oracle/make_feedback.py --model bco_jax/assets/oracle/sft \
+    .venv/bin/python -m experiments.oracle.make_feedback --model bco_jax/assets/oracle/sft \
         --out bco_jax/assets/oracle/feedback
-    .venv/bin/python experiments/oracle/make_feedback.py --task interval   # bco_jax/assets/interval/...
+    .venv/bin/python -m experiments.oracle.make_feedback --task interval   # bco_jax/assets/interval/...
 
 Every training prompt gets `--samples` temperature-1 answers; each file takes what its format needs:
   binary.jsonl           {prompt, completion, label}     the first answer of each prompt

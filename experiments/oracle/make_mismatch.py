@@ -1,6 +1,6 @@
 """Prompt-mismatch feedback sets at several strengths, for the UDM experiment.
 
-    .venv/bin/python experiments/oracle/make_mismatch.py --strengths 0.6,0.95
+    .venv/bin/python -m experiments.oracle.make_mismatch --strengths 0.6,0.95
 
 `make_feedback.py` writes one mismatch set (`mismatch_binary.jsonl`: 80% of thumbs-up on additions, 80%
 of thumbs-down on subtractions). This script redraws exactly the same training answers (same seed, same
@@ -20,11 +20,9 @@ import jax
 import numpy as np
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_feedback import mismatch_rows, sample_many
-
 from bco_jax.models import load_hf
 from bco_jax.oracle import task
+from experiments.oracle.make_feedback import mismatch_rows, sample_many
 
 
 def redraw(model_dir: str, train_prompts: int, samples: int, seed: int):

@@ -5,8 +5,8 @@ Plain next-token cross-entropy on the answer tokens (+ EOS) of noisy demonstrati
 learns the demonstrations well answers right about half of the time at temperature 1, while its
 greedy answer is nearly always right: feedback on its samples then says something it can use.
 
-    .venv/bin/python experiments/oracle/make_sft.py --out bco_jax/assets/oracle/sft
-    .venv/bin/python experiments/oracle/make_sft.py --task interval   # bco_jax/assets/interval/sft
+    .venv/bin/python -m experiments.oracle.make_sft --out bco_jax/assets/oracle/sft
+    .venv/bin/python -m experiments.oracle.make_sft --task interval   # bco_jax/assets/interval/sft
 
 `--task interval` trains the same model with the same recipe on `bco_jax.oracle.interval`'s noisy
 demonstrations (an integer inside "(a b)"; wrong ones on a boundary or just outside). There the greedy
@@ -31,9 +31,7 @@ from bco_jax.models import Decoder, read_config, save_hf
 from bco_jax.oracle import TASK_ASSETS, TASKS
 from bco_jax.oracle.sampling import success_rate
 from bco_jax.oracle.tokenizer import VOCAB
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_feedback import recorded_args
+from experiments.oracle.make_feedback import recorded_args
 
 SEQ_LEN = 12  # BOS + 6 question characters + 3 answer digits + EOS, rounded up (interval: 1 + 7 + 2 + 1)
 

@@ -52,7 +52,8 @@ class Task:
         return self.methods[method].base or method
 
 
-def _methods(mismatch: bool) -> dict:
+def method_table(mismatch: bool) -> dict:
+    """Every method of a task by name; `mismatch`: with the prompt-mismatch variants (arithmetic only)."""
     bco = {"loss_type": "bco"}
     methods = {
         "dpo": Method("paired.jsonl", {"loss_type": "dpo"}, "DPO on paired.jsonl"),
@@ -78,14 +79,14 @@ def arithmetic() -> Task:
     from bco_jax import oracle
     from bco_jax.oracle import task
 
-    return Task("arithmetic", task, oracle.MODEL_DIR, oracle.FEEDBACK_DIR, _methods(mismatch=True))
+    return Task("arithmetic", task, oracle.MODEL_DIR, oracle.FEEDBACK_DIR, method_table(mismatch=True))
 
 
 def interval() -> Task:
     from bco_jax import oracle
     from bco_jax.oracle import interval as task
 
-    return Task("interval", task, oracle.INTERVAL_MODEL_DIR, oracle.INTERVAL_FEEDBACK_DIR, _methods(mismatch=False))
+    return Task("interval", task, oracle.INTERVAL_MODEL_DIR, oracle.INTERVAL_FEEDBACK_DIR, method_table(mismatch=False))
 
 
 TASKS = {"arithmetic": arithmetic, "interval": interval}

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 $PY -m bco_jax.oracle.tokenizer bco_jax/assets/oracle/tokenizer
-$PY experiments/oracle/make_sft.py --noise 0.5 --out bco_jax/assets/oracle/sft "$@"
-$PY experiments/oracle/make_feedback.py --model bco_jax/assets/oracle/sft --out bco_jax/assets/oracle/feedback
+$PY -m experiments.oracle.make_sft --noise 0.5 --out bco_jax/assets/oracle/sft "$@"
+$PY -m experiments.oracle.make_feedback --model bco_jax/assets/oracle/sft --out bco_jax/assets/oracle/feedback

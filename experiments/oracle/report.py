@@ -6,8 +6,9 @@ import math
 import os
 
 import numpy as np
-import protocol as P
-from stats import INCONCLUSIVE, paired_interval
+
+from experiments.oracle import protocol as P
+from experiments.oracle.stats import INCONCLUSIVE, paired_interval
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = {"arithmetic": os.path.join(REPO, "experiments", "oracle", "results", "results.json"),

@@ -1,10 +1,10 @@
 """The evidence runs: every method tuned on equal terms on an oracle task, then compared over seeds.
 
-    .venv/bin/python experiments/oracle/run_all.py --task arithmetic   # the whole protocol (resumable)
-    .venv/bin/python experiments/oracle/run_all.py --task interval
-    .venv/bin/python experiments/oracle/run_all.py --task arithmetic --report   # tables, plots
-    .venv/bin/python experiments/oracle/run_all.py --task arithmetic --check    # pinned verdicts still hold
-    .venv/bin/python experiments/oracle/run_all.py --task arithmetic --quick    # smoke, under /tmp
+    .venv/bin/python -m experiments.oracle.run_all --task arithmetic   # the whole protocol (resumable)
+    .venv/bin/python -m experiments.oracle.run_all --task interval
+    .venv/bin/python -m experiments.oracle.run_all --task arithmetic --report   # tables, plots
+    .venv/bin/python -m experiments.oracle.run_all --task arithmetic --check    # pinned verdicts still hold
+    .venv/bin/python -m experiments.oracle.run_all --task arithmetic --quick    # smoke, under /tmp
 
 The protocol, identical for every method (`protocol.py` has the settings):
 1. grid: each base method (DPO, IPO, NCA on pairs; BCO on the pairs read unpaired; BCO, BCE, KTO on
@@ -34,11 +34,9 @@ import tempfile
 import time
 import traceback
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from experiments.oracle import protocol as P
 
-import protocol as P  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 log = logging.getLogger("run_all")
 
@@ -58,8 +56,10 @@ def train_args(task: P.Task, run: dict, steps: int, run_dir: str) -> list[str]:
 
 
 def read_curve(run_dir: str) -> list[dict]:
+    from bco_jax.run_dir import RunDir
+
     rows = []
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    with open(RunDir(run_dir).metrics, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if "loss" in rec:
@@ -153,6 +153,7 @@ def environment(started: float) -> dict:
 def one_run(task: P.Task, run: dict, steps: int, scorer: Scorer, work: str) -> dict:
     from bco_jax import train
     from bco_jax.config import parse_args
+    from bco_jax.run_dir import RunDir
 
     run_dir = os.path.join(work, f"{task.name}_{P.run_key(run)}".replace(" ", "_"))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -160,12 +161,12 @@ def one_run(task: P.Task, run: dict, steps: int, scorer: Scorer, work: str) -> d
     record = dict(run, what=task.methods[run["method"]].what, argv=argv)
     try:
         t0 = time.perf_counter()
-        final = train.run(parse_args(argv))
+        final = train.fit(parse_args(argv))
         record["train_seconds"] = time.perf_counter() - t0
-        with open(os.path.join(run_dir, "bco_state.json"), encoding="utf-8") as f:
+        with open(RunDir(run_dir).final_state, encoding="utf-8") as f:
             state = json.load(f)
         t0 = time.perf_counter()
-        hf = os.path.join(run_dir, "hf")
+        hf = RunDir(run_dir).hf
         if run["phase"] == "grid":
             record.update(scorer.validation(hf, run["seed"]))
         else:
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
     # ~20 compilations of a run are the same programs as the previous run's, read back from disk.
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.work, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    import report
+    from experiments.oracle import report
 
     if args.check or args.report:
         with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:

@@ -1,0 +1,126 @@
+"""Validation and the resolved config: invalid combinations are refused before anything loads (each
+message names the key), what the loss implies is filled in, and the facts derived from a config
+(its mesh shape, its default run name) are computed here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Literal
+
+from bco_jax.argv import mesh_problem, parse_mesh
+from bco_jax.config.schema import TrainConfig, field_type, key_table
+from bco_jax.errors import ConfigError
+from bco_jax.losses import PAIRED_LOSSES
+from bco_jax.models.lora import resolve_targets
+from bco_jax.resume import LATER_KEYS, NAMING_KEYS, OPERATIONAL_KEYS
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    """Every Literal-typed key holds one of its type's values."""
+    for key, (section, _) in key_table().items():
+        annotation = field_type(section, key)
+        if typing.get_origin(annotation) is Literal:
+            value = getattr(getattr(cfg, section), key)
+            if value not in typing.get_args(annotation):
+                raise ConfigError(f"{key}: must be one of {', '.join(typing.get_args(annotation))} (got {value!r})")
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """No inf or NaN in any float key (an infinite learning rate passes every later guard)."""
+    for key, value in cfg.flat().items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject invalid combinations before anything loads (each message names the key); return the
+    config with what the loss implies filled in."""
+    _check_choices(cfg)
+    _check_finite(cfg)
+    l, o, r = cfg.loss, cfg.optim, cfg.run
+    mesh_why = mesh_problem(r.mesh)
+    checks = [
+        (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
+        (l.beta > 0, "beta", "must be > 0"),
+        (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
+        (l.label_smoothing == 0.0 or l.loss_type == "dpo", "label_smoothing", "applies to loss_type=dpo only"),
+        (not l.udm or l.loss_type in ("bco", "bce"), "udm", "applies to loss_type bco or bce only"),
+        (not cfg.data.packing or l.loss_type not in PAIRED_LOSSES, "packing",
+         f"applies to the unpaired losses (bco, bce, kto); {l.loss_type} keeps one pair per row"),
+        (not cfg.data.packing or cfg.model.attn_implementation != "cudnn", "packing",
+         "attn_implementation=cudnn takes no segment ids; use auto, xla or splash with packing"),
+        (0 < l.min_density_ratio <= l.max_density_ratio, "min_density_ratio", "must be in (0, max_density_ratio]"),
+        (l.prompt_sample_size > 0, "prompt_sample_size", "must be > 0"),
+        (l.loss_type != "kto" or r.batch_size >= 2, "batch_size",
+         "KTO needs >= 2 examples per batch (its KL term pairs each prompt with another completion)"),
+        (0.0 <= o.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)"),
+        (o.learning_rate >= 0, "learning_rate", "must be >= 0"),
+        (o.max_grad_norm >= 0, "max_grad_norm", "must be >= 0"),
+        (r.batch_size > 0, "batch_size", "must be > 0"),
+        (r.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0"),
+        (r.batch_size % r.gradient_accumulation_steps == 0, "batch_size",
+         f"{r.batch_size} is not divisible by gradient_accumulation_steps={r.gradient_accumulation_steps}"),
+        (r.max_steps == -1 or r.max_steps > 0, "max_steps", "must be > 0, or -1 to use num_train_epochs"),
+        (0 <= r.seed < 2**32, "seed", "must be in [0, 2**32)"),
+        (r.eval_batch_size is None or r.eval_batch_size > 0, "eval_batch_size", "must be > 0 (none: batch_size)"),
+        (r.save_total_limit is None or r.save_total_limit > 0, "save_total_limit", "must be > 0 (none: keep all)"),
+        (r.sigterm_exit_code is None or 0 <= r.sigterm_exit_code <= 255, "sigterm_exit_code",
+         "must be in [0, 255] (none: 128 + the signal)"),
+        (r.demo_samples > 0, "demo_samples", "must be > 0"),
+        (r.max_steps > 0 or r.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
+        (r.logging_steps > 0, "logging_steps", "must be > 0"),
+        (r.save_steps > 0, "save_steps", "must be > 0"),
+        (r.eval_steps is None or r.eval_steps > 0, "eval_steps", "must be > 0"),
+        (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
+        (cfg.launch.distributed_timeout > 0, "distributed_timeout", "must be > 0"),
+        (cfg.model.lora_r > 0, "lora_r", "must be > 0"),
+        (not cfg.model.load_in_8bit or cfg.model.use_peft, "load_in_8bit",
+         "needs use_peft true (int8 weights are frozen: only adapters can train on them)"),
+        (cfg.model.lora_alpha > 0, "lora_alpha", "must be > 0"),
+        (0.0 <= cfg.model.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)"),
+        ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
+         "give num_processes and process_id together"),
+        (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),
+         "process_id", f"must be in [0, num_processes={cfg.launch.num_processes})"),
+        (mesh_why is None, "mesh", mesh_why),
+        (cfg.launch.num_processes is None or cfg.launch.num_processes > 0, "num_processes", "must be > 0"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why} (got {getattr_flat(cfg, key)!r})")
+    resolve_targets(cfg.model.lora_target_modules)  # ConfigError naming an unknown module
+    # Paired losses read pairs (checked against the files when they load); KTO reads its KL pairs;
+    # BCE is BCO with delta = 0.
+    data = dataclasses.replace(cfg.data, paired=cfg.data.paired or l.loss_type in PAIRED_LOSSES,
+                               kl_pairs=cfg.data.kl_pairs or l.loss_type == "kto")
+    loss = dataclasses.replace(l, reward_shift="none") if l.loss_type == "bce" else l
+    return dataclasses.replace(cfg, data=data, loss=loss)
+
+
+def getattr_flat(cfg: TrainConfig, key: str):
+    section, _ = key_table()[key]
+    return getattr(getattr(cfg, section), key)
+
+
+def mesh_shape(cfg: TrainConfig) -> tuple[int, int, int]:
+    """The configured (data, fsdp, tensor) sizes; -1 fills the remaining devices."""
+    return parse_mesh(cfg.run.mesh)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A deterministic name from model, data and loss (no timestamps): re-running resumes, also with
+    other operational keys (a longer max_steps, another mesh, ...)."""
+    model = Path(cfg.model.model or "oracle-sft").name or "model"
+    data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
+    what = {k: v for k, v in cfg.flat().items() if (k not in OPERATIONAL_KEYS or k in NAMING_KEYS)
+            and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
+

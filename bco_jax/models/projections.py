@@ -1,0 +1,94 @@
+"""The seven projections of a decoder layer, as one table: every fact about them is a field here.
+
+Llama, Mistral and Qwen2 share them: attention q, k, v, o and the SwiGLU MLP's gate, up, down. A row
+says what our weight and its bias are called, the HF module it is (whose last name is PEFT's target
+name), which logical axes the weight contracts and produces (its shape follows from the config,
+through `AXIS_SIZES`), which `ModelConfig` field gives it a bias, and whether an int8 base stores it
+quantized. decoder (the layer and its parameters), lora (targets, PEFT files), quant (what is int8)
+and hf (the checkpoint's per-layer names) all read this table; no other module spells a projection.
+Facts as data, as in `sharding.LOGICAL_RULES` and Tunix's checkpoint key table.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+# Logical axis -> the ModelConfig field that sizes it. "bias": a bias over the hidden size, kept
+# apart from "embed" so that it is replicated (like norms) however the hidden size is sharded.
+AXIS_SIZES = {"embed": "hidden_size", "q_heads": "num_heads", "kv_heads": "num_kv_heads", "head_dim": "head_dim",
+              "mlp": "intermediate_size", "bias": "hidden_size"}
+
+
+def sizes(cfg, axes: tuple[str, ...]) -> tuple[int, ...]:
+    """The shape of logical `axes` under `cfg` (a ModelConfig)."""
+    return tuple(getattr(cfg, AXIS_SIZES[axis]) for axis in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """One projection. Our weight is [in..., out...] per layer (stacked: [layers, in..., out...]);
+    HF stores `<module>.weight` as [out, in] with heads and head_dim flattened into one axis."""
+    name: str  # our weight, a parameter of `decoder.Layers`
+    bias: str  # our bias parameter, [out...], present when the config's `bias_flag` is set
+    module: str  # the HF module under model.layers.{i}
+    inputs: tuple[str, ...]  # logical axes the weight contracts
+    outputs: tuple[str, ...]  # logical axes it produces
+    bias_flag: str  # the ModelConfig field that puts a bias on it (see BIAS_FLAGS)
+    quantize: bool = True  # stored int8 + per-channel scales under an int8 base (quant)
+
+    @property
+    def peft(self) -> str:
+        """PEFT's name for it (`target_modules`): the last name of the module path."""
+        return self.module.rsplit(".", 1)[-1]
+
+    @property
+    def n_in(self) -> int:
+        """How many leading axes of the per-layer weight are contracted (o_proj: heads and head_dim)."""
+        return len(self.inputs)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return self.inputs + self.outputs
+
+    @property
+    def bias_axes(self) -> tuple[str, ...]:
+        return tuple("bias" if axis == "embed" else axis for axis in self.outputs)
+
+    def shape(self, cfg) -> tuple[int, ...]:
+        """Per-layer weight shape under `cfg` (a ModelConfig)."""
+        return sizes(cfg, self.axes)
+
+    def bias_shape(self, cfg) -> tuple[int, ...]:
+        return sizes(cfg, self.bias_axes)
+
+    def has_bias(self, cfg) -> bool:
+        return bool(getattr(cfg, self.bias_flag))
+
+
+# Projection(ours, bias, HF module, inputs, outputs, bias flag)
+Q_PROJ = Projection("wq", "bq", "self_attn.q_proj", ("embed",), ("q_heads", "head_dim"), "qkv_bias")
+K_PROJ = Projection("wk", "bk", "self_attn.k_proj", ("embed",), ("kv_heads", "head_dim"), "qkv_bias")
+V_PROJ = Projection("wv", "bv", "self_attn.v_proj", ("embed",), ("kv_heads", "head_dim"), "qkv_bias")
+O_PROJ = Projection("wo", "bo", "self_attn.o_proj", ("q_heads", "head_dim"), ("embed",), "o_bias")
+GATE_PROJ = Projection("w_gate", "b_gate", "mlp.gate_proj", ("embed",), ("mlp",), "mlp_bias")
+UP_PROJ = Projection("w_up", "b_up", "mlp.up_proj", ("embed",), ("mlp",), "mlp_bias")
+DOWN_PROJ = Projection("w_down", "b_down", "mlp.down_proj", ("mlp",), ("embed",), "mlp_bias")
+
+ATTENTION = (Q_PROJ, K_PROJ, V_PROJ, O_PROJ)  # after the layer's first norm, in HF's module order
+MLP = (GATE_PROJ, UP_PROJ, DOWN_PROJ)  # after its second norm
+PROJECTIONS = {p.name: p for p in ATTENTION + MLP}  # our name -> row; its order is every loop's order
+
+# ModelConfig bias field -> (families that always have these biases, the config.json key that turns
+# them on, the families that read that key; None: all). Qwen2 always biases q, k, v; Llama's
+# attention_bias biases o_proj too.
+BIAS_FLAGS = {
+    "qkv_bias": (("qwen2",), "attention_bias", None),
+    "o_bias": ((), "attention_bias", ("llama",)),
+    "mlp_bias": ((), "mlp_bias", None),
+}
+
+
+def bias_flags(family: str, hf: dict) -> dict[str, bool]:
+    """The ModelConfig bias fields of a checkpoint of `family` ("llama", ...) with config.json `hf`."""
+    return {flag: family in always or (bool(hf.get(key, False)) and (readers is None or family in readers))
+            for flag, (always, key, readers) in BIAS_FLAGS.items()}
+
