@@ -13,7 +13,6 @@ it is pytree metadata: jit compiles once per shape and it never goes to a device
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -30,16 +29,12 @@ def _pytree(*, meta: tuple[str, ...] = ()):
     return register
 
 
-@functools.total_ordering
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
     """Scored (completion) tokens a row may hold: the LM head runs on that many positions per row
     (None: on all of them). `kl_capacity`: KTO's KL rows' (they are padded when the main rows are packed)."""
     capacity: int | None = None
     kl_capacity: int | None = None
-
-    def __lt__(self, other):  # any fixed order: shapes sort in reports
-        return (self.capacity or 0, self.kl_capacity or 0) < (other.capacity or 0, other.kl_capacity or 0)
 
 
 @_pytree()
