@@ -36,17 +36,18 @@ from bco_jax.models import generate, load_hf
 from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
 from bco_jax.run_dir import EVAL_REPORT, FINAL_STATE, RunDir, samples_path
-from bco_jax.sharding import data_parallel_size, host_gather, put_batch
+from bco_jax.sharding import data_shard, host_gather, put_batch, shard_devices
 from bco_jax.step import scored_logps
 
 
 def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_size: int, mesh,
               ref_table=None) -> dict:
     """eval_ metrics over a whole labelled dataset with the state's current delta (`eval_fn`:
-    `bco_jax.step.StepProgram.eval`). Every process calls it; each reads its share of the rows."""
+    `bco_jax.step.StepProgram.eval`). Every process calls it; each feeds its block of the rows, laid
+    out as training's (`data_shard`: processes whose devices hold the same rows feed the same ones)."""
     rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
-    devices = data_parallel_size(mesh) // jax.process_count()  # packed rows are packed per device
-    for batch in ordered_batches(data, data_cfg, batch_size, jax.process_index(), jax.process_count(), devices):
+    shard, shards = data_shard(mesh)
+    for batch in ordered_batches(data, data_cfg, batch_size, shard, shards, shard_devices(mesh)):
         out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift)
         for key in rows:
             rows[key].append(host_gather(out[key]).reshape(-1))

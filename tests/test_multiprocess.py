@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 
@@ -103,6 +104,22 @@ def test_kto_two_processes_resume_a_one_process_checkpoint_under_slurm(tmp_path)
     train.fit(parse_args([a if a != "4" else "2" for a in flags(model, data, resumed)] + kto))
     launch(2, flags(model, data, resumed) + kto, slurm=True)  # joins through SLURM's variables
     assert_same_records(read_metrics(resumed), read_metrics(straight), ("loss", "delta", "grad_norm"))
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_processes_sharing_a_batch_block_evaluate_like_one(tmp_path, packing):
+    # One process per device with the tensor axis across them (mesh 1,1,2 over 2 processes x 1 device,
+    # the one-process-per-GPU layout): both feed the same rows, so evaluation counts every example once.
+    model = tiny_model_dir(tmp_path / "model")
+    data = feedback_file(tmp_path / "train.jsonl", 64)
+    extra = ["--mesh", "1,1,2", "--max_steps", "2", "--export_hf", "false", "--packing", packing]
+    launch(2, flags(model, data, tmp_path / "multi") + extra, devices=1)
+    train.fit(parse_args(flags(model, data, tmp_path / "single") + extra))
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    assert_same_records(multi, single, ("loss", "grad_norm", "eval_loss", "eval_reward_auc", "eval_reward_accuracy",
+                                        "eval_count/chosen", "eval_count/rejected"))
+    last = [r for r in multi if "eval_loss" in r][-1]
+    assert last["eval_count/chosen"] + last["eval_count/rejected"] == 64
 
 
 def test_a_missing_peer_is_a_one_line_error(tmp_path):
