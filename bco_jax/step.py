@@ -174,6 +174,7 @@ def micro_batch_loss(params, reference, mb: Batch, shift, *, graphdefs, cfg: Los
         if mb.reference_logps is not None:  # precomputed (never for KTO's KL rows): the loop put them in the batch
             return mb.reference_logps[:, 0 if kind == "main" else PAIR_SIDES.index(kind)]
         return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, getattr(mb, kind), E, capacity(kind))[0])
+
     mask = mb.example_mask.astype(bool)
     if cfg.loss_type in L.PAIRED_LOSSES:
         (pol_w, n_w), (pol_l, n_l) = (policy_logps(side) for side in PAIR_SIDES)
