@@ -31,6 +31,7 @@ def reference_table(data, data_cfg, batch_size: int, graphdef, ref_params, mesh,
     if os.path.exists(cache_path):
         log.info("reference log-probs: reusing %s", cache_path)
         return np.load(cache_path)
+
     @jax.jit
     def logps_fn(params, batch):  # [E, S] of a [1, ...] batch: the step's own helper
         return scored_logps(graphdef, params, jax.tree.map(lambda x: x[0], batch))

@@ -77,7 +77,7 @@ def assemble_packed(data, global_ids: np.ndarray, process_index: int, process_co
     n_groups = process_count * per_process
     if len(global_ids) % n_groups:
         raise ConfigError(f"packing: a batch of {len(global_ids)} examples does not split into {process_count} "
-                         f"processes x {accumulation} micro-batches x {shard_devices} devices")
+                          f"processes x {accumulation} micro-batches x {shard_devices} devices")
     per_group = len(global_ids) // n_groups
     groups = pack_groups(seqs, global_ids, n_groups, T)
     R = next(r for r in row_buckets(per_group) if r >= max(len(g) for g in groups))
