@@ -95,6 +95,13 @@ class Run:
         """Every path under output_dir."""
         return RunDir(self.output_dir)
 
+    def identity(self) -> RunIdentity:
+        """What this run's steps are computed from (`resume.RunIdentity`; hashes the policy's weights
+        when they are not the reference's): computed once per start and handed to `restore`."""
+        return run_identity(model_dir=self.model_dir, separate_reference=self.cfg.model.separate_reference,
+                            ref_path=self.ref_path, ref_fingerprint=self.ref_fingerprint,
+                            train_data_fingerprint=self.train_data.fingerprint())
+
     @property
     def main_process(self) -> bool:
         return jax.process_index() == 0
@@ -153,17 +160,13 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
                           "with every batch)")
 
 
-def mesh_for(cfg: TrainConfig):
-    return build_mesh(mesh_shape(cfg))  # ConfigError naming the mesh when the devices do not fit it
-
-
 # ------------------------------------------------------------------------------------------- build
 
 
 def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     """Load and place everything the run needs and jit the step; the initial state is made by
     `initial_state(run)` (when there is no checkpoint to resume)."""
-    mesh = mesh_for(cfg) if mesh is None else mesh
+    mesh = build_mesh(mesh_shape(cfg)) if mesh is None else mesh  # ConfigError when the devices do not fit
     check_layout(cfg, mesh)
     output_dir = output_dir or RunDir.for_config(cfg).root
     model_dir = model_folder(cfg.model.model, RunDir(output_dir).model_copy, "model")
@@ -248,9 +251,7 @@ def restore(run: Run, checkpointer, identity: RunIdentity | None = None) -> tupl
     if run.cfg.loss.udm:
         target["udm"] = {"classifier": udm.abstract_params(run.hidden_size),
                          "weights": jax.ShapeDtypeStruct((len(run.train_data),), jnp.float32)}
-    identity = identity or run_identity(model_dir=run.model_dir, separate_reference=run.cfg.model.separate_reference,
-                                        ref_path=run.ref_path, ref_fingerprint=run.ref_fingerprint,
-                                        train_data_fingerprint=run.train_data.fingerprint())
+    identity = identity or run.identity()
 
     def check(step, extras):
         check_resume(identity, step, extras, config=run.cfg.flat(), allow_config_change=run.cfg.run.allow_config_change,

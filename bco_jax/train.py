@@ -44,7 +44,7 @@ from bco_jax.load import save_model_copies
 from bco_jax.metrics import MetricsWriter, Reporter
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
-from bco_jax.resume import IDENTITY, RunIdentity, run_identity
+from bco_jax.resume import IDENTITY, RunIdentity
 from bco_jax.run_dir import RunDir, check_output_dir
 from bco_jax.sharding import initialize_distributed, put_batch
 from bco_jax.step import TrainState, memory_report
@@ -188,9 +188,7 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     if cfg.run.dry_run:
         with jax.set_mesh(run.mesh):
             return dry_run(run)
-    identity = run_identity(model_dir=run.model_dir, separate_reference=cfg.model.separate_reference,
-                            ref_path=run.ref_path, ref_fingerprint=run.ref_fingerprint,
-                            train_data_fingerprint=run.train_data.fingerprint())
+    identity = run.identity()
     checkpointer = ckpt_lib.Checkpointer(run.output_dir, save_total_limit=cfg.run.save_total_limit,
                                          constant_extras={IDENTITY: identity.record()})
     try:

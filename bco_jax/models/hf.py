@@ -29,7 +29,6 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
-
 def _layer_rows(hf_norm: str, our_norm: str, projections) -> tuple:
     """A layer's norm, then the weights and biases of the projections it feeds. HF stores a weight
     as [out, in] and we as [in..., out...]: permuted (1, 0), with the side that has heads x head_dim
