@@ -12,7 +12,7 @@ N_NEW = 8
 GAP_TOL = 1e-3
 
 
-@pytest.fixture(scope="module", params=["llama3", "mistral"])
+@pytest.fixture(scope="module", params=["llama3", "mistral", "gemma3"])
 def family(request, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("gen_" + request.param))
     torch_model = tiny_hf.build(request.param, folder, seed=1)

@@ -16,7 +16,7 @@ from bco_jax.models import safetensors_io as st
 from bco_jax.models.config import config_to_hf
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "gemma3"])
 def source(request, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp(request.param))
     torch_model = tiny_hf.build(request.param, folder)
@@ -147,11 +147,17 @@ def test_unsupported_config_names_the_key(llama_folder, change, key):
         read_config({**hf, **change})
 
 
-def test_qwen2_sliding_window_flag_is_refused():
-    hf = dict(architectures=["Qwen2ForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
-              num_hidden_layers=1, num_attention_heads=2, use_sliding_window=True, sliding_window=4)
-    with pytest.raises(ValueError, match="use_sliding_window"):
-        read_config(hf)
+@pytest.mark.parametrize("config_cls", [transformers.Qwen2Config, transformers.Qwen3Config])
+@pytest.mark.parametrize("use_sliding_window", [True, False])
+def test_qwen_sliding_layers_are_those_transformers_slides(config_cls, use_sliding_window):
+    """Qwen2/3 slide the layers from max_window_layers on, and only with use_sliding_window."""
+    hf = config_cls(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=4, num_attention_heads=2,
+                    num_key_value_heads=2,
+                    use_sliding_window=use_sliding_window, sliding_window=4, max_window_layers=1).to_dict()
+    hf.pop("layer_types")  # as the Hub's 4.x configs
+    expected = tuple(t == "sliding_attention" for t in config_cls(**hf).layer_types)
+    assert read_config(hf).sliding_layers() == expected == ((False, True, True, True) if use_sliding_window
+                                                            else (False,) * 4)
 
 
 def test_missing_weights_file(tmp_path):

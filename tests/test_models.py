@@ -1,5 +1,6 @@
 """Decoder logits equal transformers PyTorch float32 for each family, left and right padding."""
 import dataclasses
+import functools
 import json
 
 import jax
@@ -54,8 +55,8 @@ def test_logits_match_transformers(family, side):
     real = mask.astype(bool)
     diff = np.abs(got - expected)[real].max()
     assert diff < TOL, f"{name} {side}: max |logit diff| {diff:.2e}"
-    if name == "mistral":  # the inputs are longer than the window: dropping it must matter
-        no_window = np.asarray(replace_config(model, sliding_window=None)(ids, mask))
+    if model.config.sliding_window:  # the inputs are longer than the window: dropping it must matter
+        no_window = np.asarray(replace_config(model, sliding_window=None, layer_types=())(ids, mask))
         assert np.abs(no_window - expected)[real].max() > 1e-2
 
 
@@ -76,19 +77,33 @@ def test_config_fields(family):
     name, folder, _, model = family
     cfg = model.config
     assert cfg.num_kv_heads == (4 if name == "llama_tied" else 2)
-    assert cfg.sliding_window == (4 if name == "mistral" else None)
+    assert cfg.sliding_window == (4 if name in ("mistral", "qwen3", "gemma3") else None)
+    assert cfg.sliding_layers() == {"mistral": (True, True), "qwen3": (False, True),
+                                    "gemma3": (True, False)}.get(name, (False, False))
     assert cfg.qkv_bias == (name in ("qwen2", "llama_tied"))
-    assert cfg.tie_word_embeddings == (name in ("qwen2", "llama_tied"))
+    assert cfg.tie_word_embeddings == (name in ("qwen2", "qwen3", "gemma3", "llama_tied"))
+    assert cfg.qk_norm == (name in ("qwen3", "gemma3"))
+    assert cfg.sandwich_norms == cfg.scale_embeddings == (cfg.norm_weight_offset == 1.0) == (name == "gemma3")
     assert hasattr(model, "lm_head") != cfg.tie_word_embeddings
     if name == "llama3":
         assert cfg.rope_type == "llama3" and cfg.eos_token_ids == (1, 2)
+    if name == "gemma3":
+        assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.rope_local_theta) == ("linear", 2.0, 1000.0, 50.0)
+        assert (cfg.hidden_act, cfg.query_pre_attn_scalar, cfg.final_logit_softcapping) == ("gelu_pytorch_tanh", 24, 3.0)
 
 
 def test_transformers4_config_form_reads_the_same(family):
-    """4.x wrote rope_theta + rope_scaling at the top level; 5 writes rope_parameters."""
-    _, folder, _, model = family
+    """4.x wrote rope_theta + rope_scaling at the top level; 5 writes rope_parameters. Gemma 3 on the
+    Hub: the global RoPE so, the sliding layers' base in rope_local_base_freq, the layer kinds as a
+    sliding_window_pattern."""
+    name, folder, _, model = family
     hf = json.loads(read_config(folder).hf_config_json)
     rope = hf.pop("rope_parameters")
+    if name == "gemma3":
+        hf["rope_local_base_freq"] = rope.pop("sliding_attention")["rope_theta"]
+        rope = rope.pop("full_attention")
+        del hf["layer_types"]
+        hf["sliding_window_pattern"] = 2
     hf["rope_theta"] = rope.pop("rope_theta")
     if rope.get("rope_type", "default") != "default":
         rope["type"] = rope.pop("rope_type")
@@ -96,7 +111,8 @@ def test_transformers4_config_form_reads_the_same(family):
     old = read_config(hf)
     new = model.config
     fields = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-              "rope_original_max_positions", "num_kv_heads", "head_dim", "sliding_window")
+              "rope_original_max_positions", "num_kv_heads", "head_dim", "sliding_window", "layer_types",
+              "rope_local_theta")
     assert {f: getattr(old, f) for f in fields} == {f: getattr(new, f) for f in fields}
 
 
@@ -220,13 +236,18 @@ def padding(B, T, side):
     return jnp.asarray(index < n if side == "right" else index >= T - n, jnp.int32)
 
 
-def dense_reference(q, k, v, valid, window):
+SCALE = 0.3  # not head_dim ** -0.5: every kernel must take the scale it is given (Gemma's query_pre_attn_scalar)
+
+
+def dense_reference(q, k, v, valid, window, scale=SCALE):
     mask = attention.attention_mask(valid, jnp.arange(q.shape[1]), window)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
 def assert_same_attention(kernel, valid, window, T, atol=1e-5):
-    """Equal outputs on real queries, and equal gradients, to XLA's dense masked attention."""
+    """Equal outputs on real queries, and equal gradients, to XLA's dense masked attention, both with
+    scores scaled by SCALE."""
+    kernel = functools.partial(lambda f, *a: f(*a, SCALE), kernel)
     q, k, v = qkv(T=T)
     real = np.asarray(valid, bool)
     weights = jnp.sin(jnp.arange(q.size).reshape(q.shape)) * valid[:, :, None, None]  # real queries only
@@ -248,6 +269,7 @@ def test_blocked_xla_attention_equals_dense(side, window):
     """Blocks of 4 queries over 13 tokens: a partial last block, windows that drop whole key blocks."""
     def kernel(*a):
         return attention.xla_causal(*a, block=4)
+
     assert_same_attention(kernel, padding(3, 13, side), window, T=13)
 
 
@@ -262,7 +284,7 @@ def test_splash_attention_under_a_mesh_runs_per_batch_shard():
     valid = jnp.concatenate([padding(3, 12, "right"), jnp.ones((1, 12), jnp.int32)])
     want = dense_reference(q, k, v, valid, None)
     with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
-        got = jax.jit(attention.splash_causal, static_argnums=4)(q, k, v, valid, None)
+        got = jax.jit(attention.splash_causal, static_argnums=(4, 5))(q, k, v, valid, None, SCALE)
     real = np.asarray(valid, bool)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
 

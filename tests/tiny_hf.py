@@ -21,6 +21,17 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=4, eos_token_id=2)),
     # q/k/v biases, tied embeddings
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=2)),
+    # per-head q/k norms; a full-attention layer, then a sliding one (max_window_layers)
+    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=2,
+                                             use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # (1 + w) and sandwich norms, scaled embeddings, GELU-tanh, a sliding layer then a global one with
+    # their own RoPE (linear scaling on the global one only), query_pre_attn_scalar != head_dim,
+    # soft-capped logits
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        num_key_value_heads=2, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=24,
+        final_logit_softcapping=3.0, eos_token_id=2, bos_token_id=0, pad_token_id=0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
 }
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

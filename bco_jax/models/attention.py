@@ -28,7 +28,7 @@ import numpy as np
 from bco_jax.sharding import mesh_spec
 
 ATTN_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # the user's choices (--attn_implementation)
-CAUSAL_KERNELS = {}  # name -> kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window), see `_kernel`
+CAUSAL_KERNELS = {}  # name -> kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window, scale), see `_kernel`
 XLA_QUERY_BLOCK = 128
 SPLASH_BLOCK = 128
 
@@ -63,14 +63,18 @@ def attention_mask(kv_segment_BxS, q_index_T, window: int | None, q_segment_BxT=
     return (allowed_TxS[None] & (visible_BxTxS | (k_TxS == q_TxS)[None]))[:, None]
 
 
-def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool, packed: bool = False):
-    """Attention output [B, T, N, H]. `is_causal=True`: `mask` is the segment ids [B, S] of a
-    sequence attending to itself (S == T; a padding mask when `packed` is False). `is_causal=False`:
-    `mask` is [B, 1, T, S] bool, complete."""
+def attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, is_causal: bool, packed: bool = False,
+           window: int | None = None):
+    """Attention output [B, T, N, H], scores scaled by `cfg.attention_scale`. `is_causal=True`: `mask`
+    is the segment ids [B, S] of a sequence attending to itself (S == T; a padding mask when `packed`
+    is False) and `window` the layer's sliding window (static). `is_causal=False`: `mask` is
+    [B, 1, T, S] bool, complete."""
+    scale = cfg.attention_scale
     if not is_causal:
-        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation="xla")
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, scale=scale,
+                                            implementation="xla")
     implementation = resolve(cfg.attn_implementation, q_BxTxNxH.dtype, packed)
-    return CAUSAL_KERNELS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg.sliding_window)
+    return CAUSAL_KERNELS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, window, scale)
 
 
 def _kernel(name: str):
@@ -82,7 +86,8 @@ def _kernel(name: str):
 
 
 @_kernel("xla")
-def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, block: int = XLA_QUERY_BLOCK):
+def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, scale: float,
+               block: int = XLA_QUERY_BLOCK):
     """Causal self-attention in blocks of queries, each against the keys it can see: about half the
     work of one [T, T] score matrix, which XLA cannot skip (2x faster on CPU, forward and backward).
     Grouped-query heads read their shared key/value head, never a repeated copy. `segment_BxT`:
@@ -99,7 +104,7 @@ def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None,
         allowed_BxQxS = attention_mask(segment_BxT[:, lo:stop], jnp.arange(start - lo, stop - lo), window,
                                        segment_BxT[:, start:stop])[:, 0]
         scores_BxKxGxQxS = jnp.einsum("bkgqh,bksh->bkgqs", q_BxKxGxTxH[:, :, :, start:stop], k_BxKxTxH[:, :, lo:stop],
-                                      preferred_element_type=jnp.float32) / np.sqrt(H)
+                                      preferred_element_type=jnp.float32) * scale
         scores_BxKxGxQxS = jnp.where(allowed_BxQxS[:, None, None], scores_BxKxGxQxS, -1e30)
         probs_BxKxGxQxS = jax.nn.softmax(scores_BxKxGxQxS, axis=-1).astype(v_BxKxTxH.dtype)
         outs.append(jnp.einsum("bkgqs,bksh->bkgqh", probs_BxKxGxQxS, v_BxKxTxH[:, :, lo:stop]))
@@ -107,17 +112,17 @@ def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None,
 
 
 @_kernel("cudnn")
-def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None):
+def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None, scale: float):
     """cuDNN flash attention. Right-padded rows: the first `sum(valid)` tokens are real."""
     lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, query_seq_lengths=lengths_B,
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
         key_value_seq_lengths=lengths_B, local_window_size=None if window is None else (window - 1, 0),
         implementation="cudnn")
 
 
 @_kernel("splash")
-def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None):
+def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, scale: float):
     """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). `segment_BxT`
     are segment ids: padding is segment 0, the real tokens of a row segment 1 (or 1, 2, ... when
     packed), so no segment attends to another. Under `jax.set_mesh`, one kernel per batch shard."""
@@ -135,7 +140,7 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | No
         b = q_BxTxNxH.shape[0]
         pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
         # A Python float scales without promoting bfloat16 (a NumPy scalar would make it float32).
-        q_BxPxNxH = jnp.pad(q_BxTxNxH * (1.0 / float(np.sqrt(H))), pad)
+        q_BxPxNxH = jnp.pad(q_BxTxNxH * float(scale), pad)
         q_BxKxGxPxH = q_BxPxNxH.reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
         k_BxKxPxH = jnp.pad(k_BxTxKxH, pad).transpose(0, 2, 1, 3)
         v_BxKxPxH = jnp.pad(v_BxTxKxH, pad).transpose(0, 2, 1, 3)
@@ -154,7 +159,7 @@ def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | No
 
 
 @_kernel("score_free")
-def score_free_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None):
+def score_free_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, scale: float):
     """Planning only: a stand-in for a fused kernel with the same inputs, output and gradients in
     O(B T N H) memory, no [T, S] scores. Its values mean nothing; only its memory is planned."""
     groups = q_BxTxNxH.shape[2] // k_BxTxKxH.shape[2]

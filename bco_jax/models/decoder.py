@@ -1,7 +1,8 @@
-"""One Flax NNX decoder for Llama 2/3/3.x, Mistral and Qwen2, chosen by `ModelConfig`.
+"""One Flax NNX decoder for Llama 2/3/3.x, Mistral, Qwen2, Qwen3 and Gemma 3 text, chosen by `ModelConfig`.
 
 Layers are stored stacked (leading "layers" axis) and run with `jax.lax.scan`, so compile time does
-not grow with depth. Every parameter carries logical axis names (`out_sharding` metadata) which
+not grow with depth. Where sliding-window and full-attention layers interleave (Gemma 3), the scan
+carries each layer's kind and `lax.cond` picks the attention call with its static window. Every parameter carries logical axis names (`out_sharding` metadata) which
 `bco_jax.sharding` maps to mesh axes; the model itself never names a mesh axis.
 """
 from __future__ import annotations
@@ -29,16 +30,22 @@ from bco_jax.models.projections import (
     UP_PROJ,
     V_PROJ,
     Projection,
+    layer_norms,
 )
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 from bco_jax.sharding import mesh_spec
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim / 2], float32 as transformers computes them."""
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2], float32 as transformers computes them. `sliding`: of the
+    sliding-window layers, which have their own default RoPE when `rope_local_theta` is set."""
     dim = cfg.head_dim
+    local = sliding and cfg.rope_local_theta is not None
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    if cfg.rope_type == "default":
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if cfg.rope_type == "default" or local:
         return inv_freq
     if cfg.rope_type == "linear":
         return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
@@ -60,9 +67,9 @@ def _llama3_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_BxT: jax.Array):
+def rope_cos_sin(cfg: ModelConfig, positions_BxT: jax.Array, sliding: bool = False):
     """cos, sin [B, T, head_dim] in float32, HF "rotate half" layout (frequencies repeated twice)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg, sliding))
     angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     angles_BxTxH = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
     return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
@@ -76,10 +83,11 @@ def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
     return out.astype(x_BxTxNxH.dtype)
 
 
-def rms_norm(x_BxTxD, weight_D, eps: float, dtype):
+def rms_norm(x_BxTxD, weight_D, eps: float, dtype, offset: float = 0.0):
+    """RMSNorm over the last axis in float32, scaled by (offset + weight): Gemma stores w for 1 + w."""
     x32 = x_BxTxD.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * weight_D.astype(jnp.float32)).astype(dtype)
+    return (normed * (offset + weight_D.astype(jnp.float32))).astype(dtype)
 
 
 def _linear(x, w, b, dtype, n_in: int = 1, scale=None):
@@ -125,39 +133,66 @@ def _projection(cfg: ModelConfig, dtype, p, proj: Projection, x, key):
     return y + (cfg.lora_alpha / cfg.lora_rank) * low_rank
 
 
-def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, cos, sin, mask, is_causal, cache_kv, cache_index, key=None,
-           packed=False):
-    """One decoder layer on per-layer params `p`. With `cache_kv` the new keys/values are written at
-    `cache_index` and attention runs over the whole cache. `key`: this layer's LoRA dropout key."""
-    x = rms_norm(h_BxTxD, p["attn_norm"], cfg.rms_norm_eps, dtype)
+def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, context, is_causal, cache_kv, cache_index, key=None,
+           packed=False, sliding=None):
+    """One decoder layer on per-layer params `p`. `context`: {sliding?: (cos, sin, mask)} for the layer
+    kinds the model has; `sliding` (traced bool) picks one when it has both. With `cache_kv` the new
+    keys/values are written at `cache_index` and attention runs over the whole cache. `key`: this
+    layer's LoRA dropout key."""
+    def norm(name, x):
+        return rms_norm(x, p[name], cfg.rms_norm_eps, dtype, cfg.norm_weight_offset)
+
+    if len(context) == 1:
+        (kind, (cos, sin, mask)), = context.items()
+    else:  # both kinds: this layer's RoPE and (cached decoding) mask, chosen elementwise
+        kind = None
+        cos, sin, mask = (jnp.where(sliding, a, b) for a, b in zip(context[True], context[False]))
+    x = norm("attn_norm", h_BxTxD)
     q_BxTxNxH = _projection(cfg, dtype, p, Q_PROJ, x, key)
     k_BxTxKxH = _projection(cfg, dtype, p, K_PROJ, x, key)
     v_BxTxKxH = _projection(cfg, dtype, p, V_PROJ, x, key)
+    if cfg.qk_norm:
+        q_BxTxNxH, k_BxTxKxH = norm("q_norm", q_BxTxNxH), norm("k_norm", k_BxTxKxH)
     q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
         start = (0, cache_index, 0, 0)
         k_BxTxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), start)
         v_BxTxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), start)
-    attn_BxTxNxH = attend(cfg, q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask, is_causal, packed)
-    h_BxTxD = h_BxTxD + _projection(cfg, dtype, p, O_PROJ, attn_BxTxNxH, key)
-    x = rms_norm(h_BxTxD, p["mlp_norm"], cfg.rms_norm_eps, dtype)
+    qkv = (q_BxTxNxH, k_BxTxKxH.astype(dtype), v_BxTxKxH.astype(dtype), mask)
+
+    def attention(layer_sliding: bool):
+        window = cfg.sliding_window if layer_sliding else None
+        return lambda q, k, v, m: attend(cfg, q, k, v, m, is_causal, packed, window)
+
+    if kind is not None:
+        attn_BxTxNxH = attention(kind)(*qkv)
+    else:  # one scan over both kinds: each branch a kernel call with its own static window
+        attn_BxTxNxH = jax.lax.cond(sliding, attention(True), attention(False), *qkv)
+    out_BxTxD = _projection(cfg, dtype, p, O_PROJ, attn_BxTxNxH, key)
+    h_BxTxD = h_BxTxD + (norm("attn_out_norm", out_BxTxD) if cfg.sandwich_norms else out_BxTxD)
+    x = norm("mlp_norm", h_BxTxD)
     gate_BxTxF = _projection(cfg, dtype, p, GATE_PROJ, x, key)
     up_BxTxF = _projection(cfg, dtype, p, UP_PROJ, x, key)
-    down = _projection(cfg, dtype, p, DOWN_PROJ, jax.nn.silu(gate_BxTxF) * up_BxTxF, key)
+    down_BxTxD = _projection(cfg, dtype, p, DOWN_PROJ, ACTIVATIONS[cfg.hidden_act](gate_BxTxF) * up_BxTxF, key)
+    if cfg.sandwich_norms:
+        down_BxTxD = norm("mlp_out_norm", down_BxTxD)
     new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
-    return h_BxTxD + down, new_kv
+    return h_BxTxD + down_BxTxD, new_kv
 
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis: each norm
-    with the projections it feeds, then the biases the config has (`projections.PROJECTIONS`). The
-    order is the order parameters are initialized in (it draws their random keys)."""
-    norm = ((cfg.hidden_size,), ("norm",))
-    shapes = {"attn_norm": norm}
+    """Per-layer parameter name -> (shape, logical axes), without the leading layers axis: each block's
+    input norm, its projections, its other norms (those the config has, `projections.NORMS`), then
+    the biases (`projections.PROJECTIONS`). The order is the order parameters are initialized in (it
+    draws their random keys)."""
+    norms = {n.name: ((getattr(cfg, n.size),), ("norm",)) for n in layer_norms(cfg)}
+    shapes = {"attn_norm": norms.pop("attn_norm")}
     shapes.update((p.name, (p.shape(cfg), p.axes)) for p in ATTENTION)
-    shapes["mlp_norm"] = norm
+    shapes.update((name, norms.pop(name)) for name in ("q_norm", "k_norm", "attn_out_norm") if name in norms)
+    shapes["mlp_norm"] = norms.pop("mlp_norm")
     shapes.update((p.name, (p.shape(cfg), p.axes)) for p in MLP)
+    shapes.update(norms)
     shapes.update((p.bias, (p.bias_shape(cfg), p.bias_axes)) for p in PROJECTIONS.values() if p.has_bias(cfg))
     return shapes
 
@@ -177,12 +212,14 @@ def weight_decay_mask(param_state: nnx.State) -> dict:
     return nnx.to_pure_dict(nnx.from_flat_state(flags))
 
 
-def _param(rngs, shape, names, dtype):
+def _param(rngs, shape, names, dtype, norm_weight_offset: float = 0.0):
     # eager_sharding=False: logical names are not mesh axes; sharding is applied by load_hf / train.
     if decays(names):
         init = nnx.initializers.normal(0.02)
-    else:  # ones for norm scales, zeros for biases
-        init = nnx.initializers.ones if names[-1] == "norm" else nnx.initializers.zeros
+    elif names[-1] == "norm" and not norm_weight_offset:  # norm scales start at 1, (1 + w) ones at w = 0
+        init = nnx.initializers.ones
+    else:  # zeros for biases
+        init = nnx.initializers.zeros
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
@@ -192,7 +229,8 @@ class Layers(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
         shapes = layer_param_shapes(cfg)
         for name, (shape, axes) in shapes.items():
-            setattr(self, name, _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype))
+            setattr(self, name, _param(rngs, (cfg.num_layers, *shape), ("layers", *axes), param_dtype,
+                                       cfg.norm_weight_offset))
         scales = ()
         if cfg.quantize_base:  # drawn in param_dtype as above, then stored int8 + scale
             scales = tuple(name + quant.SCALE for name in quant.QUANTIZED)
@@ -225,7 +263,7 @@ class Decoder(nnx.Module):
         V, D = config.vocab_size, config.hidden_size
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype)
         self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
-        self.final_norm = _param(rngs, (D,), ("norm",), param_dtype)
+        self.final_norm = _param(rngs, (D,), ("norm",), param_dtype, config.norm_weight_offset)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), param_dtype)
 
@@ -256,9 +294,10 @@ class Decoder(nnx.Module):
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def logits(self, h_BxTxD):
-        """LM head with float32 accumulation and output."""
-        return jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight().astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        """LM head with float32 accumulation and output (soft-capped where the config says)."""
+        logits = jnp.einsum("btd,dv->btv", h_BxTxD.astype(self.dtype), self.lm_head_weight().astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def forward(self, input_ids_BxT, positions_BxT, kv_valid_BxS, q_index_T, cache=None, cache_index=0,
                 dropout_rng=None, packed=False):
@@ -267,22 +306,35 @@ class Decoder(nnx.Module):
         `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
         # mode="clip": padding may use an id >= vocab_size (an added [PAD]); it is masked, but must not be NaN.
-        h_BxTxD = constrain_batch(jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip").astype(dtype))
-        cos, sin = rope_cos_sin(cfg, positions_BxT)
-        if cache is None:  # queries and keys are the same sequence: the padding mask suffices
-            mask, is_causal = kv_valid_BxS, True
-        else:
-            mask, is_causal = attention_mask(kv_valid_BxS, q_index_T, cfg.sliding_window), False
+        h_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip")
+        if cfg.scale_embeddings:  # in the parameter dtype, as transformers scales them
+            h_BxTxD = h_BxTxD * jnp.asarray(math.sqrt(cfg.hidden_size), h_BxTxD.dtype)
+        h_BxTxD = constrain_batch(h_BxTxD.astype(dtype))
+        sliding_L = cfg.sliding_layers()
+        context = {}  # per layer kind: RoPE, and the mask (segment ids for self-attention: the kernel windows)
+        for sliding in sorted(set(sliding_L)):
+            cos, sin = rope_cos_sin(cfg, positions_BxT, sliding)
+            if cache is None:  # queries and keys are the same sequence: the padding mask suffices
+                context[sliding] = (cos, sin, kv_valid_BxS)
+            else:
+                window = cfg.sliding_window if sliding else None
+                context[sliding] = (cos, sin, attention_mask(kv_valid_BxS, q_index_T, window))
 
         def body(h, xs):
-            p, kv, key = xs
-            h, kv = _layer(cfg, dtype, p, h, cos, sin, mask, is_causal, kv, cache_index, key, packed)
+            p, kv, key, sliding = xs
+            h, kv = _layer(cfg, dtype, p, h, context, cache is None, kv, cache_index, key, packed, sliding)
             return constrain_batch(h), kv
 
         body = _remat(body, cfg.remat)
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers)
-        h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache, keys))
-        return rms_norm(h_BxTxD, self.final_norm[...], cfg.rms_norm_eps, dtype), new_cache
+        kinds = jnp.asarray(sliding_L) if len(context) > 1 else None
+        h_BxTxD, new_cache = jax.lax.scan(body, h_BxTxD, (self.layers.arrays(), cache, keys, kinds))
+        return rms_norm(h_BxTxD, self.final_norm[...], cfg.rms_norm_eps, dtype, cfg.norm_weight_offset), new_cache
+
+
+def softcap(logits, cap: float | None):
+    """cap * tanh(logits / cap) (Gemma's final logit soft-capping); unchanged when `cap` is None."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def constrain_batch(x_Bx):

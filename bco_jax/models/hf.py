@@ -1,10 +1,10 @@
 """HuggingFace checkpoints: safetensors import / export (config.json is `config.py`'s).
 
-Import reads tensors lazily from memory-mapped safetensors and places each shard of each parameter
-straight onto its target device (`jax.make_array_from_callback`), so a model larger than one device
-loads onto a mesh. Pickle checkpoints are refused, never unpickled. No torch at run time.
-The name mapping is one table, `KEY_TABLE`, whose per-layer projection rows come from
-`projections.PROJECTIONS`.
+Import reads tensors lazily from memory-mapped safetensors (or dequantizes them one at a time from a
+GGUF file, `gguf_io`) and places each shard of each parameter straight onto its target device
+(`jax.make_array_from_callback`), so a model larger than one device loads onto a mesh. Pickle
+checkpoints are refused, never unpickled. No torch at run time. The name mapping is one table per
+config, `key_table(cfg)`, whose per-layer rows come from `projections` (projections and norms).
 """
 from __future__ import annotations
 
@@ -17,23 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bco_jax.errors import ConfigError
+from bco_jax.errors import ConfigError, log
 from bco_jax.models import quant
 from bco_jax.models import safetensors_io as st
-from bco_jax.models.config import config_to_hf, read_config, rename_deprecated
+from bco_jax.models.config import config_to_hf, find_gguf, read_config, rename_deprecated
 from bco_jax.models.decoder import Decoder
-from bco_jax.models.projections import ATTENTION, MLP, PROJECTIONS
+from bco_jax.models.projections import ATTENTION, ATTN_NORM, MLP, MLP_NORM, PROJECTIONS, layer_norms
 from bco_jax.sharding import host_gather, mesh_spec
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
-def _layer_rows(hf_norm: str, our_norm: str, projections) -> tuple:
-    """A layer's norm, then the weights and biases of the projections it feeds. HF stores a weight
-    as [out, in] and we as [in..., out...]: permuted (1, 0), with the side that has heads x head_dim
-    split in two (our q/k/v outputs, o's inputs)."""
-    rows = [(f"model.layers.{{i}}.{hf_norm}.weight", f"layers/{our_norm}", (0,), None)]
+def _layer_rows(cfg, first_norm, projections) -> tuple:
+    """A block's norms (its input norm first), then the weights and biases of the projections it
+    holds. HF stores a weight as [out, in] and we as [in..., out...]: permuted (1, 0), with the side
+    that has heads x head_dim split in two (our q/k/v outputs, o's inputs)."""
+    block = {ATTN_NORM.name: ("q_norm", "k_norm", "attn_out_norm"), MLP_NORM.name: ("mlp_out_norm",)}[first_norm.name]
+    norms = [n for n in layer_norms(cfg) if n.name == first_norm.name or n.name in block]
+    rows = [(f"model.layers.{{i}}.{n.hf_module(cfg)}.weight", f"layers/{n.name}", (0,), None) for n in norms]
     for p in projections:
         split = 0 if p.n_in == 2 else (1 if len(p.outputs) == 2 else None)
         rows.append((f"model.layers.{{i}}.{p.module}.weight", f"layers/{p.name}", (1, 0), split))
@@ -43,23 +45,31 @@ def _layer_rows(hf_norm: str, our_norm: str, projections) -> tuple:
     return tuple(rows)
 
 
-# (HF tensor name, our parameter path, HF->ours axis permutation, axis of the permuted tensor that is
-#  split into two of ours (heads x head_dim), or None). "{i}" entries are stacked over layers. The
-#  order is the order tensors are written in.
-KEY_TABLE = (
-    ("model.embed_tokens.weight", "embed", (0, 1), None),
-    ("model.norm.weight", "final_norm", (0,), None),
-    ("lm_head.weight", "lm_head", (1, 0), None),
-    *_layer_rows("input_layernorm", "attn_norm", ATTENTION),
-    *_layer_rows("post_attention_layernorm", "mlp_norm", MLP),
-)
+def key_table(cfg) -> tuple:
+    """(HF tensor name, our parameter path, HF->ours axis permutation, axis of the permuted tensor that
+    is split into two of ours (heads x head_dim), or None) for a model of `cfg`. "{i}" entries are
+    stacked over layers. The order is the order tensors are written in."""
+    return (
+        ("model.embed_tokens.weight", "embed", (0, 1), None),
+        ("model.norm.weight", "final_norm", (0,), None),
+        ("lm_head.weight", "lm_head", (1, 0), None),
+        *_layer_rows(cfg, ATTN_NORM, ATTENTION),
+        *_layer_rows(cfg, MLP_NORM, MLP),
+    )
+
+
+# A vision-language checkpoint's text tower (Gemma3ForConditionalGeneration, both layouts transformers
+# has written) read as a text-only one: stored prefix -> ours; and the towers skipped.
+TEXT_TOWER_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                       "language_model.lm_head.": "lm_head."}
+SKIPPED_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 # ----------------------------------------------------------------------------- layout transforms
 
 
-def _table_for(param_paths) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
-    return {ours: (hf, perm, split) for hf, ours, perm, split in KEY_TABLE if ours in param_paths}
+def _table_for(cfg, param_paths) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
+    return {ours: (hf, perm, split) for hf, ours, perm, split in key_table(cfg) if ours in param_paths}
 
 
 def _hf_shape(our_shape, perm, split) -> tuple[int, ...]:
@@ -106,21 +116,42 @@ def _to_hf(our_array: np.ndarray, perm, split) -> np.ndarray:
 # ----------------------------------------------------------------------------- load
 
 
-def _checkpoint_files(path) -> dict[str, str]:
-    """HF tensor name -> safetensors file. Refuses pickle checkpoints without opening them."""
+def _checkpoint_files(path) -> dict[str, tuple[str, str]]:
+    """HF tensor name -> (file, its name there). Refuses pickle checkpoints without opening them."""
+    gguf = find_gguf(path)
+    if gguf is not None:
+        from bco_jax.models import gguf_io
+
+        return {name: (gguf, name) for name in gguf_io.GGUFCheckpoint(gguf).names()}
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, f) for name, f in weight_map.items()}
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return dict.fromkeys(st.SafetensorsFile(single).names(), single)
-    pickles = [f for f in PICKLE_FILES if os.path.exists(os.path.join(path, f))]
-    if pickles:
-        raise ConfigError(f"{os.path.join(path, pickles[0])} is a pickle checkpoint; refusing to unpickle it "
-                         "(it can run arbitrary code). Convert it to safetensors first.")
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        stored = {name: os.path.join(path, f) for name, f in weight_map.items()}
+    else:
+        single = os.path.join(path, "model.safetensors")
+        pickles = [f for f in PICKLE_FILES if os.path.exists(os.path.join(path, f))]
+        if not os.path.exists(single) and pickles:
+            raise ConfigError(f"{os.path.join(path, pickles[0])} is a pickle checkpoint; refusing to unpickle it "
+                             "(it can run arbitrary code). Convert it to safetensors first.")
+        if not os.path.exists(single):
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        stored = dict.fromkeys(st.SafetensorsFile(single).names(), single)
+    return _text_tower(stored, path)
+
+
+def _text_tower(stored: dict[str, str], path) -> dict[str, tuple[str, str]]:
+    files, skipped = {}, 0
+    for name, file in stored.items():
+        if name.startswith(SKIPPED_TOWERS):
+            skipped += 1
+            continue
+        prefix = next((p for p in TEXT_TOWER_PREFIXES if name.startswith(p)), None)
+        ours = name if prefix is None else TEXT_TOWER_PREFIXES[prefix] + name[len(prefix):]
+        files[ours] = (file, name)
+    if skipped:
+        log.info("%s: reading the text tower; skipping %d vision tower / projector tensors", path, skipped)
+    return files
 
 
 def _target_sharding(spec, shape, mesh, rules):
@@ -135,24 +166,28 @@ def _load_param(files, opened, hf_name, layered, shape, perm, split, sharding, d
     for name in names:
         if name not in files:
             raise KeyError(f"tensor {name!r} missing from the checkpoint")
-        found = opened(files[name]).shape(name)
+        found = opened(files[name][0]).shape(files[name][1])
         if tuple(found) != _hf_shape(layer_shape, perm, split):
             raise ConfigError(f"tensor {name!r} has shape {tuple(found)}, expected "
                              f"{_hf_shape(layer_shape, perm, split)} from config.json")
 
+    def tensor(name):
+        file, stored = files[name]
+        return opened(file).tensor(stored)
+
     def read(index):
         if not layered:
-            return _read_block(opened(files[names[0]]).tensor(names[0]), index, shape, perm, split).astype(dtype)
+            return _read_block(tensor(names[0]), index, shape, perm, split).astype(dtype)
         layers = range(*index[0].indices(shape[0]))
-        blocks = [_read_block(opened(files[names[i]]).tensor(names[i]), index[1:], layer_shape, perm, split)
-                  for i in layers]
+        blocks = [_read_block(tensor(names[i]), index[1:], layer_shape, perm, split) for i in layers]
         return np.stack(blocks).astype(dtype)
 
     return jax.make_array_from_callback(shape, sharding, read)
 
 
 def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None, **overrides) -> Decoder:
-    """Decoder with weights from a local HF folder (safetensors only). With `mesh`, each parameter is
+    """Decoder with weights from a local HF folder (safetensors only) or a GGUF file (or a folder
+    holding one, `config.find_gguf`), dequantized one tensor at a time. With `mesh`, each parameter is
     placed on the sharding its logical axes map to under `rules` (default sharding.LOGICAL_RULES).
     `overrides` set ModelConfig fields such as remat or attn_implementation. With
     `quantize_base=True` the seven projections are stored int8 + scales (`quant`): each is read in
@@ -163,12 +198,17 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(model)
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
-    table = _table_for(flat)
-    cache: dict[str, st.SafetensorsFile] = {}
+    table = _table_for(cfg, flat)
+    cache: dict = {}
 
     def opened(file):
         if file not in cache:
-            cache[file] = st.SafetensorsFile(file)
+            if file.endswith(".gguf"):
+                from bco_jax.models import gguf_io
+
+                cache[file] = gguf_io.GGUFCheckpoint(file)
+            else:
+                cache[file] = st.SafetensorsFile(file)
         return cache[file]
 
     def sharding_of(var):
@@ -202,7 +242,7 @@ def _hf_tensors(model: Decoder):
     int8 projection (`quantize_base`) is written dequantized, in the model's parameter dtype."""
     _, state = nnx.split(model)
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
-    for our_name, (hf_name, perm, split) in _table_for(flat).items():
+    for our_name, (hf_name, perm, split) in _table_for(model.config, flat).items():
         array = flat[our_name][...]
         if "{i}" not in hf_name:
             yield hf_name, _to_hf(host_gather(array), perm, split)

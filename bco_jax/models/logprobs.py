@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bco_jax.models.decoder import batch_shards
+from bco_jax.models.decoder import batch_shards, softcap
 
 DEFAULT_CHUNK_TOKENS = 512
 
@@ -76,7 +76,8 @@ def token_logps(model, input_ids, attention_mask, loss_mask, completion_capacity
     chunk = chunk_slots(B, positions_BxC.shape[1], chunk_tokens)
     # The weight enters the scan in its parameter dtype and is cast inside each chunk: its gradient
     # is then summed over chunks in float32 (a bfloat16 sum loses precision with every chunk).
-    logps_BxC = _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, model.lm_head_weight(), chunk, model.dtype)
+    logps_BxC = _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, model.lm_head_weight(), chunk, model.dtype,
+                               model.config.final_logit_softcapping)
     return logps_BxC, weights_BxC, positions_BxC + 1
 
 
@@ -86,7 +87,7 @@ def chunk_slots(batch_size: int, slots: int, chunk_tokens: int) -> int:
     return max(1, min(slots, chunk_tokens * batch_shards(batch_size) // batch_size))
 
 
-def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype):
+def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype, cap: float | None = None):
     B, C, _ = h_BxCxD.shape
     n_chunks = -(-C // chunk)
     pad = n_chunks * chunk - C
@@ -98,8 +99,8 @@ def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype):
     def chunk_logps(_, xs):
         h_BxcxD, targets_Bxc, weights_Bxc = xs
         # One 2-D matmul over the chunk's tokens: its backward runs ~1.5x faster on CPU than a 3-D one's.
-        logits_NxV = jnp.matmul(h_BxcxD.reshape(B * chunk, -1).astype(dtype), w_DxV.astype(dtype),
-                                preferred_element_type=jnp.float32)
+        logits_NxV = softcap(jnp.matmul(h_BxcxD.reshape(B * chunk, -1).astype(dtype), w_DxV.astype(dtype),
+                                        preferred_element_type=jnp.float32), cap)
         # mode="clip": a pad id >= vocab_size (an added [PAD]) must not turn the row into NaN.
         target_logits_N = jnp.take_along_axis(logits_NxV, targets_Bxc.reshape(-1, 1), axis=-1, mode="clip")[:, 0]
         logps_N = target_logits_N - jax.nn.logsumexp(logits_NxV, axis=-1)
