@@ -2,8 +2,9 @@
 
 Layers are stored stacked (leading "layers" axis) and run with `jax.lax.scan`, so compile time does
 not grow with depth. Where sliding-window and full-attention layers interleave (Gemma 3), the scan
-carries each layer's kind and `lax.cond` picks the attention call with its static window. Every parameter carries logical axis names (`out_sharding` metadata) which
-`bco_jax.sharding` maps to mesh axes; the model itself never names a mesh axis.
+carries each layer's kind and `lax.cond` picks the attention call with its static window. Every
+parameter carries logical axis names (`out_sharding` metadata) which `bco_jax.sharding` maps to mesh
+axes; the model itself never names a mesh axis.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from bco_jax.models.projections import (
     Projection,
     layer_norms,
 )
+from bco_jax.sharding import mesh_spec
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
-from bco_jax.sharding import mesh_spec
 
 
 def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
