@@ -32,7 +32,9 @@ from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ord
 from bco_jax.data.batch import Batch, Sequences
 from bco_jax.errors import USER_ERRORS, ConfigError
 from bco_jax.metrics import eval_summary
+from bco_jax.load import load_tokenizer
 from bco_jax.models import generate, load_hf
+from bco_jax.models.config import find_gguf
 from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
 from bco_jax.run_dir import EVAL_REPORT, FINAL_STATE, RunDir, samples_path
@@ -67,8 +69,9 @@ def resolve_model(path: str) -> tuple[str, dict]:
             with open(out.config, encoding="utf-8") as f:
                 saved["config"] = json.load(f)
         return out.hf, saved
-    if not os.path.exists(os.path.join(path, "config.json")):  # an HF model folder's own config
-        raise FileNotFoundError(f"--model {path}: neither a training output dir ({FINAL_STATE}) nor an HF folder")
+    if not os.path.exists(os.path.join(path, "config.json")) and find_gguf(path) is None:
+        raise FileNotFoundError(f"--model {path}: neither a training output dir ({FINAL_STATE}), an HF folder "
+                                "nor a GGUF file")
     return path, {}
 
 
@@ -182,18 +185,17 @@ def parse(argv=None):
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--packing", choices=("true", "false"),
                    help="pack several examples per row for the reward pass (default: the training run's, else false)")
-    p.add_argument("--output", help=f"JSON report path (default: <model>/{EVAL_REPORT}); samples go beside it")
+    p.add_argument("--output", help=f"JSON report path (default: <model>/{EVAL_REPORT}, or <file>.{EVAL_REPORT} beside "
+                                    "a GGUF file); samples go beside it")
     return p.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
 
 
 def run(args) -> dict:
-    from transformers import AutoTokenizer
-
     model_path, saved = resolve_model(args.model)
     ref_path = args.ref_model or saved.get("reference_path") or model_path
     beta = args.beta if args.beta is not None else saved.get("beta", 0.1)
     delta = args.delta if args.delta is not None else saved.get("delta", 0.0)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     # The run's own data options (columns, rating rule, lengths), so rewards are computed on the
     # sequences the saved delta was estimated on; --max_length overrides.
     run_options = {f.name: saved["config"][f.name] for f in dataclasses.fields(DataConfig)
@@ -217,7 +219,9 @@ def run(args) -> dict:
                                      top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                                      reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
     report.update(sampled)
-    output = args.output or RunDir(args.model).eval_report
+    # beside a GGUF file (a file, not a folder), else inside the model folder or output dir
+    output = args.output or (os.path.splitext(args.model)[0] + "." + EVAL_REPORT if os.path.isfile(args.model)
+                             else RunDir(args.model).eval_report)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

@@ -1,6 +1,7 @@
 """The models a run reads: the policy's and the reference's HF folders, checked, and loaded onto the mesh.
 
-A model folder is `--model` / `--ref_model`, or when that is gone the copy a previous start saved under
+A model folder is `--model` / `--ref_model` (or a GGUF file, which stands for a folder everywhere: its
+metadata is the config and tokenizer), or when that is gone the copy a previous start saved under
 output_dir (`RunDir.model_copy`, `RunDir.reference_copy`: config and tokenizer, and the reference's
 weights as Orbax). Before a weight is read the folder's config.json and safetensors headers are
 checked, so a truncated download or a mismatched reference is named in one line (ConfigError, see
@@ -24,7 +25,8 @@ from bco_jax.config import TrainConfig
 from bco_jax.errors import ConfigError, log
 from bco_jax.files import atomic_write_json
 from bco_jax.models import Decoder, compute_dtype, load_hf, lora, read_config
-from bco_jax.resume import fingerprint_once
+from bco_jax.models.config import find_gguf, read_source
+from bco_jax.resume import fingerprint_once, has_weights
 from bco_jax.run_dir import RunDir
 from bco_jax.sharding import LOGICAL_RULES, abstract_on, model_shardings
 
@@ -59,14 +61,31 @@ def int8_reference(cfg: TrainConfig) -> bool:
 
 
 def model_folder(path: str, saved: str, key: str) -> str:
-    """`path` when it is a folder, else the copy a previous start saved under output_dir."""
+    """`path` when it is a folder or a GGUF file, else the copy a previous start saved under output_dir."""
+    gguf = find_gguf(path) if os.path.isdir(path) or path.endswith(".gguf") and os.path.isfile(path) else None
+    if gguf is not None:
+        return check_gguf(gguf, key)
     if os.path.isdir(path):
         return check_model_files(path, key)
     if os.path.exists(os.path.join(saved, "config.json")):
         log.warning("%s: %s is gone; using the copy saved in %s", key, path, saved)
         return check_model_files(saved, key)
-    raise ConfigError(f"{key}: {path} is not a folder (a local HF model folder is expected; nothing is "
-                      "downloaded)")
+    raise ConfigError(f"{key}: {path} is neither a folder nor a .gguf file (a local HF model folder or GGUF "
+                      "file is expected; nothing is downloaded)")
+
+
+def check_gguf(path: str, key: str) -> str:
+    """`path`, once its GGUF header, metadata and tensor table read and give a config we implement."""
+    from bco_jax.models import gguf_io
+
+    try:
+        read_config(path)
+        gguf_io.GGUFCheckpoint(path).names()
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise ConfigError(f"{key}: {path} is not a readable GGUF file ({err})") from None
+    return path
 
 
 def check_model_files(folder: str, key: str) -> str:
@@ -107,11 +126,12 @@ def _check_safetensors(path: str, key: str) -> None:
 
 def check_pairing(cfg: TrainConfig, ref_folder: str, output_dir: str) -> None:
     """A reference must score the policy's tokens: same vocabulary, architecture and width."""
-    policy = cfg.model.model if os.path.isdir(cfg.model.model) else RunDir(output_dir).model_copy
+    model = cfg.model.model
+    policy = model if os.path.isdir(model) or os.path.isfile(model) else RunDir(output_dir).model_copy
     if os.path.abspath(policy) == os.path.abspath(ref_folder):
         return
     try:
-        configs = [json.load(open(os.path.join(f, "config.json"), encoding="utf-8")) for f in (policy, ref_folder)]
+        configs = [read_source(f)[0] for f in (policy, ref_folder)]
     except (OSError, ValueError):
         return  # a missing policy config is reported where the policy loads
     for name in ("vocab_size", "model_type", "hidden_size"):
@@ -146,8 +166,14 @@ def check_finite_weights(params, folder: str, key: str) -> None:
 
 
 def load_tokenizer(path: str):
+    """The tokenizer of an HF folder, or the one a GGUF file's metadata describes (built without torch)."""
     from transformers import AutoTokenizer
 
+    gguf = find_gguf(path)
+    if gguf is not None:
+        from bco_jax.models import gguf_io
+
+        return gguf_io.GGUFCheckpoint(gguf).tokenizer()
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -198,7 +224,7 @@ def load_reference(cfg: TrainConfig, mesh, output_dir: str):
 def load_base(cfg: TrainConfig, mesh, model_dir: str):
     """(graphdef, params) of the frozen base the adapters sit on, with use_peft and a separate
     ref_model: from `--model` in the compute dtype (only the reference is saved under output_dir)."""
-    if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):
+    if not has_weights(os.listdir(model_dir) if os.path.isdir(model_dir) else [model_dir]):
         raise ConfigError(f"model: {cfg.model.model} is gone; with use_peft and a separate ref_model the frozen "
                           "base is read from it on every start (only the reference is saved under output_dir)")
     dtype = compute_dtype(cfg.model.dtype)
@@ -237,10 +263,16 @@ def save_model_copies(run) -> None:
 
 
 def _copy_hf_files(source: str, target: str, tokenizer) -> None:
+    """config.json and generation_config.json of `source` (written from its metadata for a GGUF
+    file), and the tokenizer, into `target` atomically."""
     tmp = f"{target}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
+    if find_gguf(source) is not None:
+        for name, content in zip(("config.json", "generation_config.json"), read_source(source)):
+            if content:
+                atomic_write_json(os.path.join(tmp, name), content, indent=2)
     for name in ("config.json", "generation_config.json"):
-        if os.path.exists(os.path.join(source, name)):
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

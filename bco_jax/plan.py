@@ -48,10 +48,13 @@ def gib(n: float) -> str:
 
 
 def analytic_parameter_count(cfg) -> int:
-    """Parameters of a decoder from its `ModelConfig` fields alone (arithmetic, not the model code)."""
+    """Parameters of a decoder from its `ModelConfig` fields alone (arithmetic, not the model code).
+    A layer's norms: 2 of [hidden] (before attention and MLP), 2 more with `sandwich_norms` (Gemma 3:
+    after them), and with `qk_norm` (Qwen3, Gemma 3) one [head_dim] each over the query and key heads."""
     D, V, F, L = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_layers
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = 2 * D + D * q + 2 * D * kv + q * D + 3 * D * F  # 2 norms, q k v o, gate up down
+    norms = (2 + 2 * cfg.sandwich_norms) * D + 2 * cfg.head_dim * cfg.qk_norm
+    per_layer = norms + D * q + 2 * D * kv + q * D + 3 * D * F  # norms, q k v o, gate up down
     per_layer += (q + 2 * kv) * cfg.qkv_bias + D * cfg.o_bias + (2 * F + D) * cfg.mlp_bias
     return V * D * (1 if cfg.tie_word_embeddings else 2) + D + L * per_layer
 
@@ -237,9 +240,13 @@ def fused_target(attn_implementation: str) -> bool:
 
 
 def model_config(path: str, remat: str):
-    """`ModelConfig` from an HF folder or a config.json under any name; XLA attention, what compiles on CPU."""
+    """`ModelConfig` from an HF folder, a config.json under any name or a GGUF file; XLA attention, what
+    compiles on CPU."""
     from bco_jax.models import read_config
+    from bco_jax.models.config import find_gguf
 
+    if path.endswith(".gguf") or os.path.isdir(path) and find_gguf(path):
+        return read_config(path, remat=remat, attn_implementation="xla")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return read_config(json.load(f), remat=remat, attn_implementation="xla")

@@ -46,7 +46,7 @@ LATER_KEYS = {"load_in_8bit": False}
 IDENTITY = "identity"  # the checkpoint extras' key of `RunIdentity.record()`
 REFERENCE_FINGERPRINT = "reference_weights"  # keys of the identity record
 REFERENCE_PATH = "reference_path"
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".gguf")
 _WEIGHT_NAMES = ("config.json",)
 
 
@@ -62,9 +62,10 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 
 def params_fingerprint(path) -> str:
-    """`sha256:<hex>` over the weight files of an HF folder (or of one file).
+    """`sha256:<hex>` over the weight files of an HF folder (or of one file: a GGUF file is its own
+    config and weights).
 
-    Hashes `*.safetensors`, `*.safetensors.index.json` and `config.json`: names, sizes and bytes, in
+    Hashes `*.safetensors`, `*.safetensors.index.json`, `*.gguf` and `config.json`: names, sizes and bytes, in
     sorted order, streamed in 1 MiB blocks (multi-GB weights never sit in memory). Tokenizer files and
     README do not count: they do not change the reference log-probs' weights.
     """
@@ -76,8 +77,8 @@ def params_fingerprint(path) -> str:
                        and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name in _WEIGHT_NAMES))
     else:
         raise FileNotFoundError(f"reference model not found: {path}")
-    if not any(p.name.endswith(".safetensors") for p in files):
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    if not has_weights(files):
+        raise FileNotFoundError(f"no *.safetensors or *.gguf weights in {path}")
     digest = hashlib.sha256()
     for p in files:
         digest.update(f"{p.name}\0{os.path.getsize(p)}\0".encode())
@@ -85,6 +86,11 @@ def params_fingerprint(path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def has_weights(files) -> bool:
+    """Whether `files` (paths) hold a model's weights: safetensors or a GGUF file."""
+    return any(Path(p).name.endswith((".safetensors", ".gguf")) for p in files)
 
 
 def fingerprint_once(path: str) -> str:
@@ -119,7 +125,7 @@ def run_identity(*, model_dir: str, separate_reference: bool, ref_path: str, ref
     (hash `ref_fingerprint`): the policy's hash is the reference's when they are the same weights."""
     if not separate_reference:
         model = ref_fingerprint
-    elif any(n.endswith(".safetensors") for n in os.listdir(model_dir)):
+    elif has_weights(Path(model_dir).iterdir() if os.path.isdir(model_dir) else [Path(model_dir)]):
         model = fingerprint_once(model_dir)
     else:
         model = None  # resumed from the saved copy: the policy's weights are in the checkpoint

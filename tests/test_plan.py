@@ -33,8 +33,26 @@ def test_llama_8b_parameter_count_analytic_equals_abstract_model():
     assert plan.analytic_parameter_count(cfg) == abstract == 8_030_261_248
 
 
+# The text decoder's parameters as published (Gemma: the vision-language checkpoint's text tower).
+RECIPE_COUNTS = {"Qwen3-8B": 8_190_735_360, "gemma-3-4b-it": 3_880_263_168, "gemma-3-12b-it": 11_766_034_176}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_COUNTS))
+def test_qk_and_sandwich_norm_families_count_analytic_equals_abstract_model(name):
+    cfg = read_config(os.path.join(RECIPES, "models", name))
+    (_, param_state), _ = plan.abstract_models(cfg, "bfloat16", "bfloat16")
+    abstract = sum(math.prod(x.shape) for x in jax.tree.leaves(param_state))
+    assert plan.analytic_parameter_count(cfg) == abstract == RECIPE_COUNTS[name]
+
+
 @pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=True), dict(attention_bias=True, mlp_bias=True),
-                                       dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"])])
+                                       dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+                                       dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
+                                       dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                                            sliding_window=8, tie_word_embeddings=True),
+                                       dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                                            layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                            tie_word_embeddings=False)])
 def test_analytic_count_follows_ties_and_biases(overrides):
     cfg = read_config(dict(TINY, **overrides))
     (_, param_state), _ = plan.abstract_models(cfg, "float32", "float32")
@@ -109,9 +127,9 @@ def test_lora_plan_trains_adapters_only(tmp_path):
 def test_score_free_stand_in_matches_attention_shapes_and_gradients():
     q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
     k, v = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16)) for i in (1, 2))
-    out = attention.score_free_causal(q, k, v, None, None)
+    out = attention.score_free_causal(q, k, v, None, None, 0.25)
     assert out.shape == q.shape and out.dtype == q.dtype
-    grads = jax.grad(lambda q, k, v: attention.score_free_causal(q, k, v, None, None).sum(), (0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda q, k, v: attention.score_free_causal(q, k, v, None, None, 0.25).sum(), (0, 1, 2))(q, k, v)
     assert all(g.shape == x.shape and bool(abs(g).sum() > 0) for g, x in zip(grads, (q, k, v)))
 
 
@@ -121,5 +139,6 @@ def test_recipe_is_a_valid_trainer_config():
     cfg = parse_args(["--config", os.path.join(RECIPES, "llama3.1-8b-instruct-bco.yaml")])
     assert (cfg.loss.loss_type, cfg.optim.learning_rate, cfg.data.max_length) == ("bco", 5e-7, 1024)
     counts = {name: plan.analytic_parameter_count(read_config(os.path.join(RECIPES, "models", name)))
-              for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-3.1-70B")}
-    assert counts == {"Llama-3.2-1B": 1_235_814_400, "Llama-3.1-8B": 8_030_261_248, "Llama-3.1-70B": 70_553_706_496}
+              for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-3.1-70B", *RECIPE_COUNTS)}
+    assert counts == {"Llama-3.2-1B": 1_235_814_400, "Llama-3.1-8B": 8_030_261_248, "Llama-3.1-70B": 70_553_706_496,
+                      **RECIPE_COUNTS}

@@ -6,20 +6,26 @@ import os
 import numpy as np
 
 
-def tiny_model_dir(path, *, seed=0, vocab_size=None, layers=2, hidden=32, tie=False):
-    """A random LlamaForCausalLM saved by transformers, with the oracle task's char tokenizer."""
+def tiny_model_dir(path, *, seed=0, vocab_size=None, layers=2, hidden=32, tie=False, family="llama"):
+    """A random LlamaForCausalLM (or Gemma3ForCausalLM: `family="gemma3"`, a sliding layer of window
+    4 then a global one) saved by transformers, with the oracle task's char tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from bco_jax.oracle.tokenizer import save_tokenizer
 
     tok = save_tokenizer(path)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=tie,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    common = dict(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, tie_word_embeddings=tie,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, head_dim=hidden // 4, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=16))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model.save_pretrained(path)
     return str(path)
 
 

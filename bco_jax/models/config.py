@@ -267,7 +267,7 @@ def find_gguf(path) -> str | None:
     return os.path.join(path, found[0]) if found else None
 
 
-def _read_source(path) -> tuple[dict, dict]:
+def read_source(path) -> tuple[dict, dict]:
     """(config.json, generation_config.json) of an HF folder, a config.json path or a GGUF file (or a
     folder holding one and no config.json)."""
     gguf = find_gguf(path)
@@ -288,7 +288,7 @@ def read_config(path_or_dict, **overrides) -> ModelConfig:
     if isinstance(path_or_dict, dict):
         hf = path_or_dict
     else:
-        hf, generation = _read_source(path_or_dict)
+        hf, generation = read_source(path_or_dict)
     hf = text_config(hf)
     family = _family(hf)
     if family == "gemma3_text":
