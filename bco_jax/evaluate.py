@@ -31,8 +31,8 @@ from bco_jax.config import add_keys
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
 from bco_jax.data.batch import Batch, Sequences
 from bco_jax.errors import USER_ERRORS, ConfigError
-from bco_jax.metrics import eval_summary
 from bco_jax.load import load_tokenizer
+from bco_jax.metrics import eval_summary
 from bco_jax.models import generate, load_hf
 from bco_jax.models.config import find_gguf
 from bco_jax.models.generate import right_align

@@ -62,7 +62,7 @@ def int8_reference(cfg: TrainConfig) -> bool:
 
 def model_folder(path: str, saved: str, key: str) -> str:
     """`path` when it is a folder or a GGUF file, else the copy a previous start saved under output_dir."""
-    gguf = find_gguf(path) if os.path.isdir(path) or path.endswith(".gguf") and os.path.isfile(path) else None
+    gguf = find_gguf(path) if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)) else None
     if gguf is not None:
         return check_gguf(gguf, key)
     if os.path.isdir(path):
