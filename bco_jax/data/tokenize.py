@@ -156,6 +156,10 @@ def tokenize_pairs(tokenizer, texts: list[tuple[str, str]]) -> list[tuple[list[i
 def encode(tokenizer, items: list[tuple[Text, Text, str]], cfg: DataConfig, issues: Issues,
            stats: TruncationStats) -> list[tuple[list[int], int] | None]:
     """Token ids and prompt length of each (prompt, completion, where); None where unusable."""
+    chat = next((where for _, completion, where in items if isinstance(completion, list)), None)
+    if chat is not None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{chat}: conversational data needs a chat template, and the model's tokenizer has none "
+                        "(e.g. a base model's GGUF file); give prompt and completion as plain text")
     texts, ok = [], []
     for prompt, completion, where in items:
         try:

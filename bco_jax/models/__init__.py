@@ -1,7 +1,9 @@
-"""Flax NNX decoders (Llama / Mistral / Qwen2), HF checkpoint import/export, log-probs, sampling.
+"""Flax NNX decoders (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3), HF checkpoint and GGUF import, HF
+export, log-probs, sampling.
 
-Inside, imports go one way: projections (the table of a layer's projections) and attention ->
-config (ModelConfig, config.json) -> quant -> lora -> decoder -> hf, logprobs, generate.
+Inside, imports go one way: projections (the tables of a layer's projections and norms) -> gguf_io
+(GGUF files read as HF checkpoints) and attention -> config (ModelConfig, config.json) -> quant ->
+lora -> decoder -> hf, logprobs, generate.
 """
 from bco_jax.models.config import ModelConfig, compute_dtype, read_config
 from bco_jax.models.decoder import Decoder, decays, weight_decay_mask

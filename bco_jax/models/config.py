@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bco_jax.errors import ConfigError
+from bco_jax.models import gguf_io
 from bco_jax.models.attention import ATTN_IMPLEMENTATIONS, CAUSAL_KERNELS
 from bco_jax.models.projections import bias_flags
 
@@ -272,8 +273,6 @@ def read_source(path) -> tuple[dict, dict]:
     folder holding one and no config.json)."""
     gguf = find_gguf(path)
     if gguf is not None:
-        from bco_jax.models import gguf_io
-
         checkpoint = gguf_io.GGUFCheckpoint(gguf)
         return checkpoint.hf_config(), checkpoint.generation_config()
     folder = path if os.path.isdir(path) else os.path.dirname(path)

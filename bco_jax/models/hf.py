@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from bco_jax.errors import ConfigError, log
-from bco_jax.models import quant
+from bco_jax.models import gguf_io, quant
 from bco_jax.models import safetensors_io as st
 from bco_jax.models.config import config_to_hf, find_gguf, read_config, rename_deprecated
 from bco_jax.models.decoder import Decoder
@@ -120,8 +120,6 @@ def _checkpoint_files(path) -> dict[str, tuple[str, str]]:
     """HF tensor name -> (file, its name there). Refuses pickle checkpoints without opening them."""
     gguf = find_gguf(path)
     if gguf is not None:
-        from bco_jax.models import gguf_io
-
         return {name: (gguf, name) for name in gguf_io.GGUFCheckpoint(gguf).names()}
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -204,8 +202,6 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
     def opened(file):
         if file not in cache:
             if file.endswith(".gguf"):
-                from bco_jax.models import gguf_io
-
                 cache[file] = gguf_io.GGUFCheckpoint(file)
             else:
                 cache[file] = st.SafetensorsFile(file)
