@@ -49,7 +49,7 @@ def test_logits_match_transformers_loading_the_same_file(real, name):
     diff = np.abs(ours - theirs)[real_tokens].max()
     print(f"{name}: max |logit diff| {diff:.2e} over {real_tokens.sum()} tokens, logits up to "
           f"{np.abs(theirs[real_tokens]).max():.1f}")
-    assert diff < 1e-3 * max(1.0, np.abs(theirs[real_tokens]).max() / 10)
+    assert diff < 3e-4  # measured: 1.1e-4 (SmolLM2, logits up to 38), 4.1e-5 (Gemma 3)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
@@ -107,7 +107,7 @@ def test_a_lora_run_on_smollm2_resumes_bit_for_bit(real, tmp_path):
     record = first_record(tmp_path / "straight")
     assert record["loss"] == pytest.approx(np.log(2), abs=1e-6) and np.isfinite(record["grad_norm"])
     train.fit(parse_args(flags(real, data, tmp_path / "resumed", *lora, steps=1)))
-    train.fit(parse_args(flags(real, data, tmp_path / "resumed", *lora, steps=2)))
+    train.fit(parse_args(flags(real, data, tmp_path / "resumed", *lora, "--export_hf", "true", steps=2)))
     a, b = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)  # the adapters trained
@@ -123,8 +123,9 @@ def test_a_model_without_a_chat_template_takes_plain_text_and_refuses_chats(real
 
     tokenizer = real["gemma3"].tokenizer  # Gemma 3 270M (base): no chat template in the file
     plain = tmp_path / "plain.jsonl"
-    plain.write_text(json.dumps({"prompt": "2 + 2 =", "completion": " 4", "label": True}) + "\n")
+    plain.write_text("".join(json.dumps({"prompt": "2 + 2 =", "completion": c, "label": c == " 4"}) + "\n"
+                             for c in (" 4", " 5")))
     rows = load_dataset([str(plain)], tokenizer, DataConfig(max_length=32, length_buckets=[32]))
-    assert len(rows) == 1
+    assert len(rows) == 2
     with pytest.raises(DataError, match=r"chat.jsonl:1: conversational data needs a chat template"):
         load_dataset([feedback(tmp_path / "chat.jsonl", 2)], tokenizer, DataConfig(max_length=32, length_buckets=[32]))
