@@ -46,7 +46,8 @@ def measure_import(path: str) -> dict:
 
 def long_rows(path: str, n: int = 64) -> str:
     """Conversational feedback rows that fill 256 tokens after SmolLM2's chat template."""
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "sea", "keeps", "blue", "and", "calm"]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "sea",
+             "keeps", "blue", "and", "calm"]
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             answer = " ".join(words[(i + j) % len(words)] for j in range(300))
