@@ -78,7 +78,7 @@ def check_gguf(path: str, key: str) -> str:
     """`path`, once its GGUF header, metadata and tensor table read and give a config we implement."""
     try:
         read_config(path)
-        gguf_io.GGUFCheckpoint(path).names()
+        gguf_io.open_checkpoint(path).names()
     except ConfigError as err:
         raise ConfigError(f"{key}: {err}") from None
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
@@ -169,7 +169,7 @@ def load_tokenizer(path: str):
 
     gguf = find_gguf(path)
     if gguf is not None:
-        return gguf_io.GGUFCheckpoint(gguf).tokenizer()
+        return gguf_io.open_checkpoint(gguf).tokenizer()
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -75,12 +75,12 @@ def measure_step(path: str, use_peft: bool, steps: int) -> dict:
     batches = [put_batch(next(run.iterator), run.mesh) for _ in range(steps + 1)]
     tokens = int(batches[0].main.attention_mask.sum())
     start = time.perf_counter()
-    compiled = run.program.step.lower(state, run.reference, batches[0]).compile()
+    compiled = run.program.step.lower(state, run.frozen, batches[0]).compile()
     compile_s = time.perf_counter() - start
     times, cpu = [], []
     for batch in batches:
         start, cpu_start = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, run.reference, batch)
+        state, metrics = compiled(state, run.frozen, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)

@@ -130,17 +130,24 @@ def test_hidden_states_and_params_carry_logical_axes(family):
         assert all(isinstance(a, str) for a in axes), path
 
 
+GEMMA_TRAITS = dict(qk_norm=True, sandwich_norms=True, norm_weight_offset=1.0, scale_embeddings=True,
+                    hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=12.0, final_logit_softcapping=10.0,
+                    sliding_window=3, layer_types=("sliding_attention", "full_attention"), rope_local_theta=100.0)
+
+
 def tiny_config(**kw):
     return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=8, **kw)
 
 
-def test_remat_policies_give_the_same_gradients():
+@pytest.mark.parametrize("traits", [{}, "gemma3"], ids=["llama", "gemma3"])
+def test_remat_policies_give_the_same_gradients(traits):
+    traits = GEMMA_TRAITS if traits == "gemma3" else traits  # the mixed layers' lax.cond under jax.checkpoint
     ids = jnp.array([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
     mask = jnp.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     grads = {}
     for policy in ("none", "full", "save_dots"):
-        model = Decoder(tiny_config(remat=policy), rngs=nnx.Rngs(0))
+        model = Decoder(tiny_config(remat=policy, **traits), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
 
         def loss(s):
@@ -153,8 +160,9 @@ def test_remat_policies_give_the_same_gradients():
                      grads["none"], grads[policy])
 
 
-def test_bfloat16_compute_is_close_to_float32():
-    model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("traits", [{}, GEMMA_TRAITS], ids=["llama", "gemma3"])
+def test_bfloat16_compute_is_close_to_float32(traits):
+    model = Decoder(tiny_config(**traits), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -163,7 +171,7 @@ def test_bfloat16_compute_is_close_to_float32():
         bf16.dtype = jnp.dtype(jnp.bfloat16)
         return f32(ids), bf16(ids)
 
-    f32, bf16 = both(state, jnp.array([[1, 2, 3, 4]]))
+    f32, bf16 = both(state, jnp.array([[1, 2, 3, 4, 5, 6]]))
     assert bf16.dtype == jnp.float32  # logits stay float32
     np.testing.assert_allclose(bf16, f32, atol=5e-2)
 

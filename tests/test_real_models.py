@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from bco_jax import train
 from bco_jax.config import parse_args
@@ -115,6 +116,19 @@ def test_a_lora_run_on_smollm2_resumes_bit_for_bit(real, tmp_path):
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(tmp_path / "straight" / "hf")("Hi")["input_ids"] == \
         real["smollm2"].tokenizer("Hi")["input_ids"]
+    # evaluate reads the run: its export as the policy, the GGUF file it trained from as the reference.
+    from bco_jax import evaluate
+    report = evaluate.run(evaluate.parse(["--model", str(tmp_path / "straight"), "--data", data, "--num_samples",
+                                          "1", "--max_new_tokens", "2", "--batch_size", "4", "--max_length", "64"]))
+    assert report["reference"] == real["smollm2"].path and np.isfinite(report["rewards/chosen"])
+
+
+def test_the_planner_reads_a_gguf_file(real):
+    import jax
+
+    from bco_jax import plan
+    count = plan.analytic_parameter_count(plan.model_config(real["smollm2"].path, "none"))
+    assert count == sum(x.size for x in jax.tree.leaves(nnx.state(real["smollm2"].model))) == 134_515_008
 
 
 

@@ -273,7 +273,7 @@ def read_source(path) -> tuple[dict, dict]:
     folder holding one and no config.json)."""
     gguf = find_gguf(path)
     if gguf is not None:
-        checkpoint = gguf_io.GGUFCheckpoint(gguf)
+        checkpoint = gguf_io.open_checkpoint(gguf)
         return checkpoint.hf_config(), checkpoint.generation_config()
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     gen_path = os.path.join(folder, "generation_config.json")

@@ -9,6 +9,8 @@ code is imported: the `gguf` package dequantizes, the `tokenizers` library token
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 import struct
 from operator import itemgetter
@@ -82,6 +84,18 @@ class _Tensor(NamedTuple):
     type_name: str  # ggml block type, e.g. "Q4_K"
     dims: tuple[int, ...]  # ggml order: fastest-varying first, the reverse of numpy's
     offset: int  # bytes from the start of the file
+
+
+def open_checkpoint(path) -> GGUFCheckpoint:
+    """The file's `GGUFCheckpoint`, parsed once while the file is unchanged (a load reads the header for
+    its config, its tensor names, its tensors and its tokenizer)."""
+    stat = os.stat(path)
+    return _opened(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(path: str, mtime_ns: int, size: int) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
 
 
 def import_gguf(path) -> object:

@@ -120,7 +120,7 @@ def _checkpoint_files(path) -> dict[str, tuple[str, str]]:
     """HF tensor name -> (file, its name there). Refuses pickle checkpoints without opening them."""
     gguf = find_gguf(path)
     if gguf is not None:
-        return {name: (gguf, name) for name in gguf_io.GGUFCheckpoint(gguf).names()}
+        return {name: (gguf, name) for name in gguf_io.open_checkpoint(gguf).names()}
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -202,7 +202,7 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
     def opened(file):
         if file not in cache:
             if file.endswith(".gguf"):
-                cache[file] = gguf_io.GGUFCheckpoint(file)
+                cache[file] = gguf_io.open_checkpoint(file)
             else:
                 cache[file] = st.SafetensorsFile(file)
         return cache[file]
