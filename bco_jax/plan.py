@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
                  "max_length": 1024, "remat": "full", "precompute_ref_log_probs": False, "dtype": "bfloat16",
                  "ref_dtype": "bfloat16", "attn_implementation": "auto", "use_peft": False, "lora_r": 16,
                  "lora_target_modules": "all-linear", "load_in_8bit": False}, required=("model",), helps={
-        "model": "HF folder of the policy, or its config.json (no weights are read)",
+        "model": "HF folder of the policy, its config.json or a GGUF file (no weights are read)",
         "ref_model": "a separate reference (folder or config.json); with use_peft, beside the base",
         "dtype": "compute dtype (auto: bfloat16, the target being a GPU / TPU)",
         "attn_implementation": "the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and "

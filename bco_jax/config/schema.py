@@ -35,8 +35,8 @@ def _opt(default, doc: str):
 
 @dataclass(frozen=True)
 class ModelOptions:
-    model: str = _opt("", "HF folder of the policy to align (empty: the shipped oracle-task SFT model)")
-    ref_model: str | None = _opt(None, "HF folder of the frozen reference (default: the same as model)")
+    model: str = _opt("", "HF folder or GGUF file of the policy to align (empty: the shipped oracle-task SFT model)")
+    ref_model: str | None = _opt(None, "HF folder or GGUF file of the frozen reference (default: model)")
     dtype: Literal["auto", "float32", "bfloat16"] = _opt(
         "auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
     ref_dtype: Literal["float32", "bfloat16"] = _opt("float32", "parameter dtype of the frozen reference")
