@@ -129,11 +129,11 @@ def check_pairing(cfg: TrainConfig, ref_folder: str, output_dir: str) -> None:
     if os.path.abspath(policy) == os.path.abspath(ref_folder):
         return
     try:
-        configs = [read_source(f)[0] for f in (policy, ref_folder)]
+        configs = [read_config(f) for f in (policy, ref_folder)]  # GGUF or folder; a VLM's text tower
     except (OSError, ValueError):
-        return  # a missing policy config is reported where the policy loads
-    for name in ("vocab_size", "model_type", "hidden_size"):
-        ours, theirs = (c.get(name) for c in configs)
+        return  # a missing or unreadable config is reported where that model loads
+    for name in ("vocab_size", "architecture", "hidden_size"):
+        ours, theirs = (getattr(c, name) for c in configs)
         if ours != theirs:
             raise ConfigError(f"ref_model: {ref_folder} has {name}={theirs!r}, the policy {policy} has "
                               f"{ours!r}; the reference must be the policy's own starting point (same "
