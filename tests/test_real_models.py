@@ -100,25 +100,32 @@ def test_a_bco_step_on_smollm2(real, tmp_path):
 
 
 def test_a_lora_run_on_smollm2_resumes_bit_for_bit(real, tmp_path):
+    import shutil
+
     from safetensors.numpy import load_file
 
     data = feedback(tmp_path / "train.jsonl")
-    lora = ("--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "1")
-    train.fit(parse_args(flags(real, data, tmp_path / "straight", *lora, "--export_hf", "true", steps=2)))
-    record = first_record(tmp_path / "straight")
+    out = tmp_path / "run"
+    lora = flags(real, data, out, "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--save_steps", "1",
+                 "--export_hf", "true", steps=2)
+    train.fit(parse_args(lora))
+    record = first_record(out)
     assert record["loss"] == pytest.approx(np.log(2), abs=1e-6) and np.isfinite(record["grad_norm"])
-    train.fit(parse_args(flags(real, data, tmp_path / "resumed", *lora, steps=1)))
-    train.fit(parse_args(flags(real, data, tmp_path / "resumed", *lora, "--export_hf", "true", steps=2)))
-    a, b = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("straight", "resumed"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)  # the adapters trained
+    straight = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    # Killed before step 2's checkpoint and exports were written: the rerun resumes from step 1.
+    for gone in ("checkpoints/2", "hf", "adapter", "bco_state.json"):
+        shutil.rmtree(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    train.fit(parse_args(lora))
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(np.array_equal(straight[k], resumed[k]) for k in straight)
+    assert any(np.abs(straight[k]).max() > 0 for k in straight if "lora_B" in k)  # the adapters trained
     # The export is a normal HF folder transformers reads, with the tokenizer built from the GGUF file.
     from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(tmp_path / "straight" / "hf")("Hi")["input_ids"] == \
+    assert AutoTokenizer.from_pretrained(out / "hf")("Hi")["input_ids"] == \
         real["smollm2"].tokenizer("Hi")["input_ids"]
     # evaluate reads the run: its export as the policy, the GGUF file it trained from as the reference.
     from bco_jax import evaluate
-    report = evaluate.run(evaluate.parse(["--model", str(tmp_path / "straight"), "--data", data, "--num_samples",
+    report = evaluate.run(evaluate.parse(["--model", str(out), "--data", data, "--num_samples",
                                           "1", "--max_new_tokens", "2", "--batch_size", "4", "--max_length", "64"]))
     assert report["reference"] == real["smollm2"].path and np.isfinite(report["rewards/chosen"])
 
