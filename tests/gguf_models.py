@@ -26,29 +26,29 @@ def gemma3_path(cache_dir) -> str:
     return str(assemble(os.path.join(cache_dir, "gemma-3-270m-q4_k_m.gguf")))
 
 
-_READERS: dict = {}
-
-
 @contextlib.contextmanager
 def one_parse_per_file():
     """transformers parses a GGUF file anew for its config, its tensors and its tokenizer (9 s each for
-    Gemma's 262k-token vocabulary): while loading the reference, `gguf.GGUFReader` is memoised per
-    file. transformers' own code still does all the reading; it just reads one parse."""
+    Gemma's 262k-token vocabulary): inside this block `gguf.GGUFReader` is memoised per file.
+    transformers' own code still does all the reading; it just reads one parse. The parses are
+    dropped on exit: a kept GGUFReader holds millions of Python objects, and every full garbage
+    collection of the rest of the test session would walk them (1 s each)."""
     import gguf
 
-    original = gguf.GGUFReader
+    original, readers = gguf.GGUFReader, {}
 
     def reader(path, mode="r"):
         key = (os.path.abspath(path), mode)
-        if key not in _READERS:
-            _READERS[key] = original(path, mode)
-        return _READERS[key]
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
 
     gguf.GGUFReader = reader
     try:
         yield
     finally:
         gguf.GGUFReader = original
+        readers.clear()
 
 
 class Loaded:
@@ -76,20 +76,22 @@ class Loaded:
         return self.ours.tokenizer()
 
     @functools.cached_property
-    def hf_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        with one_parse_per_file():
-            return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file)
-
-    @functools.cached_property
-    def hf_model(self):
-        """transformers' own loading of the file, float32, eval mode (the reference)."""
+    def _reference(self):
+        """transformers' own loading of the file (float32 model in eval mode, tokenizer), one parse."""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         with one_parse_per_file():
-            return AutoModelForCausalLM.from_pretrained(self.folder, gguf_file=self.file, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(self.folder, gguf_file=self.file, dtype=torch.float32)
+            return model.eval(), AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file)
+
+    @property
+    def hf_model(self):
+        return self._reference[0]
+
+    @property
+    def hf_tokenizer(self):
+        return self._reference[1]
 
     @property
     def hf_config(self) -> dict:

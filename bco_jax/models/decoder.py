@@ -20,16 +20,22 @@ from bco_jax.models import lora, quant
 from bco_jax.models.attention import attend, attention_mask
 from bco_jax.models.config import ModelConfig, compute_dtype
 from bco_jax.models.projections import (
-    ATTENTION,
+    ATTN_NORM,
+    ATTN_OUT_NORM,
+    BLOCKS,
     DOWN_PROJ,
     GATE_PROJ,
+    K_NORM,
     K_PROJ,
-    MLP,
+    MLP_NORM,
+    MLP_OUT_NORM,
     O_PROJ,
     PROJECTIONS,
+    Q_NORM,
     Q_PROJ,
     UP_PROJ,
     V_PROJ,
+    Norm,
     Projection,
     layer_norms,
 )
@@ -140,20 +146,20 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, context, is_causal, cache_kv, ca
     kinds the model has; `sliding` (traced bool) picks one when it has both. With `cache_kv` the new
     keys/values are written at `cache_index` and attention runs over the whole cache. `key`: this
     layer's LoRA dropout key."""
-    def norm(name, x):
-        return rms_norm(x, p[name], cfg.rms_norm_eps, dtype, cfg.norm_weight_offset)
+    def norm(which: Norm, x):
+        return rms_norm(x, p[which.name], cfg.rms_norm_eps, dtype, cfg.norm_weight_offset)
 
     if len(context) == 1:
         (kind, (cos, sin, mask)), = context.items()
     else:  # both kinds: this layer's RoPE and (cached decoding) mask, chosen elementwise
         kind = None
         cos, sin, mask = (jnp.where(sliding, a, b) for a, b in zip(context[True], context[False]))
-    x = norm("attn_norm", h_BxTxD)
+    x = norm(ATTN_NORM, h_BxTxD)
     q_BxTxNxH = _projection(cfg, dtype, p, Q_PROJ, x, key)
     k_BxTxKxH = _projection(cfg, dtype, p, K_PROJ, x, key)
     v_BxTxKxH = _projection(cfg, dtype, p, V_PROJ, x, key)
     if cfg.qk_norm:
-        q_BxTxNxH, k_BxTxKxH = norm("q_norm", q_BxTxNxH), norm("k_norm", k_BxTxKxH)
+        q_BxTxNxH, k_BxTxKxH = norm(Q_NORM, q_BxTxNxH), norm(K_NORM, k_BxTxKxH)
     q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, cos, sin), apply_rope(k_BxTxKxH, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
@@ -171,13 +177,13 @@ def _layer(cfg: ModelConfig, dtype, p, h_BxTxD, context, is_causal, cache_kv, ca
     else:  # one scan over both kinds: each branch a kernel call with its own static window
         attn_BxTxNxH = jax.lax.cond(sliding, attention(True), attention(False), *qkv)
     out_BxTxD = _projection(cfg, dtype, p, O_PROJ, attn_BxTxNxH, key)
-    h_BxTxD = h_BxTxD + (norm("attn_out_norm", out_BxTxD) if cfg.sandwich_norms else out_BxTxD)
-    x = norm("mlp_norm", h_BxTxD)
+    h_BxTxD = h_BxTxD + (norm(ATTN_OUT_NORM, out_BxTxD) if cfg.sandwich_norms else out_BxTxD)
+    x = norm(MLP_NORM, h_BxTxD)
     gate_BxTxF = _projection(cfg, dtype, p, GATE_PROJ, x, key)
     up_BxTxF = _projection(cfg, dtype, p, UP_PROJ, x, key)
     down_BxTxD = _projection(cfg, dtype, p, DOWN_PROJ, ACTIVATIONS[cfg.hidden_act](gate_BxTxF) * up_BxTxF, key)
     if cfg.sandwich_norms:
-        down_BxTxD = norm("mlp_out_norm", down_BxTxD)
+        down_BxTxD = norm(MLP_OUT_NORM, down_BxTxD)
     new_kv = None if cache_kv is None else (k_BxTxKxH, v_BxTxKxH)
     return h_BxTxD + down_BxTxD, new_kv
 
@@ -187,13 +193,10 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tup
     input norm, its projections, its other norms (those the config has, `projections.NORMS`), then
     the biases (`projections.PROJECTIONS`). The order is the order parameters are initialized in (it
     draws their random keys)."""
-    norms = {n.name: ((getattr(cfg, n.size),), ("norm",)) for n in layer_norms(cfg)}
-    shapes = {"attn_norm": norms.pop("attn_norm")}
-    shapes.update((p.name, (p.shape(cfg), p.axes)) for p in ATTENTION)
-    shapes.update((name, norms.pop(name)) for name in ("q_norm", "k_norm", "attn_out_norm") if name in norms)
-    shapes["mlp_norm"] = norms.pop("mlp_norm")
-    shapes.update((p.name, (p.shape(cfg), p.axes)) for p in MLP)
-    shapes.update(norms)
+    shapes = {}
+    for block, projections in BLOCKS:
+        first, *other_norms = layer_norms(cfg, block)
+        shapes.update((item.name, (item.shape(cfg), item.axes)) for item in (first, *projections, *other_norms))
     shapes.update((p.bias, (p.bias_shape(cfg), p.bias_axes)) for p in PROJECTIONS.values() if p.has_bias(cfg))
     return shapes
 

@@ -22,20 +22,19 @@ from bco_jax.models import gguf_io, quant
 from bco_jax.models import safetensors_io as st
 from bco_jax.models.config import config_to_hf, find_gguf, read_config, rename_deprecated
 from bco_jax.models.decoder import Decoder
-from bco_jax.models.projections import ATTENTION, ATTN_NORM, MLP, MLP_NORM, PROJECTIONS, layer_norms
+from bco_jax.models.projections import BLOCKS, PROJECTIONS, layer_norms
 from bco_jax.sharding import host_gather, mesh_spec
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
-def _layer_rows(cfg, first_norm, projections) -> tuple:
-    """A block's norms (its input norm first), then the weights and biases of the projections it
-    holds. HF stores a weight as [out, in] and we as [in..., out...]: permuted (1, 0), with the side
-    that has heads x head_dim split in two (our q/k/v outputs, o's inputs)."""
-    block = {ATTN_NORM.name: ("q_norm", "k_norm", "attn_out_norm"), MLP_NORM.name: ("mlp_out_norm",)}[first_norm.name]
-    norms = [n for n in layer_norms(cfg) if n.name == first_norm.name or n.name in block]
-    rows = [(f"model.layers.{{i}}.{n.hf_module(cfg)}.weight", f"layers/{n.name}", (0,), None) for n in norms]
+def _layer_rows(cfg, block: str, projections) -> tuple:
+    """A block's norms (its input norm first), then the weights and biases of its projections. HF
+    stores a weight as [out, in] and we as [in..., out...]: permuted (1, 0), with the side that has
+    heads x head_dim split in two (our q/k/v outputs, o's inputs)."""
+    rows = [(f"model.layers.{{i}}.{n.hf_module(cfg)}.weight", f"layers/{n.name}", (0,), None)
+            for n in layer_norms(cfg, block)]
     for p in projections:
         split = 0 if p.n_in == 2 else (1 if len(p.outputs) == 2 else None)
         rows.append((f"model.layers.{{i}}.{p.module}.weight", f"layers/{p.name}", (1, 0), split))
@@ -53,8 +52,7 @@ def key_table(cfg) -> tuple:
         ("model.embed_tokens.weight", "embed", (0, 1), None),
         ("model.norm.weight", "final_norm", (0,), None),
         ("lm_head.weight", "lm_head", (1, 0), None),
-        *_layer_rows(cfg, ATTN_NORM, ATTENTION),
-        *_layer_rows(cfg, MLP_NORM, MLP),
+        *(row for block, projections in BLOCKS for row in _layer_rows(cfg, block, projections)),
     )
 
 

@@ -106,9 +106,15 @@ class Norm:
     name: str  # our parameter of `decoder.Layers`
     module: str  # the HF module under model.layers.{i}
     size: str  # the ModelConfig field that sizes it
+    block: str  # "attention" or "mlp": the block it belongs to (the block's input norm comes first in NORMS)
     flag: str | None = None  # the ModelConfig field that gives a layer this norm (None: every layer has it)
     sandwich_module: str | None = None  # its HF module in a `sandwich_norms` family (Gemma), if different
     gguf: str = ""  # its tensor in a GGUF file (blk.{i}.<gguf>.weight)
+
+    axes = ("norm",)  # its logical axis: replicated, never decayed
+
+    def shape(self, cfg) -> tuple[int, ...]:
+        return (getattr(cfg, self.size),)
 
     def present(self, cfg) -> bool:
         return self.flag is None or bool(getattr(cfg, self.flag))
@@ -117,18 +123,22 @@ class Norm:
         return self.sandwich_module if cfg.sandwich_norms and self.sandwich_module else self.module
 
 
-ATTN_NORM = Norm("attn_norm", "input_layernorm", "hidden_size", gguf="attn_norm")
-Q_NORM = Norm("q_norm", "self_attn.q_norm", "head_dim", "qk_norm", gguf="attn_q_norm")  # per head, before RoPE
-K_NORM = Norm("k_norm", "self_attn.k_norm", "head_dim", "qk_norm", gguf="attn_k_norm")
-ATTN_OUT_NORM = Norm("attn_out_norm", "post_attention_layernorm", "hidden_size", "sandwich_norms",
+ATTN_NORM = Norm("attn_norm", "input_layernorm", "hidden_size", "attention", gguf="attn_norm")
+Q_NORM = Norm("q_norm", "self_attn.q_norm", "head_dim", "attention", "qk_norm", gguf="attn_q_norm")  # before RoPE
+K_NORM = Norm("k_norm", "self_attn.k_norm", "head_dim", "attention", "qk_norm", gguf="attn_k_norm")
+ATTN_OUT_NORM = Norm("attn_out_norm", "post_attention_layernorm", "hidden_size", "attention", "sandwich_norms",
                      gguf="post_attention_norm")
-MLP_NORM = Norm("mlp_norm", "post_attention_layernorm", "hidden_size", sandwich_module="pre_feedforward_layernorm",
-                gguf="ffn_norm")
-MLP_OUT_NORM = Norm("mlp_out_norm", "post_feedforward_layernorm", "hidden_size", "sandwich_norms",
+MLP_NORM = Norm("mlp_norm", "post_attention_layernorm", "hidden_size", "mlp",
+                sandwich_module="pre_feedforward_layernorm", gguf="ffn_norm")
+MLP_OUT_NORM = Norm("mlp_out_norm", "post_feedforward_layernorm", "hidden_size", "mlp", "sandwich_norms",
                     gguf="post_ffw_norm")
 NORMS = (ATTN_NORM, Q_NORM, K_NORM, ATTN_OUT_NORM, MLP_NORM, MLP_OUT_NORM)  # in the order a layer applies them
 
 
-def layer_norms(cfg) -> tuple[Norm, ...]:
-    """The norms a layer of `cfg` (a ModelConfig) has."""
-    return tuple(n for n in NORMS if n.present(cfg))
+BLOCKS = (("attention", ATTENTION), ("mlp", MLP))  # a layer's blocks in order, with their projections
+
+
+def layer_norms(cfg, block: str | None = None) -> tuple[Norm, ...]:
+    """The norms a layer of `cfg` (a ModelConfig) has (in `block` only, if given); a block's input
+    norm first."""
+    return tuple(n for n in NORMS if n.present(cfg) and block in (None, n.block))
