@@ -126,18 +126,59 @@ def check_pairing(cfg: TrainConfig, ref_folder: str, output_dir: str) -> None:
     """A reference must score the policy's tokens: same vocabulary, architecture and width."""
     model = cfg.model.model
     policy = model if os.path.isdir(model) or os.path.isfile(model) else RunDir(output_dir).model_copy
-    if os.path.abspath(policy) == os.path.abspath(ref_folder):
+    check_same_base(policy, ref_folder)
+
+
+def check_same_base(policy: str, reference: str, key: str = "ref_model") -> None:
+    """`reference` (folder or GGUF file) scores `policy`'s tokens: the same vocabulary size,
+    architecture and width, and the same tokenizer (token -> id). ConfigError naming `key` and both."""
+    if os.path.abspath(policy) == os.path.abspath(reference):
         return
     try:
-        configs = [read_config(f) for f in (policy, ref_folder)]  # GGUF or folder; a VLM's text tower
+        configs = [read_config(f) for f in (policy, reference)]  # GGUF or folder; a VLM's text tower
     except (OSError, ValueError):
         return  # a missing or unreadable config is reported where that model loads
     for name in ("vocab_size", "architecture", "hidden_size"):
         ours, theirs = (getattr(c, name) for c in configs)
         if ours != theirs:
-            raise ConfigError(f"ref_model: {ref_folder} has {name}={theirs!r}, the policy {policy} has "
+            raise ConfigError(f"{key}: {reference} has {name}={theirs!r}, the policy {policy} has "
                               f"{ours!r}; the reference must be the policy's own starting point (same "
                               "tokenizer and architecture)")
+    if _same_tokenizer_files(policy, reference):
+        return
+    ours, theirs = (tokenizer_vocab(f) for f in (policy, reference))
+    if ours is not None and theirs is not None and ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:2]
+        raise ConfigError(f"{key}: the tokenizer of {reference} is not the policy's ({policy}): they map tokens to "
+                          f"other ids (e.g. {', '.join(f'{t!r}: {i}' for t, i in differ)}); the reference "
+                          "must score the policy's own tokens")
+
+
+def _same_tokenizer_files(a: str, b: str) -> bool:
+    """Both folders hold byte-identical tokenizer files (the common case: no tokenizer to build)."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    if not (os.path.isdir(a) and os.path.isdir(b)) or not os.path.exists(os.path.join(a, names[0])):
+        return False
+    try:
+        return all(_read_bytes(os.path.join(a, n)) == _read_bytes(os.path.join(b, n)) for n in names)
+    except OSError:
+        return False
+
+
+def _read_bytes(path: str) -> bytes | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tokenizer_vocab(path: str) -> dict | None:
+    """token -> id of the tokenizer in a model folder or GGUF file; None when it has none that loads
+    (then there is nothing to compare)."""
+    try:
+        return dict(load_tokenizer(path).get_vocab())
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ OPERATIONAL_KEYS = frozenset({
     "remat", "attn_implementation", "output_dir", "max_steps", "num_train_epochs", "eval_batch_size",
     "logging_steps", "save_steps", "save_total_limit", "eval_steps", "precompute_ref_log_probs", "mesh",
     "dry_run", "max_nonfinite_steps", "sigterm_exit_code", "tensorboard", "export_hf", "save_reference",
-    "demo_samples", "allow_config_change", "debug", "skip_invalid", "packing",
+    "demo_samples", "allow_config_change", "debug", "overwrite_output_dir", "skip_invalid", "packing",
     "coordinator_address", "num_processes", "process_id", "distributed_timeout"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
 NAMING_KEYS = ("model", "ref_model", "train_data")

@@ -6,6 +6,7 @@
 Every module asks `RunDir` for a path; the file names below appear nowhere else in the package.
 A finished run's folder holds:
 
+    bco_jax_run.txt                     the mark of a run folder, written before anything else
     config.json, config_history.jsonl   the latest start's config; one line per start
     metrics.jsonl, tensorboard/         logged records (and TensorBoard scalars)
     checkpoints/<step>/                 Orbax checkpoints (bco_jax.checkpoint)
@@ -16,7 +17,8 @@ A finished run's folder holds:
     demo_before.json                    the embedded demo's scores before training
     eval.json, eval_samples.jsonl       `python -m bco_jax.evaluate`'s report and samples
 
-`check_output_dir` keeps the run from writing over a model folder it reads.
+`check_output_dir` is the one ownership rule of the folders a command writes: a new or empty folder,
+or a run; never a folder it reads; anything else only with `overwrite_output_dir`.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ HF_EXPORT = "hf"
 ADAPTER_EXPORT = "adapter"
 DEMO_BEFORE = "demo_before.json"
 EVAL_REPORT = "eval.json"
+RUN_MARKER = "bco_jax_run.txt"  # written first by every start: the folder is a run
 SAMPLES_SUFFIX = "_samples.jsonl"  # beside an evaluation report: eval.json -> eval_samples.jsonl
 
 
@@ -135,19 +138,65 @@ def samples_path(report: str) -> str:
     return os.path.splitext(report)[0] + SAMPLES_SUFFIX
 
 
+def overlap(a: str, b: str) -> str | None:
+    """How path `a` lies relative to path `b`: "is", "is inside", "contains", or None (apart)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return ("is" if a == b else "is inside" if a.startswith(b.rstrip(os.sep) + os.sep) else
+            "contains" if b.startswith(a.rstrip(os.sep) + os.sep) else None)
+
+
+def is_run(folder: str) -> bool:
+    """Whether `folder` is a bco-jax run: it holds the marker every start writes first, or (runs from
+    before the marker) its config history."""
+    return os.path.exists(os.path.join(folder, RUN_MARKER)) or os.path.exists(os.path.join(folder, CONFIG_HISTORY))
+
+
+def is_model_folder(folder: str) -> bool:
+    """Whether `folder` looks like a model a user owns: a config.json beside weights or a tokenizer,
+    or a GGUF file."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return False
+    return any(n.endswith(".gguf") for n in names) or ("config.json" in names and any(
+        n.endswith((".safetensors", ".bin")) or n.startswith("tokenizer") for n in names))
+
+
 def check_output_dir(cfg: TrainConfig, output_dir: str) -> None:
-    """output_dir must be a folder (or not exist yet) and share nothing with a model folder: the run
-    writes config.json, hf/ and model/ there, which would overwrite the user's model."""
+    """The ownership rule of every command that writes a run folder (train, online): `output_dir` is
+    a folder that does not exist yet, an empty one, or a bco-jax run (resumed); anything else the
+    user owns is refused unless `overwrite_output_dir`. It never overlaps a folder the run reads
+    (model, ref_model, lora_adapter), overwrite or not. Checks only: nothing is created here."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError(f"output_dir: {output_dir} is a file, not a folder")
-    out = os.path.realpath(output_dir)
-    for key in ("model", "ref_model"):
+    for key in ("model", "ref_model", "lora_adapter"):
         path = getattr(cfg.model, key)
-        if not path or not os.path.exists(path):
-            continue
-        model = os.path.realpath(path)
-        relation = ("is" if out == model else "is inside" if out.startswith(model + os.sep) else
-                    "contains" if model.startswith(out + os.sep) else None)
+        relation = overlap(output_dir, path) if path and os.path.exists(path) else None
         if relation:
             raise ConfigError(f"output_dir: {output_dir} {relation} the {key} folder {path}; the run would "
                               "overwrite its files: choose another output_dir")
+    if not os.path.isdir(output_dir) or is_run(output_dir):
+        return
+    try:
+        names = sorted(os.listdir(output_dir))
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot read {output_dir} ({err.strerror or err})") from None
+    if names and not cfg.run.overwrite_output_dir:
+        what = "an HF model folder" if is_model_folder(output_dir) else "not empty and not a bco-jax run"
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(f"output_dir: {output_dir} is {what} (it holds {shown}); choose another output_dir, "
+                          "or pass --overwrite_output_dir true to write into it")
+
+
+def claim_output_dir(output_dir: str) -> None:
+    """Create `output_dir` (if needed) and mark it a bco-jax run: the first write of a start, after
+    every input is checked. A folder that cannot be created or written is a ConfigError naming it."""
+    marker = os.path.join(output_dir, RUN_MARKER)
+    if os.path.exists(marker):
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("This folder is a bco-jax run: re-running its command resumes it.\n")
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write into {output_dir} ({err.strerror or err})") from None

@@ -95,6 +95,8 @@ class OptimOptions:
 @dataclass(frozen=True)
 class RunOptions:
     output_dir: str | None = _opt(None, "where checkpoints, metrics and the export go (None: outputs/<run name>)")
+    overwrite_output_dir: bool = _opt(False, "write into an output_dir that is neither empty nor a bco-jax run "
+                                             "(its files may be overwritten)")
     seed: int = _opt(42, "seed of the data order and of sampling")
     max_steps: int = _opt(-1, "optimizer steps to run (-1: num_train_epochs over the data)")
     num_train_epochs: float = _opt(1.0, "epochs over the training data when max_steps is -1")
