@@ -31,6 +31,7 @@ from bco_jax import udm
 from bco_jax.config import TrainConfig, mesh_shape
 from bco_jax.data import BatchIterator, TokenizedDataset, load_dataset
 from bco_jax.errors import ConfigError, log
+from bco_jax.files import atomic_folder
 from bco_jax.load import (
     abstract_model,
     base_options,
@@ -89,6 +90,7 @@ class Run:
     ref_path: str
     ref_fingerprint: str
     hidden_size: int
+    adapters: dict | None = None  # with lora_adapter: the adapters to start from, read and checked
 
     @property
     def dir(self) -> RunDir:
@@ -179,6 +181,7 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
     steps = total_steps(cfg, iterator.steps_per_epoch)
 
     graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg, **lora_options(cfg))
+    adapters = start_adapters(cfg, model_dir)
     ref_graphdef, reference, ref_path, fingerprint = load_reference(cfg, mesh, output_dir)
     base_graphdef, base = None, None  # with use_peft: the frozen base the adapters sit on
     if cfg.model.use_peft and cfg.model.separate_reference:
@@ -193,7 +196,18 @@ def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
                train_data=train_data, eval_data=eval_data, iterator=iterator, steps=steps, graphdef=graphdef,
                ref_graphdef=ref_graphdef, program=program, reference=reference,
                base=base, base_graphdef=base_graphdef, ref_path=ref_path, ref_fingerprint=fingerprint,
-               hidden_size=int(nnx.to_pure_dict(abstract_params)["embed"].shape[-1]))
+               hidden_size=int(nnx.to_pure_dict(abstract_params)["embed"].shape[-1]), adapters=adapters)
+
+
+def start_adapters(cfg: TrainConfig, model_dir: str) -> dict | None:
+    """The adapters of `lora_adapter` (None without one), read and checked against the model's
+    shapes when the run is built: before anything is written."""
+    if not (cfg.model.use_peft and cfg.model.lora_adapter):
+        return None
+    model_cfg = read_config(model_dir, **lora_options(cfg))
+    shapes = {k: v[0] for k, v in layer_param_shapes(model_cfg).items()}
+    return lora.load_peft(cfg.model.lora_adapter, model_cfg.num_layers, shapes, model_cfg.lora_targets,
+                          cfg.model.lora_r)
 
 
 def initial_state(run: Run) -> TrainState:
@@ -204,11 +218,8 @@ def initial_state(run: Run) -> TrainState:
         model_cfg = read_config(run.model_dir, **lora_options(run.cfg))
         shapes = {k: v[0] for k, v in layer_param_shapes(model_cfg).items()}
         targets = model_cfg.lora_targets
-        if m.lora_adapter:
-            adapters = lora.load_peft(m.lora_adapter, model_cfg.num_layers, shapes, targets, m.lora_r)
-        else:
-            adapters = lora.init_adapters(shapes, model_cfg.num_layers, targets, m.lora_r,
-                                          jax.random.key(run.cfg.run.seed))
+        adapters = run.adapters or lora.init_adapters(shapes, model_cfg.num_layers, targets, m.lora_r,
+                                                      jax.random.key(run.cfg.run.seed))
         return run.program.init({"layers": {f"{name}_lora_{ab}": jnp.asarray(adapters[name][ab])
                                        for name in targets for ab in "ab"}})
     policy = load_hf(run.model_dir, param_dtype=jnp.float32, mesh=run.mesh, rules=LOGICAL_RULES,
@@ -225,18 +236,18 @@ def export_policy(run: Run, state: TrainState) -> None:
     """output_dir/hf: the policy as an HF folder (with use_peft, the adapters merged into the base),
     and with use_peft output_dir/adapter, a PEFT folder. Every process calls it (they gather the
     sharded parameters together); process 0 writes."""
-    path = run.dir.hf
-    if not run.cfg.model.use_peft:
-        save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
-        return
     m = run.cfg.model
-    merged = lora.merged_weights(run.base, state.params, m.lora_alpha / m.lora_r)
-    save_hf(nnx.merge(run.base_graphdef, merged), path, tokenizer=run.tokenizer)
+    with atomic_folder(run.dir.hf, write=run.main_process) as path:  # all of hf/ or none of it
+        if not m.use_peft:
+            save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
+            return
+        merged = lora.merged_weights(run.base, state.params, m.lora_alpha / m.lora_r)
+        save_hf(nnx.merge(run.base_graphdef, merged), path, tokenizer=run.tokenizer)
     adapters = lora.by_projection(jax.tree.map(host_gather, state.params))
-    if run.main_process:
-        lora.save_peft(adapters, run.dir.adapter, rank=m.lora_r, alpha=m.lora_alpha,
-                       dropout=m.lora_dropout, targets=lora.resolve_targets(m.lora_target_modules),
-                       base_model=os.path.abspath(m.model))
+    with atomic_folder(run.dir.adapter, write=run.main_process) as path:
+        if run.main_process:
+            lora.save_peft(adapters, path, rank=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           targets=lora.resolve_targets(m.lora_target_modules), base_model=os.path.abspath(m.model))
 
 
 # ------------------------------------------------------------------------------- resume, precompute

@@ -20,6 +20,7 @@ implementation named by the abstract state's dtype, so the abstract state stays 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -122,6 +123,10 @@ def _abstract_key_data(leaf):
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint's background write failed; the earlier checkpoints are intact."""
+
+
 class Checkpointer:
     """Saves and restores training checkpoints in `output_dir/checkpoints`.
 
@@ -160,10 +165,22 @@ class Checkpointer:
         extras = {**self.constant_extras, **(extras or {})}
         json.dumps(extras)  # fail here, with the caller's stack, not later in Orbax's writer thread
         state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-        return self._manager.save(
-            int(step), force=True,  # the trainer decides when to save; no Orbax interval policy
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    extras=ocp.args.JsonSave(extras)))
+        with self._writing():  # Orbax first waits for the previous save, which may have failed
+            return self._manager.save(
+                int(step), force=True,  # the trainer decides when to save; no Orbax interval policy
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        extras=ocp.args.JsonSave(extras)))
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A background write that failed (a full disk, a vanished mount) surfaces as Orbax's own
+        exception type: made an OSError of one line, the checkpoints before it untouched."""
+        try:
+            yield
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise CheckpointWriteError(f"a checkpoint in {self.directory} could not be written ({first}); "
+                                       "the previous checkpoints are kept") from err
 
     def _set_aside_torn(self) -> None:
         """Torn step folders (see `classify`) are renamed `<step>.torn` before Orbax lists the steps."""
@@ -264,7 +281,8 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the async save in flight (if any) is written and finalized."""
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves, then release Orbax's resources."""

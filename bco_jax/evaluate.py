@@ -6,7 +6,9 @@ delta the training run saved) and ROC AUC, mean reward per class. On held-out pr
 sampled from the policy (written to JSONL), KL(policy || reference) estimated on them as the mean of
 log pi(y|x) - log pi_ref(y|x), and optionally an oracle `--reward_fn module:function` scoring
 (prompt, completion) -> float, reported as its mean (the success rate for a 0/1 oracle).
-Printed as a table and written as JSON.
+Printed as a table and written as strict JSON (a missing quantity is null or absent): inside a
+training output dir, else under outputs/eval/<model name>/, or at --output. Every input is checked
+before anything is written, and nothing is written into a folder the user owns (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 
@@ -25,19 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bco_jax import files
 from bco_jax import losses as L
 from bco_jax.argv import join_negative_values
 from bco_jax.config import add_keys
 from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
 from bco_jax.data.batch import Batch, Sequences
+from bco_jax.data.sources import resolve as resolve_data
 from bco_jax.errors import USER_ERRORS, ConfigError
-from bco_jax.load import load_tokenizer
+from bco_jax.load import check_finite_weights, check_same_base, load_tokenizer, model_folder, reading_weights
 from bco_jax.metrics import eval_summary
 from bco_jax.models import generate, load_hf
-from bco_jax.models.config import find_gguf
 from bco_jax.models.generate import right_align
 from bco_jax.precompute import attach_tables
-from bco_jax.run_dir import EVAL_REPORT, FINAL_STATE, RunDir, samples_path
+from bco_jax.run_dir import DEFAULT_PARENT, EVAL_REPORT, FINAL_STATE, RunDir, is_run, overlap, samples_path
 from bco_jax.sharding import data_shard, host_gather, put_batch, shard_devices
 from bco_jax.step import scored_logps
 
@@ -59,23 +63,110 @@ def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_si
     return eval_summary(*(np.concatenate(rows[k]) for k in ("rewards", "labels", "mask")), loss_sum, n_rows, delta)
 
 
+def is_training_output(path: str) -> bool:
+    """Whether `path` is a bco-jax run folder (marked, or holding a finished run's bco_state.json):
+    the run's own folder, where the report may go."""
+    return os.path.isdir(path) and (is_run(path) or os.path.exists(RunDir(path).final_state))
+
+
 def resolve_model(path: str) -> tuple[str, dict]:
-    """A training output dir (its hf/ export, saved state and resolved config) or a plain HF folder."""
+    """(policy folder, what the run saved) of a training output dir (its hf/ export, bco_state.json and
+    config.json), or (path, {}) for an HF folder or GGUF file; its files checked, a broken one named."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--model: {path} does not exist (a training output dir, an HF folder or a GGUF file)")
     out = RunDir(path)
     if os.path.exists(out.final_state):
-        with open(out.final_state, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_json(out.final_state)
         if os.path.exists(out.config):
-            with open(out.config, encoding="utf-8") as f:
-                saved["config"] = json.load(f)
+            saved["config"] = read_json(out.config)
+        model_folder(out.hf, out.hf, "--model")
         return out.hf, saved
-    if not os.path.exists(os.path.join(path, "config.json")) and find_gguf(path) is None:
-        raise FileNotFoundError(f"--model {path}: neither a training output dir ({FINAL_STATE}), an HF folder "
-                                "nor a GGUF file")
+    if is_run(path):
+        raise ConfigError(f"--model: {path} is a bco-jax run without {FINAL_STATE} (not finished, or not "
+                          "exported): finish the run first")
+    model_folder(path, path, "--model")
     return path, {}
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a run's file; ConfigError naming the file when it does not read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model: cannot read {path} ({err})") from None
+    return value
+
+
+def check_reference(model_path: str, ref_path: str) -> None:
+    """The reference's files read and it scores the policy's tokens (same vocabulary, architecture,
+    width and tokenizer), as the trainer requires."""
+    if os.path.abspath(ref_path) == os.path.abspath(model_path):
+        return
+    if not os.path.exists(ref_path):
+        raise ConfigError(f"--ref_model: {ref_path} does not exist (an HF folder or a GGUF file)")
+    model_folder(ref_path, ref_path, "--ref_model")
+    check_same_base(model_path, ref_path, key="--ref_model")
+
+
+def check_data(spec: str) -> None:
+    """--data names files, a folder or a dataset that exists (read later, rows named when bad)."""
+    try:
+        resolve_data(spec)
+    except DataError as err:
+        raise ConfigError(f"--data: {err}") from None
+
+
+def report_path(args, ref_path: str) -> str:
+    """Where the report goes: --output; else inside a training output dir (the run's own folder), else
+    outputs/eval/<model name>/eval.json. Never into a folder or file the user owns (--model,
+    --ref_model, --data), never onto a folder."""
+    output = args.output
+    if output is None and is_training_output(args.model):
+        output = RunDir(args.model).eval_report
+    elif output is None:
+        name = os.path.basename(os.path.abspath(args.model))
+        output = os.path.join(DEFAULT_PARENT, "eval", os.path.splitext(name)[0] if os.path.isfile(args.model)
+                              else name, EVAL_REPORT)
+    for target in (output, samples_path(output)):
+        if os.path.isdir(target):
+            raise ConfigError(f"--output: {target} is a folder; give the report's file path (e.g. {EVAL_REPORT})")
+        for flag, path in (("--model", args.model), ("--ref_model", ref_path), ("--data", args.data)):
+            relation = overlap(target, path) if os.path.exists(path) else None
+            if relation and not is_training_output(path):
+                raise ConfigError(f"--output: {target} {relation} the {flag} {path}; the report would change "
+                                  "what you own: choose another --output")
+    return output
+
+
+def write_report(output: str, report: dict, rows: list[dict]) -> None:
+    """The samples, then the report (strict JSON: a NaN is null), each written whole or not at all."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        files.atomic_write_text(samples_path(output), "".join(json.dumps(strict(r), allow_nan=False) + "\n"
+                                                              for r in rows))
+        files.atomic_write_json(output, strict(report), indent=2, allow_nan=False)
+    except OSError as err:
+        raise ConfigError(f"--output: cannot write {output} ({err.strerror or err})") from None
+
+
+def strict(record: dict) -> dict:
+    """`record` with every NaN or inf (an AUC over one class) as None (JSON null)."""
+    return {k: None if isinstance(v, (float, np.floating)) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def load_checked(path: str, flag: str):
+    """The model at `path`; a loader error or a NaN / inf weight named in one line."""
+    with reading_weights(path, flag):
+        model = load_hf(path)
+    check_finite_weights(nnx.to_pure_dict(nnx.state(model)), path, flag)
+    return model
+
+
 def load_reward_fn(spec: str):
+    """The oracle `module:function`; ConfigError naming --reward_fn when it does not import."""
     module, _, name = spec.partition(":")
     if not name:
         raise ConfigError(f"--reward_fn {spec!r}: expected module:function")
@@ -160,17 +251,27 @@ def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new
                 row["oracle_reward"] = float(reward_fn(prompt, completion))
             rows.append(row)
             kls.append(lp_pol[i] - lp_ref[i])
-    out = {"kl": float(np.mean(kls)), "samples": len(rows)}
-    if reward_fn is not None:
+    out = {"samples": len(rows)}  # no samples: no KL and no oracle reward (a mean of nothing)
+    if rows:
+        out["kl"] = float(np.mean(kls))
+    if rows and reward_fn is not None:
         out["oracle_reward"] = float(np.mean([r["oracle_reward"] for r in rows]))
     return out, rows
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its usage errors raised as one-line ConfigErrors naming the flag (exit 2)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
 def parse(argv=None):
-    """The evaluator's options; the trainer's keys among them are typed and checked as the trainer
-    reads them (`bco_jax.config.add_keys`)."""
-    p = argparse.ArgumentParser(prog="python -m bco_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="training output dir (uses hf/ and its saved delta) or HF folder")
+    """The evaluator's options, checked (`check_args`); the trainer's keys among them are typed as the
+    trainer reads them (`bco_jax.config.add_keys`)."""
+    p = _Parser(prog="python -m bco_jax.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True,
+                   help="training output dir (uses hf/ and its saved delta), HF folder or GGUF file")
     p.add_argument("--data", required=True, help="labelled feedback (any format the trainer reads)")
     add_keys(p, {"ref_model": None, "beta": None, "max_length": None, "batch_size": 64, "seed": 0}, helps={
         "ref_model": "reference HF folder (default: the training run's, else --model)",
@@ -179,22 +280,51 @@ def parse(argv=None):
         "batch_size": "prompts or examples per forward pass"})
     p.add_argument("--delta", type=float, help="reward shift (default: the training run's saved delta, else 0)")
     p.add_argument("--reward_fn", help="oracle module:function(prompt, completion) -> float")
-    p.add_argument("--num_samples", type=int, default=256, help="held-out prompts to sample (default 256)")
+    p.add_argument("--num_samples", type=int, default=256, help="held-out prompts to sample (default 256; 0: none)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--packing", choices=("true", "false"),
                    help="pack several examples per row for the reward pass (default: the training run's, else false)")
-    p.add_argument("--output", help=f"JSON report path (default: <model>/{EVAL_REPORT}, or <file>.{EVAL_REPORT} beside "
-                                    "a GGUF file); samples go beside it")
-    return p.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    p.add_argument("--output", help=f"JSON report path (default: <run>/{EVAL_REPORT} for a training output dir, else "
+                                    f"{DEFAULT_PARENT}/eval/<model name>/{EVAL_REPORT}); samples go beside it")
+    return check_args(p.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv))))
+
+
+def check_args(args):
+    """`args`, once every number is in range (a NaN fails every comparison); ConfigError naming the flag."""
+    def finite(x):
+        return x is None or math.isfinite(x)
+
+    checks = [
+        (finite(args.temperature) and args.temperature >= 0, "temperature", "must be a finite number >= 0 (0: greedy)"),
+        (0 < args.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (finite(args.beta) and (args.beta is None or args.beta > 0), "beta", "must be a finite number > 0"),
+        (finite(args.delta), "delta", "must be a finite number"),
+        (args.num_samples >= 0, "num_samples", "must be >= 0 (0: no sampling)"),
+        (args.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+        (args.batch_size >= 1, "batch_size", "must be >= 1"),
+        (0 <= args.seed < 2**32, "seed", "must be in [0, 2**32)"),
+    ]
+    for ok, flag, why in checks:
+        if not ok:
+            raise ConfigError(f"--{flag}: {why} (got {getattr(args, flag)!r})")
+    return args
 
 
 def run(args) -> dict:
+    """Check every input, then score and sample; the report is written last, nothing before it."""
     model_path, saved = resolve_model(args.model)
     ref_path = args.ref_model or saved.get("reference_path") or model_path
+    check_reference(model_path, ref_path)
     beta = args.beta if args.beta is not None else saved.get("beta", 0.1)
     delta = args.delta if args.delta is not None else saved.get("delta", 0.0)
+    for name, value in (("beta", beta), ("delta", delta)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"--model: {RunDir(args.model).final_state} has {name}={value!r}, not a finite number")
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    check_data(args.data)
+    output = report_path(args, ref_path)
     tokenizer = load_tokenizer(model_path)
     # The run's own data options (columns, rating rule, lengths), so rewards are computed on the
     # sequences the saved delta was estimated on; --max_length overrides.
@@ -209,24 +339,18 @@ def run(args) -> dict:
     data = load_dataset([args.data], tokenizer, cfg, require_both_classes=False)
     if data.paired:
         raise DataError(f"--data {args.data}: evaluation reads unpaired feedback (prompt, completion, label)")
-    policy_model, ref_model = load_hf(model_path), load_hf(ref_path)
-    policy, reference = nnx.split(policy_model), nnx.split(ref_model)
+    policy_model = load_checked(model_path, "--model")
+    same = os.path.abspath(ref_path) == os.path.abspath(model_path)
+    policy = nnx.split(policy_model)
+    reference = policy if same else nnx.split(load_checked(ref_path, "--ref_model"))
     report = {"model": model_path, "reference": ref_path, "beta": beta, "delta": delta}
     report.update(feedback_metrics(data, cfg, policy, reference, beta, delta, args.batch_size))
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     sampled, rows = sample_and_score(data, tokenizer, policy, reference, num_prompts=args.num_samples,
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                                      reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
-    report.update(sampled)
-    # beside a GGUF file (a file, not a folder), else inside the model folder or output dir
-    output = args.output or (os.path.splitext(args.model)[0] + "." + EVAL_REPORT if os.path.isfile(args.model)
-                             else RunDir(args.model).eval_report)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(samples_path(output), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    report = strict({**report, **sampled})
+    write_report(output, report, rows)
     for key, value in report.items():
         print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
     return report
@@ -236,6 +360,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         run(parse(argv))
+    except SystemExit as stop:  # --help
+        return stop.code if isinstance(stop.code, int) else 0
     except (*USER_ERRORS, OSError) as err:  # a user error, an unreadable file: one line; a bug: its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

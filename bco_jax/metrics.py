@@ -207,10 +207,15 @@ def truncate_metrics(output_dir: str, step: int, finished: bool, keep_start: boo
     if not os.path.exists(path):
         return
 
-    def keep(record):
-        return record.get("step", 0) < step or (record.get("step", 0) == step and keep_start and not
-                                                 (finished and "eval_loss" in record))
+    def keep(line):
+        try:  # a line torn by a crash mid-write (or not a record) is dropped
+            record = json.loads(line)
+            return record.get("step", 0) < step or (record.get("step", 0) == step and keep_start and not
+                                                     (finished and "eval_loss" in record))
+        except (ValueError, AttributeError, TypeError):
+            log.warning("%s: dropping a line that is not a JSON record: %s", path, line.strip()[:80])
+            return False
 
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and keep(json.loads(line))]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        kept = [line for line in f if line.strip() and keep(line)]
     atomic_write_text(path, "".join(kept))

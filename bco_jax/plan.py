@@ -36,11 +36,15 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str) -> int:
-    """"16GiB", "80 GB", "512MiB", "1e9" -> bytes."""
+    """"16GiB", "80 GB", "512MiB", "1e9" -> bytes, a finite size of at least one byte; ConfigError otherwise."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 80GB, 512MiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    except (AttributeError, KeyError, ValueError):  # no match, an unknown unit, "1e" or "."
+        raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 80GB, 512MiB)") from None
+    if not 1 <= size < math.inf:
+        raise ConfigError(f"must be a finite size of at least one byte (got {text!r})")
+    return int(size)
 
 
 def gib(n: float) -> str:
@@ -62,21 +66,27 @@ def analytic_parameter_count(cfg) -> int:
 # ----------------------------------------------------------------------------------------- arguments
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are ConfigErrors: `main` prints them as one line, exit 2."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
 def device_count(argv: list[str]) -> int:
-    """--devices, else the product of a fully given --mesh; read before jax is imported (`bco_jax.argv`
-    imports nothing of it)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """--devices (> 0), else the product of a fully given --mesh; read before jax is imported
+    (`bco_jax.argv` imports nothing of it)."""
+    pre = OneLineParser(add_help=False)
     pre.add_argument("--mesh", default="1,-1,1")
     pre.add_argument("--devices", type=int, default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.devices is not None and known.devices < 1:
+        raise ConfigError(f"devices: must be > 0 (got {known.devices})")
     if known.devices or {"-h", "--help"} & set(argv):
         return known.devices or 1
-    try:
-        mesh = parse_mesh(known.mesh)
-    except ConfigError as err:
-        pre.error(str(err))
+    mesh = parse_mesh(known.mesh)
     if -1 in mesh:
-        raise SystemExit("error: --mesh has a -1: give --devices N (how many devices to plan for)")
+        raise ConfigError("mesh: has a -1: give --devices N (how many devices to plan for)")
     return math.prod(mesh)
 
 
@@ -94,29 +104,47 @@ def simulate_devices(n: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings (SPMD remarks) off unless asked
 
 
+# The trainer's keys the planner reads, with its defaults for an accelerator.
+TRAINER_KEYS = {"model": None, "ref_model": "", "mesh": "1,-1,1", "batch_size": 64, "gradient_accumulation_steps": 1,
+                "max_length": 1024, "remat": "full", "precompute_ref_log_probs": False, "dtype": "bfloat16",
+                "ref_dtype": "bfloat16", "attn_implementation": "auto", "use_peft": False, "lora_r": 16,
+                "lora_target_modules": "", "load_in_8bit": False}
+
+
 def parser() -> argparse.ArgumentParser:
     """The trainer's keys (typed, documented and checked as the trainer reads them), with the planner's
-    defaults for an accelerator; then the planner's own options."""
+    defaults for an accelerator; then the planner's own options. Usage errors are ConfigErrors."""
     from bco_jax.config import add_keys
 
-    p = argparse.ArgumentParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
-    add_keys(p, {"model": None, "ref_model": "", "mesh": "1,-1,1", "batch_size": 64, "gradient_accumulation_steps": 1,
-                 "max_length": 1024, "remat": "full", "precompute_ref_log_probs": False, "dtype": "bfloat16",
-                 "ref_dtype": "bfloat16", "attn_implementation": "auto", "use_peft": False, "lora_r": 16,
-                 "lora_target_modules": "all-linear", "load_in_8bit": False}, required=("model",), helps={
+    p = OneLineParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
+    add_keys(p, TRAINER_KEYS, required=("model",), helps={
         "model": "HF folder of the policy, its config.json or a GGUF file (no weights are read)",
         "ref_model": "a separate reference (folder or config.json); with use_peft, beside the base",
         "dtype": "compute dtype (auto: bfloat16, the target being a GPU / TPU)",
         "attn_implementation": "the target's attention kernel: xla holds [b, N, T, T] scores; auto, cudnn and "
                                "splash do not",
-        "lora_target_modules": "comma-separated PEFT module names, or all-linear",
+        "lora_target_modules": "comma-separated PEFT module names, or all-linear (empty: all of them)",
         "load_in_8bit": "with use_peft: the frozen base's projections in int8"})
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
-    p.add_argument("--device_memory", type=parse_bytes, default=parse_bytes("80GiB"),
+    p.add_argument("--device_memory", default="80GiB",
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     p.add_argument("--search", action="store_true", help="also find the largest micro-batch per device that fits")
     return p
+
+
+def checked(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with device_memory in bytes, once the trainer's keys pass the trainer's own checks
+    (`bco_jax.config.build_config`: batch_size > 0, max_length >= 2, lora_r > 0, ...) and device_memory
+    reads as a finite size; ConfigError naming the key otherwise."""
+    from bco_jax.config import build_config
+
+    build_config({**{key: getattr(args, key) for key in TRAINER_KEYS}, "mesh": ",".join(map(str, args.mesh))})
+    try:
+        device_memory = parse_bytes(args.device_memory)
+    except ConfigError as err:
+        raise ConfigError(f"device_memory: {err}") from None
+    return argparse.Namespace(**{**vars(args), "device_memory": device_memory})
 
 
 # ------------------------------------------------------------------------------------------- compile
@@ -239,20 +267,18 @@ def fused_target(attn_implementation: str) -> bool:
     return attn_implementation in (*FUSED_KERNELS, "auto")
 
 
-def model_config(path: str, remat: str):
+def model_config(path: str, remat: str, key: str = "model"):
     """`ModelConfig` from an HF folder, a config.json under any name or a GGUF file; XLA attention, what
-    compiles on CPU."""
+    compiles on CPU. ConfigError naming `key` (and the file) when there is none or it does not read."""
     from bco_jax.models import read_config
-    from bco_jax.models.config import find_gguf
+    from bco_jax.models.config import config_file
 
-    if path.endswith(".gguf") or (os.path.isdir(path) and find_gguf(path)):
+    try:
+        if not os.path.isfile(config_file(path)):
+            raise ConfigError(f"{path} is neither a config.json, a GGUF file nor a folder holding one")
         return read_config(path, remat=remat, attn_implementation="xla")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return read_config(json.load(f), remat=remat, attn_implementation="xla")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"model: {path} is neither a config.json nor a folder holding one")
-    return read_config(path, remat=remat, attn_implementation="xla")
+    except (ConfigError, OSError) as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def plan(args, mesh) -> dict:
@@ -275,7 +301,7 @@ def plan(args, mesh) -> dict:
     planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                       ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
                       fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets,
-                      ref_cfg=model_config(args.ref_model, args.remat) if separate else None,
+                      ref_cfg=model_config(args.ref_model, args.remat, "ref_model") if separate else None,
                       quantize_base=args.use_peft and args.load_in_8bit)
     start = time.perf_counter()
     per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
@@ -348,13 +374,13 @@ def table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
-    simulate_devices(device_count(argv))  # before jax is imported, which happens from here on
-    args = parser().parse_args(argv)
-    import jax
-
-    from bco_jax.sharding import make_mesh
-
     try:
+        simulate_devices(device_count(argv))  # before jax is imported, which happens from here on
+        args = checked(parser().parse_args(argv))
+        import jax
+
+        from bco_jax.sharding import make_mesh
+
         n = args.devices or math.prod(args.mesh)
         if len(jax.devices()) < n:
             raise ConfigError(f"devices: {n} wanted, jax has {len(jax.devices())} (was jax imported before main?)")

@@ -23,6 +23,7 @@ or a run; never a folder it reads; anything else only with `overwrite_output_dir
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from bco_jax.config import TrainConfig, run_name
@@ -175,7 +176,10 @@ def check_output_dir(cfg: TrainConfig, output_dir: str) -> None:
         if relation:
             raise ConfigError(f"output_dir: {output_dir} {relation} the {key} folder {path}; the run would "
                               "overwrite its files: choose another output_dir")
-    if not os.path.isdir(output_dir) or is_run(output_dir):
+    if not os.path.isdir(output_dir):
+        return
+    if is_run(output_dir):
+        check_run_records(output_dir)
         return
     try:
         names = sorted(os.listdir(output_dir))
@@ -186,6 +190,29 @@ def check_output_dir(cfg: TrainConfig, output_dir: str) -> None:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ConfigError(f"output_dir: {output_dir} is {what} (it holds {shown}); choose another output_dir, "
                           "or pass --overwrite_output_dir true to write into it")
+
+
+def check_run_records(output_dir: str) -> None:
+    """The records a resume reads (config_history.jsonl, reference/reference.json) are JSON objects,
+    one per line: a damaged one is named with its line, before anything is read or written."""
+    out = RunDir(output_dir)
+    for path, lines in ((out.config_history, True), (out.reference_record, False)):
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts = [t for t in f.read().splitlines() if t.strip()] if lines else [f.read()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"output_dir: cannot read {path} ({err})") from None
+        for number, text in enumerate(texts, 1):
+            try:
+                ok = isinstance(json.loads(text), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                where = f"{path} line {number}" if lines else path
+                raise ConfigError(f"output_dir: {where} is not a JSON record: this run's own record is damaged "
+                                  "(repair or remove it, or choose another output_dir)")
 
 
 def claim_output_dir(output_dir: str) -> None:

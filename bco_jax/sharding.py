@@ -94,13 +94,23 @@ def initialize_distributed(launch) -> bool:
     cluster of several processes. Then `jax.distributed.initialize` connects every process to the
     coordinator (process 0); a peer missing after `timeout_s` seconds, or one that stops sending
     heartbeats later, ends the others with an error instead of a hang. CPU processes exchange
-    collectives through gloo. Any other failure to join is a TrainError of one line.
+    collectives through gloo. Any other failure to join is a TrainError of one line. A launch key
+    that cannot take effect (num_processes / process_id with nothing to join, an address without
+    them and no cluster to supply them) is a ConfigError: alone, every host would train by itself.
     """
     timeout_s = launch.distributed_timeout
     address = launch.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    cluster = None if address else detected_cluster()
+    given = launch.num_processes is not None or launch.process_id is not None
+    cluster = None if address and given else detected_cluster()
     if not address and cluster is None:
+        if given:  # alone, each host of a job would train by itself and write the same output_dir
+            raise ConfigError("num_processes / process_id: given without coordinator_address, and no cluster "
+                              "(SLURM, Open MPI, a TPU slice) was detected to join: add --coordinator_address "
+                              "HOST:PORT of process 0, or drop them to run as one process")
         return False
+    if address and cluster is None and not given:
+        raise ConfigError(f"coordinator_address: {address} given without num_processes and process_id, and no "
+                          "cluster was detected to supply them: give all three")
     if jax.distributed.is_initialized():
         return True
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used on the CPU backend
@@ -115,7 +125,7 @@ def initialize_distributed(launch) -> bool:
     try:
         jax.distributed.initialize(address, num_processes=launch.num_processes, process_id=launch.process_id,
                                    initialization_timeout=int(timeout_s) + 30)
-    except (RuntimeError, ValueError) as err:  # JaxRuntimeError is a RuntimeError
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:  # JaxRuntimeError is a RuntimeError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise TrainError(f"could not join the multi-process job within distributed_timeout={timeout_s}s "
                          f"(coordinator {where}): {first}") from None

@@ -45,7 +45,7 @@ from bco_jax.metrics import MetricsWriter, Reporter
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
 from bco_jax.resume import IDENTITY, RunIdentity
-from bco_jax.run_dir import RunDir, check_output_dir
+from bco_jax.run_dir import RunDir, check_output_dir, claim_output_dir
 from bco_jax.sharding import initialize_distributed, put_batch
 from bco_jax.step import TrainState, memory_report
 
@@ -184,10 +184,12 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
                           "for the embedded demo")
     output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)  # before anything is written
-    run = build(cfg, output_dir=output_dir)
+    run = build(cfg, output_dir=output_dir)  # every input read and checked; nothing written yet
     if cfg.run.dry_run:
         with jax.set_mesh(run.mesh):
             return dry_run(run)
+    if run.main_process:
+        claim_output_dir(output_dir)  # the first write of the run
     identity = run.identity()
     checkpointer = ckpt_lib.Checkpointer(run.output_dir, save_total_limit=cfg.run.save_total_limit,
                                          constant_extras={IDENTITY: identity.record()})
@@ -225,7 +227,11 @@ def _fit_built(run: Run, checkpointer, state, udm_state, start: int, demo: bool,
                                    reference_fingerprint=run.ref_fingerprint)
     if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
         fault_point("export")
-        export_policy(run, state)
+        try:
+            export_policy(run, state)
+        except OSError as err:  # a full disk: hf/ stays as it was (the export is one folder rename)
+            raise OSError(f"the export to {run.dir.hf} failed ({err.strerror or err}); nothing was exported, "
+                          "the checkpoints are kept: rerun the command to export") from err
         log.info("exported the policy to %s", run.dir.hf)
     result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}
     if demo:
@@ -298,12 +304,22 @@ def _fail(err: BaseException, code: int, debug: bool, message: str | None = None
     return code
 
 
+def _unraisable_to_debug_log(unraisable) -> None:
+    """Exceptions Python cannot raise anywhere (Orbax's background tasks finishing after their event
+    loop closed, coroutines collected at exit) go to the debug log, not onto the user's terminal:
+    the run's outcome is already said in one line. `--debug true` keeps Python's own report."""
+    log.debug("ignored in %r: %s", unraisable.object, unraisable.exc_value)
+
+
 def main(argv=None) -> int:
     """The CLI; returns the exit code (see the module's doc)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    debug = _wants_debug(argv)
     for noisy in ("absl", "orbax", "jax"):  # "jax": the root of JAX's module loggers
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    debug = _wants_debug(argv)
+    if not debug:  # Orbax logs a failed background write with its traceback; the error says it in one line
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        sys.unraisablehook = _unraisable_to_debug_log
     # A checkpoint that does not read leaves Orbax's background read task failed; asyncio would print
     # its traceback ("Task exception was never retrieved") after the fallback has already said why.
     logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)

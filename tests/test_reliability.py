@@ -377,6 +377,7 @@ def test_resume_with_another_models_shapes_names_them(capsys, assets, finished, 
 def test_death_before_the_first_checkpoint_leaves_no_stale_rows(capsys, assets, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "bco_jax_run.txt").write_text("")  # the mark the dead start wrote first
     (out / "metrics.jsonl").write_text('{"step": 0, "udm/x": 1}\n{"step": 1, "loss": 9}\n{"step": 2, "loss": 9}\n')
     code, err = cli(capsys, argv(assets, out, "--max_steps", "2"))
     assert code == 0, err[-3000:]

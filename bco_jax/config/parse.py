@@ -14,14 +14,13 @@ import sys
 import types
 import typing
 import warnings
-from pathlib import Path
 
 import yaml
 
 from bco_jax.argv import join_negative_values, parse_bool, parse_mesh
 from bco_jax.config.schema import KEY_ALIASES, SECTIONS, TrainConfig, field_type, help_text, key_table
 from bco_jax.config.validate import validate
-from bco_jax.errors import ConfigError
+from bco_jax.errors import ConfigError, clip
 
 
 def parse_value(key: str, raw, annotation):
@@ -55,7 +54,14 @@ def parse_value(key: str, raw, annotation):
             return float(raw)
         return str(raw)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--{key}: cannot read {raw!r} ({err})") from None
+        raise ConfigError(f"--{key}: cannot read {short(raw)} ({clip(str(err))})") from None
+
+
+def unknown_key(key: str) -> str:
+    """The message for a key no section has, with close matches."""
+    close = [k for k in key_table() if k.startswith(key[:4])][:3]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown config key {short(key)}{hint}"
 
 
 def build_config(values: dict) -> TrainConfig:
@@ -67,9 +73,7 @@ def build_config(values: dict) -> TrainConfig:
             warnings.warn(f"config key {key!r} is now {KEY_ALIASES[key]!r}", DeprecationWarning, stacklevel=2)
             key = KEY_ALIASES[key]
         if key not in table:
-            close = [k for k in table if k.startswith(key[:4])][:3]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(unknown_key(key))
         section, _ = table[key]
         sections[section][key] = parse_value(key, raw, field_type(section, key))
     try:
@@ -90,7 +94,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+                raise ConfigError(f"key {short(key)} is given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -106,28 +110,69 @@ def _flatten_yaml(doc: dict, where: str) -> dict:
         else:
             items = [(key, value, None)]
         for k, v, section in items:
+            if not isinstance(k, str):
+                raise ConfigError(f"--config {where}: key {short(k)} is not a name")
             name = KEY_ALIASES.get(k, k)
+            if name in SECTIONS:
+                raise ConfigError(f"--config {where}: section {name}: must be a mapping of keys")
+            if name not in table:
+                raise ConfigError(f"--config {where}: {unknown_key(name)}")
             if section is not None and name in table and table[name][0] != section:
-                raise ConfigError(f"--config {where}: key {k!r} is under {section}:, but belongs to "
+                raise ConfigError(f"--config {where}: key {short(k)} is under {section}:, but belongs to "
                                   f"{table[name][0]}:")
             if name in flat and flat[name] != v:
-                raise ConfigError(f"--config {where}: key {name!r} is given twice with different values "
-                                  f"({origin[name]}: {flat[name]!r}, {section or 'top level'}: {v!r})")
+                raise ConfigError(f"--config {where}: key {short(name)} is given twice with different values "
+                                  f"({origin[name]}: {short(flat[name])}, {section or 'top level'}: {short(v)})")
             flat[name], origin[name] = v, section or "top level"
     return flat
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; anything near this is not one
+MAX_CONFIG_NODES = 10_000  # values after YAML's aliases are expanded (an anchor bomb stops here)
+
+
 def read_yaml(path: str) -> dict:
-    """The keys of a YAML config file, flat; ConfigError naming the file (and key or line)."""
+    """The keys of a YAML config file, flat; ConfigError naming the file (and key or line). The
+    file's size and its size once aliases are expanded are bounded."""
     try:
-        doc = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+        text = raw.decode("utf-8")
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start})") from None
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {path}: cannot read ({_one_line(err)})") from None
+        raise ConfigError(f"--config {path}: cannot read ({clip(_one_line(err))})") from None
     except ConfigError as err:
         raise ConfigError(f"--config {path}: {err}") from None
     if doc is not None and not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys")
+    if _count_nodes(doc, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+        raise ConfigError(f"--config {path}: more than {MAX_CONFIG_NODES} values once its aliases are expanded: "
+                          "not a config file")
     return _flatten_yaml(doc, path)
+
+
+def _count_nodes(doc, limit: int) -> int:
+    """Values in `doc` with every alias expanded, counted up to just past `limit` (a recursive or
+    exponentially aliased document stops there)."""
+    count, stack = 0, [doc]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend(node)
+    return count
+
+
+def short(value, limit: int = 80) -> str:
+    """`value`'s repr cut to `limit` characters: messages never print a whole value."""
+    return clip(repr(value), limit)
 
 
 def _one_line(err: Exception) -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from bco_jax.argv import mesh_problem, parse_mesh
 from bco_jax.config.schema import TrainConfig, field_type, key_table
-from bco_jax.errors import ConfigError
+from bco_jax.errors import ConfigError, clip
 from bco_jax.losses import PAIRED_LOSSES
 from bco_jax.models.lora import resolve_targets
 from bco_jax.resume import LATER_KEYS, NAMING_KEYS, OPERATIONAL_KEYS
@@ -28,7 +28,8 @@ def _check_choices(cfg: TrainConfig) -> None:
         if typing.get_origin(annotation) is Literal:
             value = getattr(getattr(cfg, section), key)
             if value not in typing.get_args(annotation):
-                raise ConfigError(f"{key}: must be one of {', '.join(typing.get_args(annotation))} (got {value!r})")
+                raise ConfigError(f"{key}: must be one of {', '.join(typing.get_args(annotation))} "
+                                  f"(got {clip(repr(value), 80)})")
 
 
 def _check_finite(cfg: TrainConfig) -> None:
@@ -36,7 +37,25 @@ def _check_finite(cfg: TrainConfig) -> None:
     for key, value in cfg.flat().items():
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+            raise ConfigError(f"{key}: must be a finite number (got {clip(repr(value), 80)})")
+
+
+# HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one; the port 1..65535.
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                      r":(?:[1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "load_in_8bit")
+
+
+def _check_lora_keys(cfg: TrainConfig) -> None:
+    """LoRA keys set without use_peft would be ignored (a full fine-tune would run): refused."""
+    if cfg.model.use_peft:
+        return
+    defaults = type(cfg.model)()
+    changed = [k for k in LORA_KEYS if getattr(cfg.model, k) != getattr(defaults, k)]
+    if changed:
+        value = clip(repr(getattr_flat(cfg, changed[0])), 80)
+        raise ConfigError(f"{changed[0]}: applies with use_peft true only (got {value} without it: a full "
+                          "fine-tune would run); add --use_peft true or drop the LoRA keys")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -65,7 +84,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (o.max_grad_norm >= 0, "max_grad_norm", "must be >= 0"),
         (r.batch_size > 0, "batch_size", "must be > 0"),
         (r.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0"),
-        (r.batch_size % r.gradient_accumulation_steps == 0, "batch_size",
+        (r.gradient_accumulation_steps <= 0 or r.batch_size % r.gradient_accumulation_steps == 0, "batch_size",
          f"{r.batch_size} is not divisible by gradient_accumulation_steps={r.gradient_accumulation_steps}"),
         (r.max_steps == -1 or r.max_steps > 0, "max_steps", "must be > 0, or -1 to use num_train_epochs"),
         (0 <= r.seed < 2**32, "seed", "must be in [0, 2**32)"),
@@ -74,15 +93,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (r.sigterm_exit_code is None or 0 <= r.sigterm_exit_code <= 255, "sigterm_exit_code",
          "must be in [0, 255] (none: 128 + the signal)"),
         (r.demo_samples > 0, "demo_samples", "must be > 0"),
-        (r.max_steps > 0 or r.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
+        (r.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
         (r.logging_steps > 0, "logging_steps", "must be > 0"),
         (r.save_steps > 0, "save_steps", "must be > 0"),
         (r.eval_steps is None or r.eval_steps > 0, "eval_steps", "must be > 0"),
         (r.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be > 0"),
         (cfg.launch.distributed_timeout > 0, "distributed_timeout", "must be > 0"),
         (cfg.model.lora_r > 0, "lora_r", "must be > 0"),
-        (not cfg.model.load_in_8bit or cfg.model.use_peft, "load_in_8bit",
-         "needs use_peft true (int8 weights are frozen: only adapters can train on them)"),
         (cfg.model.lora_alpha > 0, "lora_alpha", "must be > 0"),
         (0.0 <= cfg.model.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)"),
         ((cfg.launch.num_processes is None) == (cfg.launch.process_id is None), "process_id",
@@ -90,12 +107,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.launch.process_id is None or 0 <= cfg.launch.process_id < (cfg.launch.num_processes or 0),
          "process_id", f"must be in [0, num_processes={cfg.launch.num_processes})"),
         (mesh_why is None, "mesh", mesh_why),
+        (cfg.launch.coordinator_address is None or _ADDRESS.fullmatch(cfg.launch.coordinator_address) is not None,
+         "coordinator_address", "must be HOST:PORT (e.g. 10.0.0.1:1234), the port in 1..65535"),
         (cfg.launch.num_processes is None or cfg.launch.num_processes > 0, "num_processes", "must be > 0"),
     ]
     for ok, key, why in checks:
         if not ok:
-            raise ConfigError(f"{key}: {why} (got {getattr_flat(cfg, key)!r})")
+            raise ConfigError(f"{key}: {why} (got {clip(repr(getattr_flat(cfg, key)), 80)})")
     resolve_targets(cfg.model.lora_target_modules)  # ConfigError naming an unknown module
+    _check_lora_keys(cfg)
     # Paired losses read pairs (checked against the files when they load); KTO reads its KL pairs;
     # BCE is BCO with delta = 0.
     data = dataclasses.replace(cfg.data, paired=cfg.data.paired or l.loss_type in PAIRED_LOSSES,

@@ -40,6 +40,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama, Mistral, Qwen), GeGLU with tanh GELU (Gemma)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 REMAT_POLICIES = ("none", "full", "save_dots")
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,18 +117,35 @@ class ModelConfig:
 def compute_dtype(name: str = "auto") -> jnp.dtype:
     """"auto": bfloat16 on accelerators, float32 on CPU (where bfloat16 matmuls are slow and tests
     compare against float32 references); otherwise the named dtype."""
-    if name == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(name)
+    auto = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(auto if name == "auto" else name)
 
 
 def _unsupported(key, value, why=""):
     return ConfigError(f"unsupported config.json option {key}={value!r}{': ' + why if why else ''}")
 
 
-def _load_json(path):
-    with open(path) as f:
-        return json.load(f)
+def _load_json(path) -> dict:
+    """The JSON object in file `path`; ConfigError naming the file when it is garbled or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return value
+
+
+def _check_sizes(hf: dict, where: str) -> None:
+    """The REQUIRED_SIZES, and head_dim and num_key_value_heads unless null, are positive integers, the
+    query heads a multiple of the key-value heads; ConfigError naming `where` (the file) and the key."""
+    for key in (*REQUIRED_SIZES, "num_key_value_heads", "head_dim"):
+        value, got = hf.get(key), f"got {hf[key]!r}" if key in hf else "missing"
+        if (key in REQUIRED_SIZES or value is not None) and (type(value) is not int or value < 1):
+            raise ConfigError(f"{where}: {key} must be a positive integer ({got})")
+    if hf["num_attention_heads"] % (hf.get("num_key_value_heads") or 1):
+        raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
 
 
 def _rope_params(params: dict, key: str) -> dict:
@@ -173,9 +191,7 @@ def _rope_fields(hf: dict, family: str) -> dict:
 
 
 def _as_tuple(ids) -> tuple[int, ...]:
-    if ids is None:
-        return ()
-    return tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
+    return () if ids is None else tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
 
 
 def _family(hf: dict) -> str:
@@ -268,30 +284,34 @@ def find_gguf(path) -> str | None:
     return os.path.join(path, found[0]) if found else None
 
 
+def config_file(path) -> str:
+    """The file `path`'s config is in: its GGUF file, itself (a config.json by any name), or the folder's."""
+    path = str(path)
+    return find_gguf(path) or (path if os.path.isfile(path) else os.path.join(path, "config.json"))
+
+
 def read_source(path) -> tuple[dict, dict]:
     """(config.json, generation_config.json) of an HF folder, a config.json path or a GGUF file (or a
     folder holding one and no config.json)."""
-    gguf = find_gguf(path)
-    if gguf is not None:
-        checkpoint = gguf_io.open_checkpoint(gguf)
+    source = config_file(path)
+    if source.endswith(".gguf"):
+        checkpoint = gguf_io.open_checkpoint(source)
         return checkpoint.hf_config(), checkpoint.generation_config()
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    gen_path = os.path.join(folder, "generation_config.json")
-    return _load_json(os.path.join(folder, "config.json")), _load_json(gen_path) if os.path.exists(gen_path) else {}
+    gen_path = os.path.join(os.path.dirname(source), "generation_config.json")
+    return _load_json(source), _load_json(gen_path) if os.path.exists(gen_path) else {}
 
 
 def read_config(path_or_dict, **overrides) -> ModelConfig:
     """ModelConfig from an HF folder / config.json path / GGUF file / dict. `overrides` set our own
-    fields (remat, attn_implementation). generation_config.json next to config.json supplies the EOS ids."""
-    generation = {}
-    if isinstance(path_or_dict, dict):
-        hf = path_or_dict
-    else:
-        hf, generation = read_source(path_or_dict)
+    fields (remat, attn_implementation). generation_config.json next to config.json supplies the EOS ids.
+    Errors name the key, and the file (`config.json` for a dict) when a size is missing or not positive."""
+    where = "config.json" if isinstance(path_or_dict, dict) else config_file(path_or_dict)
+    hf, generation = (path_or_dict, {}) if isinstance(path_or_dict, dict) else read_source(where)
     hf = text_config(hf)
     family = _family(hf)
     if family == "gemma3_text":
         hf = {**{k: v for k, v in GEMMA3_DEFAULTS.items() if k not in hf}, **hf}
+    _check_sizes(hf, where)
     _unsupported_options(hf)
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     if act not in ACTIVATIONS:

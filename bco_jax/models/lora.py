@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from bco_jax.errors import ConfigError
@@ -170,21 +171,51 @@ def init_adapters(layer_shapes: dict, num_layers: int, targets, rank: int, key) 
 
 def load_peft(path: str, num_layers: int, layer_shapes: dict, targets, rank: int) -> dict:
     """Adapters {projection: {"a", "b"}} in our layout from a PEFT folder (adapter_config.json +
-    adapter_model.safetensors), to start a run from; its rank and target modules must be the run's."""
-    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    if int(config.get("r", -1)) != rank or set(resolve_targets(config.get("target_modules"))) != set(targets):
+    adapter_model.safetensors), to start a run from: its rank, target modules and every tensor's
+    shape must be the run's, and every value finite. Any fault is a ConfigError naming lora_adapter."""
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("adapter_config.json is not a JSON object")
+        tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as err:  # missing, truncated or garbled files
+        raise ConfigError(f"lora_adapter: cannot read the PEFT adapter in {path} ({_first_line(err)})") from None
+    try:
+        theirs = set(resolve_targets(config.get("target_modules")))
+    except ConfigError:
+        theirs = None
+    if str(config.get("r")) != str(rank) or theirs != set(targets):
         raise ConfigError(f"lora_adapter: {path} has r={config.get('r')} on {config.get('target_modules')}; this run "
                          f"has lora_r={rank} on {[PROJECTIONS[t].peft for t in targets]}")
-    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     adapters = {}
     for name in targets:
         module, n_in = PROJECTIONS[name].module, PROJECTIONS[name].n_in
         shape = layer_shapes[name]
+        want = {"A": (rank, math.prod(shape[:n_in])), "B": (math.prod(shape[n_in:]), rank)}
         a, b = [], []
         for i in range(num_layers):
-            key = next(k for k in tensors if k.endswith(f"layers.{i}.{module}.lora_A.weight"))
-            a.append(tensors[key].T.reshape(*shape[:n_in], -1))
-            b.append(tensors[key.replace("lora_A", "lora_B")].T.reshape(-1, *shape[n_in:]))
+            found = {}
+            for ab in "AB":
+                key = next((k for k in tensors if k.endswith(f"layers.{i}.{module}.lora_{ab}.weight")), None)
+                why = _tensor_problem(tensors.get(key), want[ab])
+                if why:
+                    raise ConfigError(f"lora_adapter: {path}: layers.{i}.{module}.lora_{ab}.weight {why}")
+                found[ab] = tensors[key]
+            a.append(found["A"].T.reshape(*shape[:n_in], -1))
+            b.append(found["B"].T.reshape(-1, *shape[n_in:]))
         adapters[name] = {"a": np.stack(a).astype(np.float32), "b": np.stack(b).astype(np.float32)}
     return adapters
+
+
+def _tensor_problem(tensor, shape) -> str | None:
+    """Why an adapter tensor cannot be this model's (None: it can)."""
+    if tensor is None:
+        return "is missing"
+    if tensor.shape != shape:
+        return f"has shape {tensor.shape}, this model needs {shape} (an adapter of another base model?)"
+    return None if np.isfinite(tensor).all() else "holds NaN or inf"
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
