@@ -148,10 +148,11 @@ def check_same_base(policy: str, reference: str, key: str = "ref_model") -> None
         return
     ours, theirs = (tokenizer_vocab(f) for f in (policy, reference))
     if ours is not None and theirs is not None and ours != theirs:
-        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:2]
-        raise ConfigError(f"{key}: the tokenizer of {reference} is not the policy's ({policy}): they map tokens to "
-                          f"other ids (e.g. {', '.join(f'{t!r}: {i}' for t, i in differ)}); the reference "
-                          "must score the policy's own tokens")
+        token = min((t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t)),
+                    key=lambda t: (ours.get(t, len(ours)), t))
+        raise ConfigError(f"{key}: the tokenizer of {reference} is not the policy's ({policy}): token {token!r} is "
+                          f"id {ours.get(token)} for the policy, {theirs.get(token)} for the reference; the "
+                          "reference must score the policy's own tokens")
 
 
 def _same_tokenizer_files(a: str, b: str) -> bool:

@@ -427,3 +427,201 @@ def test_ctrl_c_before_training_is_one_line(capsys, monkeypatch, assets, tmp_pat
     monkeypatch.setattr(train, "build", interrupted)
     code, err = cli(capsys, argv(assets, tmp_path / "out"))
     assert_error(code, err, 130, "interrupted")
+
+
+# --------------------------------------------- third round: folders the user owns, launch keys, YAML
+
+
+def _user_folder(tmp_path, kind):
+    folder = tmp_path / "mine"
+    if kind == "hf_model":
+        return Path(tiny_model_dir(folder))
+    (folder / "hf").mkdir(parents=True)
+    (folder / "config.json").write_text('{"my": "settings"}')
+    (folder / "metrics.jsonl").write_text('{"my": 1}\n')
+    (folder / "hf" / "notes.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize("kind, needle", [("hf_model", "an HF model folder"),
+                                          ("not_a_run", "not empty and not a bco-jax run")])
+def test_output_dir_the_user_owns_is_refused_and_untouched(capsys, assets, tmp_path, kind, needle):
+    folder = _user_folder(tmp_path, kind)
+    before = digest(folder)
+    code, err = cli(capsys, argv(assets, folder))
+    assert_error(code, err, 2, "output_dir", str(folder), needle, "overwrite_output_dir")
+    assert digest(folder) == before
+
+
+def test_overwrite_output_dir_writes_into_a_folder_that_is_not_a_run(capsys, assets, tmp_path):
+    folder = _user_folder(tmp_path, "not_a_run")
+    code, err = cli(capsys, argv(assets, folder, "--overwrite_output_dir", "true", "--max_steps", "2"))
+    assert code == 0, err[-3000:]
+    assert (folder / "hf" / "model.safetensors").exists() and (folder / "bco_jax_run.txt").exists()
+    code, err = cli(capsys, argv(assets, folder, "--max_steps", "2"))  # now a run: resumed without the key
+    assert code == 0 and "resumed" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("where, needle", [("/proc/bco_jax_out", "/proc/bco_jax_out"),
+                                           ("/dev/null/out", "/dev/null/out")])
+def test_output_dir_that_cannot_be_created_is_one_line_exit_2(capsys, assets, where, needle):
+    code, err = cli(capsys, argv(assets, where))
+    assert_error(code, err, 2, "output_dir", needle)
+
+
+def test_a_damaged_run_record_is_named_with_its_line(capsys, assets, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    history = out / "config_history.jsonl"
+    history.write_text(history.read_text() + "{torn\n")
+    before = digest(out)
+    code, err = cli(capsys, argv(assets, out))
+    assert_error(code, err, 2, "output_dir", "config_history.jsonl line 2")
+    assert digest(out) == before
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    from bco_jax.metrics import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2, "lo')
+    truncate_metrics(str(tmp_path), 2, finished=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1}\n'
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--num_processes", "2", "--process_id", "1"], "num_processes"),
+    (["--coordinator_address", "127.0.0.1:1234"], "coordinator_address"),
+    (["--coordinator_address", "garbage", "--num_processes", "2", "--process_id", "0"], "coordinator_address"),
+    (["--coordinator_address", "host:99999", "--num_processes", "2", "--process_id", "0"], "coordinator_address"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    (["--num_train_epochs", "-3"], "num_train_epochs"),
+    (["--lora_r", "8"], "lora_r"),
+    (["--lora_target_modules", "q_proj"], "lora_target_modules"),
+    (["--lora_adapter", "some/adapter"], "lora_adapter"),
+    (["--load_in_8bit", "true"], "load_in_8bit"),
+])
+def test_keys_that_cannot_take_effect_are_refused(capsys, assets, tmp_path, args, key):
+    code, err = cli(capsys, argv(assets, tmp_path / "out", *args))
+    assert_error(code, err, 2, key)
+    assert not (tmp_path / "out").exists()
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("content, needles", [
+    (BOMB, ["values once its aliases are expanded"]),
+    ("lora_target_modules: &r [q_proj, *r]\n", ["values once its aliases are expanded"]),
+    (b"beta: 0.1\nlearning_rate: \xff\xfe\n", ["not UTF-8", "byte 25"]),
+    ("nosuch_key: 1\n", ["unknown config key 'nosuch_key'"]),
+    ("run: 5\n", ["section run"]),
+    ("beta: " + "9" * 5000 + "x\n", ["beta"]),
+    ("/dev/zero", ["larger than 1 MiB"]),
+])
+def test_hostile_config_files_are_one_short_line_naming_the_file(capsys, tmp_path, content, needles):
+    path = Path(content) if content == "/dev/zero" else tmp_path / "cfg.yaml"
+    if content != "/dev/zero":
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = cli(capsys, ["--config", path])
+    assert_error(code, err, 2, *needles)
+    assert len(err) < 600 and (str(path) in err or "beta" in needles)
+
+
+def test_unraisable_exceptions_go_to_the_debug_log(capsys, monkeypatch):
+    import sys
+    import types
+
+    cli(capsys, ["--beta", "nan"])
+    assert sys.unraisablehook is train._unraisable_to_debug_log
+    sys.unraisablehook(types.SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed")))
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------- adapters given to start from
+
+
+def _adapter(folder, model, rank=4, change=None):
+    """A PEFT adapter folder for `model` (rank `rank`), written by our own exporter; `change`
+    damages it as a download or a mix-up would."""
+    from bco_jax.models import lora, read_config
+    from bco_jax.models.decoder import layer_param_shapes
+
+    cfg = read_config(model)
+    shapes = {k: v[0] for k, v in layer_param_shapes(cfg).items()}
+    targets = lora.resolve_targets([])
+    adapters = lora.by_projection({"layers": {f"{n}_lora_{ab}": v[ab] for n, v in lora.init_adapters(
+        shapes, cfg.num_layers, targets, rank, __import__("jax").random.key(0)).items() for ab in "ab"}})
+    lora.save_peft(adapters, str(folder), rank=rank, alpha=8.0, dropout=0.0, targets=targets, base_model=model)
+    weights = Path(folder) / "adapter_model.safetensors"
+    if change == "corrupt":
+        weights.write_bytes(b"\x10" + b"\x00" * 7 + b"{garbage}")
+    elif change == "truncated":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif change == "nan":
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(str(weights))
+        name = sorted(tensors)[0]
+        tensors[name] = np.full_like(tensors[name], np.nan)
+        save_file(tensors, str(weights))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("other_base", "needs"), ("corrupt", "cannot read"), ("truncated", "cannot read"), ("wrong_rank", "r=8"),
+    ("missing", "cannot read"), ("nan", "NaN"),
+])
+def test_a_bad_adapter_is_named_before_anything_is_written(capsys, assets, tmp_path, case, needle):
+    model = tiny_model_dir(tmp_path / "wide", hidden=48) if case == "other_base" else assets["model"]
+    adapter = tmp_path / "adapter"
+    if case != "missing":
+        _adapter(adapter, model, rank=8 if case == "wrong_rank" else 4, change=case)
+    out = tmp_path / "out"
+    code, err = cli(capsys, argv(assets, out, "--use_peft", "true", "--lora_r", "4", "--lora_adapter", adapter))
+    assert_error(code, err, 2, "lora_adapter", str(adapter), needle)
+    assert not out.exists()
+
+
+def test_an_adapter_inside_output_dir_is_refused(capsys, assets, tmp_path):
+    out = tmp_path / "run"
+    adapter = _adapter(out / "adapter", assets["model"])
+    before = digest(out)
+    code, err = cli(capsys, argv(assets, out, "--use_peft", "true", "--lora_r", "4", "--lora_adapter", adapter))
+    assert_error(code, err, 2, "output_dir", "lora_adapter")
+    assert digest(out) == before
+
+
+def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(capsys, assets, tmp_path):
+    ref = Path(shutil.copytree(assets["model"], tmp_path / "ref"))
+    doc = json.loads((ref / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]
+    (ref / "tokenizer.json").write_text(json.dumps(doc))
+    code, err = cli(capsys, argv(assets, tmp_path / "out", "--ref_model", ref))
+    assert_error(code, err, 2, "ref_model", "tokenizer", "'1'")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- a full disk, for real
+
+
+def test_a_full_disk_during_a_checkpoint_or_the_export_keeps_what_was_saved(capsys, assets, finished, tmp_path):
+    """RLIMIT_FSIZE (SIGXFSZ ignored) from a named point on: every write past 2000 bytes fails with
+    EFBIG, in Orbax's background threads too. The checkpoint at step 4 fails (step 2's is intact);
+    then the export fails (hf/ is never half there); a rerun with room exports what one run would."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    for limit, message in (("checkpoint:2:2000", "checkpoint"), ("export:1:2000", "the export")):
+        env = {**os.environ, "BCO_JAX_FILE_LIMIT": limit}
+        done = subprocess.run([sys.executable, "-m", "bco_jax.train", *map(str, argv(assets, out))], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "File too large" in last, last
+        assert not (out / "hf").exists()
+    assert classify(out / "checkpoints")[0] == [2, 4]
+    code, err = cli(capsys, argv(assets, out))
+    assert code == 0 and "resumed" in err, err[-3000:]
+    assert (out / "hf" / "model.safetensors").read_bytes() == finished["hf"]
