@@ -98,6 +98,10 @@ def check_model_files(folder: str, key: str) -> str:
         raise ConfigError(f"{key}: no config.json in {folder} (a local HF model folder is expected)") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"{key}: cannot read {config} ({err})") from None
+    try:
+        read_config(folder)  # the sizes and the architecture, named with the file
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
             _check_safetensors(os.path.join(folder, name), key)

@@ -113,7 +113,7 @@ def _flatten_yaml(doc: dict, where: str) -> dict:
             if not isinstance(k, str):
                 raise ConfigError(f"--config {where}: key {short(k)} is not a name")
             name = KEY_ALIASES.get(k, k)
-            if name in SECTIONS:
+            if name in SECTIONS and name not in table:
                 raise ConfigError(f"--config {where}: section {name}: must be a mapping of keys")
             if name not in table:
                 raise ConfigError(f"--config {where}: {unknown_key(name)}")
