@@ -21,9 +21,14 @@ class TrainError(RuntimeError):
     """A run that cannot go on; the message says why, the last good checkpoint is kept."""
 
 
-def clip(text: str, limit: int = 200) -> str:
-    """`text` cut to `limit` characters: a message never prints a whole (maybe huge) value."""
-    return text if len(text) <= limit else text[:limit - 4] + " ..."
+def clip(text: str, limit: int = 200, keep_end: bool = False) -> str:
+    """`text` cut to `limit` characters: a message never prints a whole (maybe huge) value.
+    `keep_end`: cut from the middle (an error whose cause is said last, after long paths)."""
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        return text[:limit // 2 - 3] + " ... " + text[-(limit // 2 - 2):]
+    return text[:limit - 4] + " ..."
 
 
 _PASSES: dict[str, int] = {}

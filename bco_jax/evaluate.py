@@ -357,7 +357,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, force=True)  # onto this call's stderr, as train does
     try:
         run(parse(argv))
     except SystemExit as stop:  # --help

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -373,6 +374,7 @@ def table(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, force=True)  # onto this call's stderr, as train does
     argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     try:
         simulate_devices(device_count(argv))  # before jax is imported, which happens from here on

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 
 import jax
 import numpy as np
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
     if not debug:  # Orbax logs a failed background write with its traceback; the error says it in one line
         logging.getLogger("absl").setLevel(logging.CRITICAL)
         sys.unraisablehook = _unraisable_to_debug_log
+        # Orbax's coroutines abandoned by a failed background write, collected at exit
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     # A checkpoint that does not read leaves Orbax's background read task failed; asyncio would print
     # its traceback ("Task exception was never retrieved") after the fallback has already said why.
     logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)
