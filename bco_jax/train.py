@@ -202,15 +202,15 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     # Under the mesh context the models pin activations to the batch axes, so with FSDP XLA gathers
     # weights rather than the whole batch's activations.
     with jax.set_mesh(run.mesh):
-        return _fit_built(run, checkpointer, state, udm_state, start, demo, identity)
+        save_model_copies(run)
+        tables = precompute(run, udm_state)
+        if tables.ref_table is not None:  # log-probs come with the batch: the reference's weights are freed
+            run = dataclasses.replace(run, reference=None)  # (`run` was their last holder; a LoRA base stays)
+        return _fit_built(run, checkpointer, state, tables, start, demo, identity)
 
 
-def _fit_built(run: Run, checkpointer, state, udm_state, start: int, demo: bool, identity: RunIdentity) -> dict:
+def _fit_built(run: Run, checkpointer, state, tables: Tables, start: int, demo: bool, identity: RunIdentity) -> dict:
     cfg, output_dir, main_process = run.cfg, run.output_dir, run.main_process
-    save_model_copies(run)
-    tables = precompute(run, udm_state)
-    if tables.ref_table is not None:  # log-probs come with the batch: free the weights (not a LoRA base)
-        run = dataclasses.replace(run, reference=None)
     writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=main_process)
     if main_process:
         ckpt_lib.record_config(output_dir, flat_config(cfg), start, identity.record())

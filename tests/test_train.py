@@ -1,11 +1,13 @@
 """End-to-end trainer: CLI, metrics and files, export, mesh equivalence, resume, SIGTERM, validation."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from train_fixtures import feedback_file, read_metrics, tiny_model_dir
@@ -73,11 +75,21 @@ def test_mesh_shapes_give_the_same_loss_curve(assets, tmp_path):
         np.testing.assert_allclose(curve, curves["1,1,1"], rtol=2e-5, err_msg=mesh)
 
 
-def test_precomputed_reference_gives_the_same_losses(assets, tmp_path):
+def test_precomputed_reference_gives_the_same_losses(assets, tmp_path, monkeypatch):
+    live_bytes, loop = [], train.train_loop
+
+    def measured(run, *a, **k):  # device memory held while training: the reference's weights go with precompute
+        gc.collect()
+        live_bytes.append(sum(x.nbytes for x in jax.live_arrays()))
+        return loop(run, *a, **k)
+
+    monkeypatch.setattr(train, "train_loop", measured)
     live = _run_losses(assets, tmp_path / "live", "--export_hf", "false")
     pre = _run_losses(assets, tmp_path / "pre", "--export_hf", "false", "--precompute_ref_log_probs", "true")
     np.testing.assert_allclose(pre, live, rtol=1e-5)
     assert any(name.startswith("reference_logps-") for name in os.listdir(tmp_path / "pre"))
+    reference_bytes = os.path.getsize(os.path.join(assets["model"], "model.safetensors"))  # float32, as ref_dtype
+    assert live_bytes[0] - live_bytes[1] > 0.9 * reference_bytes, (live_bytes, reference_bytes)
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "kto"])
