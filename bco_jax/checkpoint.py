@@ -123,6 +123,14 @@ def _abstract_key_data(leaf):
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
 
 
+def agreed(ok: bool) -> bool:
+    """Whether `ok` holds on every process of the job (one small all-gather; `ok` alone on one process):
+    a checkpoint that reads on some processes only must make all of them fall back, not some."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint's background write failed; the earlier checkpoints are intact."""
 
@@ -203,11 +211,14 @@ class Checkpointer:
         """
         failed = []
         for step in reversed(self.all_steps()):
+            error = None
             try:
                 extras = self.extras(step)
                 mismatch = shape_differences(self.directory / str(step) / "state", abstract_state)
             except Exception as err:
-                failed.append((step, err))
+                error = err
+            if not agreed(error is None):  # every process falls back together, or none does
+                failed.append((step, error or TrainError("it does not read on another process")))
                 continue
             if check is not None:
                 check(step, extras)
@@ -216,10 +227,13 @@ class Checkpointer:
                 raise TrainError(f"checkpoint {step} in {self.directory} is of another model: "
                                  f"{'; '.join(mismatch[:3])}{more} (checkpoint -> now); use the model it was "
                                  "trained from, or another output_dir")
+            state, error = None, None
             try:
                 state, extras = self.restore(step, abstract_state)
             except Exception as err:
-                failed.append((step, err))
+                error = err
+            if not agreed(error is None):
+                failed.append((step, error or TrainError("it does not read on another process")))
                 continue
             self._set_aside_unreadable(failed)
             return step, state, extras

@@ -201,3 +201,22 @@ def test_check_reference():
     assert "sha256:aaa" in msg and "sha256:bbb" in msg and "/models/ref" in msg and "\n" not in msg
     with pytest.raises(ValueError, match="None"):
         check_reference({}, "sha256:bbb")
+
+
+def test_a_checkpoint_unreadable_on_another_process_is_abandoned_by_all(tmp_path, monkeypatch):
+    """`agreed` is the all-gather every process answers after reading a step: one process's failure
+    (stood in for here: it answers False for step 2 after this process read it fine) makes every
+    process fall back to step 1, so none restores a step the others abandoned (a hang)."""
+    import bco_jax.checkpoint as ckpt_lib
+
+    state = {"x": jnp.arange(4.0)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+        ckpt.save(2, {"x": jnp.arange(4.0) + 1}, {"step": 2})
+    answers = iter([False, True, True])  # step 2's metadata: not everywhere; step 1: metadata, arrays
+    monkeypatch.setattr(ckpt_lib, "agreed", lambda ok: ok and next(answers))
+    with Checkpointer(tmp_path) as ckpt:
+        step, restored, extras = ckpt.restore_latest(state)
+    assert step == 1 and extras == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0))
+    assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()
