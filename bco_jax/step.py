@@ -303,7 +303,8 @@ class StepProgram:
 
     `step(state, frozen, batch) -> (state, metrics)` (the state donated) and
     `eval(params, frozen, batch, reward_shift) -> per-row outputs` on [1, b, ...] batches are jitted;
-    `frozen` is `train_step`'s `reference`. `init(trained params) -> TrainState` builds the initial
+    `frozen` is `train_step`'s `reference`. `init(trained params) -> TrainState` (donating the params:
+    no second copy of the weights at start) builds the initial
     state straight onto its shardings (on several hosts no process holds all of it).
     `abstract_state`: the state's shapes, dtypes and shardings."""
     abstract_state: TrainState
@@ -339,7 +340,7 @@ def compile_step(graphdefs, abstract_params, mesh, *, loss: LossOptions, optim, 
         return eval_step(params, frozen, jax.tree.map(lambda x: x[0], batch), reward_shift, graphdefs=graphdefs,
                          cfg=loss, lora=lora)
 
-    return StepProgram(abstract_state=abstract_on(shape, shardings), init=jax.jit(make_state, out_shardings=shardings),
+    return StepProgram(abstract_state=abstract_on(shape, shardings), init=jax.jit(make_state, out_shardings=shardings, donate_argnums=0),
                        step=step, eval=jax.jit(evaluate), schedule=schedule)
 
 
