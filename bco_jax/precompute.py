@@ -78,6 +78,8 @@ def fit_udm(data, data_cfg, loss_cfg, batch_size: int, seed: int, graphdef, ref_
     emb_SxD = _embeddings(data, data_cfg, sample, batch_size, graphdef, ref_params, mesh)
     up = labels[sample]
     classifier = udm.fit_prompt_classifier(emb_SxD[up], emb_SxD[~up])
+    if jax.process_count() > 1:  # every process must weigh with the same classifier: process 0's
+        classifier = multihost_utils.broadcast_one_to_all(classifier)
     acc_up, acc_down = udm.classifier_accuracy(classifier, emb_SxD[up], emb_SxD[~up])
     log.info("UDM classifier: training accuracy %.3f thumbs-up, %.3f thumbs-down", acc_up, acc_down)
     down = np.flatnonzero(~labels)
@@ -85,8 +87,6 @@ def fit_udm(data, data_cfg, loss_cfg, batch_size: int, seed: int, graphdef, ref_
     weights = np.ones(len(data), np.float32)
     weights[down] = np.asarray(udm.ratio_from_logit(logits, loss_cfg.min_density_ratio,
                                                     loss_cfg.max_density_ratio))
-    if jax.process_count() > 1:  # every process must hold the same classifier: fit once, agree
-        classifier = multihost_utils.broadcast_one_to_all(classifier)
     state = {"classifier": jax.tree.map(np.asarray, classifier), "weights": weights}
     return state, {"udm/accuracy_chosen": acc_up, "udm/accuracy_rejected": acc_down}
 
