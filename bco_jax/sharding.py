@@ -17,7 +17,7 @@ import threading
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from bco_jax.argv import MESH_AXES, parse_mesh
@@ -147,20 +147,88 @@ def batch_axes(rules=None) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
-    """Mesh over ("data", "fsdp", "tensor"); one entry may be -1 to take the remaining devices.
-    `shape`: three sizes, or the config's string "data,fsdp,tensor"."""
-    devices = devices if devices is not None else jax.devices()
+def _resolve_shape(shape, count: int) -> list[int]:
+    """`shape` (three sizes, or the string "data,fsdp,tensor") with its -1 filled from `count`
+    devices. ConfigError naming the mesh when the devices do not fit it."""
     shape = list(parse_mesh(shape))  # ConfigError naming the mesh: three entries, one -1 at most
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
-        if len(devices) % known:
-            raise ConfigError(f"mesh: {len(devices)} devices do not divide into mesh {shape}")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ConfigError(f"mesh: {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+        if count % known:
+            raise ConfigError(f"mesh: {count} devices do not divide into mesh {shape}")
+        shape[shape.index(-1)] = count // known
+    if int(np.prod(shape)) != count:
+        raise ConfigError(f"mesh: {shape} needs {int(np.prod(shape))} devices, have {count}")
+    return shape
+
+
+def device_granules(devices) -> tuple[bool, list[list]]:
+    """The devices grouped by the units of the slow network between them (DCN), keyed as
+    `create_hybrid_device_mesh` keys them: CPU devices by process (a multi-process CPU job gives
+    every host slice_index 0), others by slice (`slice_index`: a GPU node, a TPU slice); devices of
+    another platform without a slice_index are one group. Returns (whether the groups are
+    processes, the groups in key order)."""
+    by_process = len(devices) > 0 and devices[0].platform == "cpu"
+    attr = "process_index" if by_process else "slice_index"
+    if not by_process and not (devices and hasattr(devices[0], attr)):
+        return False, [list(devices)]
+    groups: dict[int, list] = {}
+    for device in devices:
+        groups.setdefault(getattr(device, attr), []).append(device)
+    return by_process, [groups[key] for key in sorted(groups)]
+
+
+def split_mesh(shape, granules: int) -> tuple[list[int], list[int]] | None:
+    """(ICI, DCN): the sizes of a resolved mesh inside every granule and across granules (their
+    product is `shape`). The granule count goes on the first of data, fsdp that it divides; tensor
+    never spans granules. None when neither axis is divisible."""
+    for axis in (0, 1):
+        if shape[axis] % granules == 0:
+            dcn = [granules if a == axis else 1 for a in range(len(shape))]
+            return [s // d for s, d in zip(shape, dcn)], dcn
+    return None
+
+
+def hybrid_device_array(shape, devices) -> np.ndarray | None:
+    """The device array of a resolved mesh `shape` over devices of several granules
+    (`device_granules`), laid out by `create_hybrid_device_mesh` (`split_mesh` decides which axis
+    crosses granules). None where `jax.make_mesh` builds the mesh: the devices are one granule, or
+    CPU processes the mesh cannot split (one host's processes, one per device, with tensor across
+    them). ConfigError of one line naming the mesh when slices cannot take it (tensor across them,
+    or slices of unequal size)."""
+    by_process, granules = device_granules(devices)
+    if len(granules) <= 1:
+        return None
+    count, per_granule = len(granules), sorted({len(g) for g in granules})
+    split = split_mesh(shape, count)
+    fits = split is not None and per_granule == [int(np.prod(split[0]))]
+    if by_process and not fits:
+        return None
+    unit = "processes" if by_process else "nodes" if devices[0].platform == "gpu" else "slices"
+    where = f"mesh: {list(shape)} over {count} {unit}"
+    if split is None:
+        hint = (shape[0] * count, shape[1], shape[2] // count) if shape[2] % count == 0 else (
+            count, int(np.prod(shape)) // count, 1)
+        raise ConfigError(f"{where}: tensor cannot span {unit}; put the {unit} on data or fsdp "
+                          f"(e.g. {','.join(map(str, hint))})")
+    if not fits:
+        raise ConfigError(f"{where} needs {int(np.prod(split[0]))} devices in each, have "
+                          f"{'/'.join(map(str, per_granule))}")
+    log.info("%s: %s inside each, %s across them (hybrid mesh)", where, split[0], split[1])
+    return mesh_utils.create_hybrid_device_mesh(split[0], split[1], devices, process_is_granule=by_process)
+
+
+def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+    """Mesh over ("data", "fsdp", "tensor"); one entry may be -1 to take the remaining devices.
+    `shape`: three sizes, or the config's string "data,fsdp,tensor". Devices of one granule (a
+    host, a slice) go through `jax.make_mesh`; devices of several (GPU nodes, TPU slices, CPU
+    processes) through the hybrid layout of `hybrid_device_array`, which `jax.make_mesh` refuses."""
+    devices = devices if devices is not None else jax.devices()
+    shape = _resolve_shape(shape, len(devices))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    array = hybrid_device_array(shape, devices)
+    if array is None:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    return jax.sharding.Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_spec(logical_spec, mesh, rules=None, shape=None) -> PartitionSpec:
@@ -209,8 +277,9 @@ def model_shardings(state, mesh, rules=None):
 
 def build_mesh(shape) -> jax.sharding.Mesh:
     """The configured mesh; a fully specified mesh smaller than the machine uses the first devices
-    (of every process alike, so that no process is left without one). Raises ConfigError naming the
-    shape when the devices do not fit it."""
+    (of every process alike, so that no process is left without one, and every node or slice keeps
+    as many as the others for the hybrid mesh). Raises ConfigError naming the shape when the devices
+    do not fit it."""
     devices, processes = jax.devices(), jax.process_count()
     wanted = int(np.prod(shape))
     if -1 not in shape and 0 < wanted < len(devices):
