@@ -233,16 +233,25 @@ def policy_params(run: Run, state: TrainState) -> dict:
 
 
 def export_policy(run: Run, state: TrainState) -> None:
-    """output_dir/hf: the policy as an HF folder (with use_peft, the adapters merged into the base),
-    and with use_peft output_dir/adapter, a PEFT folder. Every process calls it (they gather the
-    sharded parameters together); process 0 writes."""
+    """output_dir/hf: the policy as an HF folder, and with use_peft output_dir/adapter, a PEFT folder.
+    Streamed, one tensor at a time: a full fine-tune is written in the dtype its source config.json
+    declares (cast before it is gathered; float32 when it declares none); with use_peft, each
+    adapted layer is merged into the base (`lora.merged_layer`, in the base's dtype) as it is
+    written. Every process calls it (they gather the sharded parameters together); process 0 writes."""
+    from bco_jax.models.config import read_source  # (to move to the module's imports)
+    from bco_jax.models.hf import source_dtype, write_hf
+
     m = run.cfg.model
     with atomic_folder(run.dir.hf, write=run.main_process) as path:  # all of hf/ or none of it
         if not m.use_peft:
-            save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer)
+            dtype = source_dtype(read_source(run.model_dir)[0])
+            save_hf(nnx.merge(run.graphdef, state.params), path, tokenizer=run.tokenizer, dtype=dtype)
             return
-        merged = lora.merged_weights(run.base, state.params, m.lora_alpha / m.lora_r)
-        save_hf(nnx.merge(run.base_graphdef, merged), path, tokenizer=run.tokenizer)
+        scale = m.lora_alpha / m.lora_r
+        shapes = jax.eval_shape(lora.merged_weights, run.base, state.params, scale)  # nothing computed
+        merged = nnx.merge(run.base_graphdef, shapes)  # the merged model, abstract: its config and dtype
+        write_hf(merged.config, run.base, path, dtype=merged.param_dtype, tokenizer=run.tokenizer,
+                 layer=lambda name, i: lora.merged_layer(run.base, state.params, scale, name, i))
     adapters = lora.by_projection(jax.tree.map(host_gather, state.params))
     with atomic_folder(run.dir.adapter, write=run.main_process) as path:
         if run.main_process:

@@ -75,6 +75,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
          f"applies to the unpaired losses (bco, bce, kto); {l.loss_type} keeps one pair per row"),
         (not cfg.data.packing or cfg.model.attn_implementation != "cudnn", "packing",
          "attn_implementation=cudnn takes no segment ids; use auto, xla or splash with packing"),
+        (not (cfg.model.attn_implementation == "cudnn" and cfg.model.dtype == "float32"), "attn_implementation",
+         "cudnn runs in bfloat16 / float16: use dtype bfloat16 (or auto on GPU), or attn_implementation xla"),
         (0 < l.min_density_ratio <= l.max_density_ratio, "min_density_ratio", "must be in (0, max_density_ratio]"),
         (l.prompt_sample_size > 0, "prompt_sample_size", "must be > 0"),
         (l.loss_type != "kto" or r.batch_size >= 2, "batch_size",

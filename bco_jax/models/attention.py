@@ -110,14 +110,36 @@ def xla_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None,
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def cudnn_lengths(segment_BxT):
+    """(lengths_B int32, real_BxT bool) of right-padded rows for cuDNN. `real_BxT`: index < the row's
+    true length (its count of non-padding tokens). `lengths_B`: that length clamped to >= 1, as an
+    all-padding row's 0 may be refused, or answered with NaN (its one "real" row is masked anyway)."""
+    true_B = jnp.sum(segment_BxT > 0, axis=1, dtype=jnp.int32)
+    real_BxT = jnp.arange(segment_BxT.shape[1], dtype=jnp.int32)[None, :] < true_B[:, None]
+    return jnp.maximum(true_B, 1), real_BxT
+
+
+def zero_padding(x_BxTx, real_BxT):
+    """`x_BxTx` [B, T, ...] with its positions past each row's length set to 0, by select: a NaN or
+    inf there cannot leak (0 * NaN is NaN), and the gradient there is 0."""
+    real = real_BxT.reshape(*real_BxT.shape, *(1,) * (x_BxTx.ndim - 2))
+    return jnp.where(real, x_BxTx, jnp.zeros((), x_BxTx.dtype))
+
+
 @_kernel("cudnn")
 def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None, scale: float):
-    """cuDNN flash attention. Right-padded rows: the first `sum(valid)` tokens are real."""
-    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(
+    """cuDNN flash attention. Right-padded rows: the first `sum(valid > 0)` tokens are real. cuDNN
+    learns of padding only through the lengths and promises nothing past them, so what it writes
+    there is dropped both ways: padded output rows are zeroed (forward), and so are the inputs'
+    padded positions, whose select then zeroes any gradient cuDNN leaves there (backward). Real rows
+    never read padded keys, so neither changes them."""
+    lengths_B, real_BxT = cudnn_lengths(valid_BxT)
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (zero_padding(x, real_BxT) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
+    out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
         key_value_seq_lengths=lengths_B, local_window_size=None if window is None else (window - 1, 0),
         implementation="cudnn")
+    return zero_padding(out_BxTxNxH, real_BxT)
 
 
 @_kernel("splash")

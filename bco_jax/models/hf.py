@@ -15,7 +15,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from bco_jax.errors import ConfigError, log
 from bco_jax.models import gguf_io, quant
@@ -231,43 +231,70 @@ def load_hf(path, *, dtype=None, param_dtype=jnp.float32, mesh=None, rules=None,
 # ----------------------------------------------------------------------------- save
 
 
-def _hf_tensors(model: Decoder):
-    """Yield (HF name, numpy array) one layer at a time, so the host holds one tensor at once. An
-    int8 projection (`quantize_base`) is written dequantized, in the model's parameter dtype."""
-    _, state = nnx.split(model)
-    flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
-    for our_name, (hf_name, perm, split) in _table_for(model.config, flat).items():
-        array = flat[our_name][...]
+def source_dtype(hf_config: dict):
+    """The dtype a config.json says its weights are in (`dtype`, or transformers 4's `torch_dtype`):
+    float32, bfloat16 or float16; None when it names none of them."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return jnp.dtype(name) if name in ("float32", "bfloat16", "float16") else None
+
+
+def _hf_tensors(cfg, params: dict, dtype, layer=None):
+    """Yield (HF name, numpy array) of the pure param dict `params` of a model of `cfg`: one tensor
+    at a time, a stacked one layer at a time, each cast to `dtype` where it lies before it is
+    gathered, so a host holds one tensor (in `dtype`) at once. An int8 projection (`quantize_base`)
+    is dequantized. `layer(name, i)`: layer i of `layers/<name>` as the caller computes it (the LoRA
+    export merges its adapters there), or None to write it as stored."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for our_name, (hf_name, perm, split) in _table_for(cfg, flat).items():
+        array = flat[our_name]
         if "{i}" not in hf_name:
-            yield hf_name, _to_hf(host_gather(array), perm, split)
+            yield hf_name, _to_hf(host_gather(array.astype(dtype)), perm, split)
             continue
+        name = our_name.rsplit("/", 1)[-1]
         scale = flat.get(our_name + quant.SCALE)
-        for i in range(array.shape[0]):
-            layer = array[i]
-            if scale is not None:
-                n_in = PROJECTIONS[our_name.rsplit("/", 1)[-1]].n_in
-                layer = quant.dequantize(layer, scale[...][i], n_in, model.param_dtype, lead=0)
-            yield hf_name.format(i=i), _to_hf(host_gather(layer), perm, split)
+        for i in range(array.shape[0]):  # no reference kept: one layer on the devices at a time
+            value = _layer(array, scale, name, i, dtype, layer).astype(dtype)
+            yield hf_name.format(i=i), _to_hf(host_gather(value), perm, split)
+            del value
 
 
-def save_hf(model: Decoder, path, *, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+def _layer(array, scale, name: str, i: int, dtype, layer):
+    """Layer i of the stacked `layers/<name>`: the caller's `layer(name, i)`, else as stored (an int8
+    projection dequantized)."""
+    value = layer(name, i) if layer is not None else None
+    if value is not None:
+        return value
+    if scale is not None:
+        return quant.dequantize(array[i], scale[i], PROJECTIONS[name].n_in, dtype, lead=0)
+    return array[i]
+
+
+def save_hf(model: Decoder, path, *, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None):
     """Write config.json (+ generation_config.json when the source had one) and safetensors that
-    transformers loads; sharded with an index above `max_shard_bytes`. `tokenizer`: an HF tokenizer
-    object or a folder whose tokenizer files are copied. On several processes, call it on all of
-    them (they gather the parameters together); process 0 writes."""
+    transformers loads, in `dtype` (default: the model's parameter dtype); sharded with an index
+    above `max_shard_bytes`. `tokenizer`: an HF tokenizer object or a folder whose tokenizer files
+    are copied. On several processes, call it on all of them (they gather the parameters together);
+    process 0 writes."""
+    write_hf(model.config, nnx.to_pure_dict(nnx.split(model)[1]), path, dtype=dtype or model.param_dtype,
+             tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf(cfg, params: dict, path, *, dtype, tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             layer=None):
+    """`save_hf` of a pure param dict of a model of `cfg`, in `dtype`; `layer(name, i)` as in
+    `_hf_tensors` computes stacked layers on the fly (the LoRA export's merge)."""
+    tensors = _hf_tensors(cfg, params, jnp.dtype(dtype), layer)
     if jax.process_index() != 0:
-        for _ in _hf_tensors(model):
+        for _ in tensors:
             pass
         return
     os.makedirs(path, exist_ok=True)
-    cfg = model.config
-    dtype_name = jnp.dtype(model.param_dtype).name
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, dtype_name), f, indent=2, sort_keys=True)
+        json.dump(config_to_hf(cfg, jnp.dtype(dtype).name), f, indent=2, sort_keys=True)
     if cfg.generation_config_json:
         with open(os.path.join(path, "generation_config.json"), "w") as f:
             json.dump(json.loads(cfg.generation_config_json), f, indent=2, sort_keys=True)
-    st.write_sharded(_hf_tensors(model), path, max_shard_bytes)
+    st.write_sharded(tensors, path, max_shard_bytes)
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path)
 

@@ -98,13 +98,17 @@ def _chunked_logps(h_BxCxD, targets_BxC, weights_BxC, w_DxV, chunk: int, dtype, 
 
     def chunk_logps(_, xs):
         h_BxcxD, targets_Bxc, weights_Bxc = xs
+        # Selects, not products (0 * NaN is NaN): what a fused attention kernel may leave at padding
+        # (an unscored slot) reaches neither the logits, nor the sum, nor the LM head's gradient.
+        scored_Bxc = weights_Bxc != 0
+        h_BxcxD = jnp.where(scored_Bxc[..., None], h_BxcxD, jnp.zeros((), h_BxcxD.dtype))
         # One 2-D matmul over the chunk's tokens: its backward runs ~1.5x faster on CPU than a 3-D one's.
         logits_NxV = softcap(jnp.matmul(h_BxcxD.reshape(B * chunk, -1).astype(dtype), w_DxV.astype(dtype),
                                         preferred_element_type=jnp.float32), cap)
         # mode="clip": a pad id >= vocab_size (an added [PAD]) must not turn the row into NaN.
         target_logits_N = jnp.take_along_axis(logits_NxV, targets_Bxc.reshape(-1, 1), axis=-1, mode="clip")[:, 0]
         logps_N = target_logits_N - jax.nn.logsumexp(logits_NxV, axis=-1)
-        return None, logps_N.reshape(B, chunk) * weights_Bxc
+        return None, jnp.where(scored_Bxc, logps_N.reshape(B, chunk) * weights_Bxc, 0.0)
 
     if n_chunks > 1:  # the backward pass recomputes each chunk's logits instead of storing them all
         chunk_logps = jax.checkpoint(chunk_logps)

@@ -113,6 +113,21 @@ def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
     return {**base, "layers": {k: v.astype(dtypes[k]) for k, v in layers.items()}}
 
 
+def merged_layer(base: dict, adapters: dict, scale: float, name: str, i: int):
+    """Layer i of projection `name` of `merged_weights(base, adapters, scale)`, bit for bit, computed
+    alone (the same operations on one layer), so that an export merges while it writes and holds one
+    layer's update at a time, not the whole merged model; None when `name` has no adapters."""
+    if f"{name}_lora_a" not in adapters["layers"]:
+        return None
+    weight, q_scale = base["layers"][name][i], base["layers"].get(name + quant.SCALE)
+    dtype = weight.dtype if q_scale is None else base["embed"].dtype
+    if q_scale is not None:
+        weight = quant.dequantize(weight, q_scale[i], PROJECTIONS[name].n_in, lead=0)
+    a, b = (adapters["layers"][f"{name}_lora_{ab}"][i:i + 1] for ab in "ab")
+    delta = delta_weight(a, b, scale)[0]
+    return (weight.astype(delta.dtype) + delta).astype(dtype)
+
+
 def by_projection(adapters: dict) -> dict:
     """{"layers": {"<projection>_lora_a": A, ...}} -> {<projection>: {"a": A, "b": B}, ...} (host arrays)."""
     out = {}
