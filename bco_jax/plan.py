@@ -262,10 +262,10 @@ def _placed(tree, shardings):
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def fused_target(attn_implementation: str) -> bool:
+def fused_target(attn_implementation: str, dtype: str = "bfloat16") -> bool:
     """Whether the target's kernel never holds the scores: cudnn, splash, and auto (the planner's
-    target is a GPU or TPU, where auto picks one of them)."""
-    return attn_implementation in (*FUSED_KERNELS, "auto")
+    target is a GPU or TPU, where auto picks one of them) unless float32, where auto runs XLA."""
+    return attn_implementation in FUSED_KERNELS or (attn_implementation == "auto" and dtype != "float32")
 
 
 def model_config(path: str, remat: str, key: str = "model"):
@@ -293,7 +293,7 @@ def plan(args, mesh) -> dict:
         raise ConfigError(f"batch_size: {args.batch_size} is not divisible by gradient_accumulation_steps "
                           f"({accumulation}) x data-parallel devices ({data_parallel})")
     rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
-    fused, usable = fused_target(args.attn_implementation), int(args.device_memory * (1 - HEADROOM))
+    fused, usable = fused_target(args.attn_implementation, args.dtype), int(args.device_memory * (1 - HEADROOM))
     from bco_jax.config import separate_reference
     from bco_jax.models import lora
 
