@@ -284,7 +284,7 @@ def test_blocked_xla_attention_equals_dense(side, window):
 
 @pytest.mark.parametrize("side, window, T", [("right", None, 12), ("left", 4, 12), ("right", 5, 200)])
 def test_splash_attention_equals_dense(side, window, T):
-    """Pallas interpret mode on CPU; T = 200 is padded to two 128-blocks."""
+    """Pallas interpret mode on CPU; T = 200 is padded to one 256-block."""
     assert_same_attention(attention.splash_causal, padding(3, T, side), window, T=T, atol=2e-5)
 
 

@@ -142,40 +142,62 @@ def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None,
     return zero_padding(out_BxTxNxH, real_BxT)
 
 
+def splash_block_sizes(T: int):
+    """Splash tiles for T tokens, which splash_causal pads to P, a multiple of SPLASH_BLOCK (the kernel
+    wants blocks of whole 128-lane tiles, so none below 128): every block, forward and backward, the
+    largest of 512, 256, 128 that divides P (fewer grid steps, no more padding than 128-blocks)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    P = -(-T // SPLASH_BLOCK) * SPLASH_BLOCK
+    b = next(size for size in (512, 256, SPLASH_BLOCK) if P % size == 0)
+    return sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                         block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
 @_kernel("splash")
 def splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, window: int | None, scale: float):
     """Pallas splash attention: compiled on TPU, interpreted elsewhere (slow; for tests). `segment_BxT`
     are segment ids: padding is segment 0, the real tokens of a row segment 1 (or 1, 2, ... when
-    packed), so no segment attends to another. Under `jax.set_mesh`, one kernel per batch shard."""
+    packed), so no segment attends to another. Under `jax.set_mesh`, one kernel per batch shard and
+    per shard of the heads (on the q_heads / kv_heads mesh axis when it divides both N and K; else
+    every shard runs every head). Heads split contiguously keep grouped-query groups whole: a shard's
+    query heads j use its key/value heads j // (N // K), as unsharded."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxTxKxH.shape[2]
-    P = -(-T // SPLASH_BLOCK) * SPLASH_BLOCK  # the default 128-blocks must tile the sequence
+    P = -(-T // SPLASH_BLOCK) * SPLASH_BLOCK  # the blocks (multiples of 128) must tile the sequence
     head_mask = sa.CausalMask((P, P)) if window is None else sa.LocalMask((P, P), (window - 1, 0), 0)
+    # One MQA kernel per key/value head, for its N // K query heads: the same on every head shard.
     kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([head_mask] * (N // K)),
-                                              block_sizes=sa.BlockSizes.get_default(),
+                                              block_sizes=splash_block_sizes(T),
                                               interpret=jax.default_backend() != "tpu")
 
-    def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
-        b = q_BxTxNxH.shape[0]
+    def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):  # one shard's rows and heads (b, n, kv)
+        b, _, n, _ = q_BxTxNxH.shape
+        kv = k_BxTxKxH.shape[2]
         pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
         # A Python float scales without promoting bfloat16 (a NumPy scalar would make it float32).
         q_BxPxNxH = jnp.pad(q_BxTxNxH * float(scale), pad)
-        q_BxKxGxPxH = q_BxPxNxH.reshape(b, P, K, N // K, H).transpose(0, 2, 3, 1, 4)
+        q_BxKxGxPxH = q_BxPxNxH.reshape(b, P, kv, n // kv, H).transpose(0, 2, 3, 1, 4)
         k_BxKxPxH = jnp.pad(k_BxTxKxH, pad).transpose(0, 2, 1, 3)
         v_BxKxPxH = jnp.pad(v_BxTxKxH, pad).transpose(0, 2, 1, 3)
         segment_BxP = jnp.pad(segment_BxT.astype(jnp.int32), ((0, 0), (0, P - T)))
         per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # one MQA kernel per key/value head
         out = jax.vmap(per_kv_head)(q_BxKxGxPxH, k_BxKxPxH, v_BxKxPxH, sa.SegmentIds(q=segment_BxP, kv=segment_BxP))
-        return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, N, H).astype(q_BxTxNxH.dtype)
+        return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(b, T, n, H).astype(q_BxTxNxH.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
-    batch = None if mesh.empty else mesh_spec(("batch",), mesh, shape=(B,))[0]
-    if batch is None:
+    if mesh.empty:
         return run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
-    spec = jax.sharding.PartitionSpec(batch)  # a Pallas call is not partitioned by XLA: shard it by hand
-    return jax.shard_map(run, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
+    batch, heads = mesh_spec(("batch", "q_heads"), mesh, shape=(B, N))
+    if heads != mesh_spec(("batch", "kv_heads"), mesh, shape=(B, K))[1]:
+        heads = None  # e.g. tensor > K: every shard runs every head (correct, t times the work)
+    if batch is None and heads is None:
+        return run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
+    # A Pallas call is not partitioned by XLA: shard it by hand. Segment ids: by rows only.
+    spec, rows = jax.sharding.PartitionSpec(batch, None, heads), jax.sharding.PartitionSpec(batch)
+    return jax.shard_map(run, in_specs=(spec, spec, spec, rows), out_specs=spec, check_vma=False)(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
 
 
