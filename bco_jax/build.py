@@ -46,7 +46,9 @@ from bco_jax.load import (
 )
 from bco_jax.metrics import truncate_metrics
 from bco_jax.models import compute_dtype, load_hf, lora, read_config, save_hf
+from bco_jax.models.config import read_source
 from bco_jax.models.decoder import layer_param_shapes
+from bco_jax.models.hf import source_dtype, write_hf
 from bco_jax.precompute import fit_udm, reference_table
 from bco_jax.resume import RunIdentity, check_resume, run_identity
 from bco_jax.run_dir import RunDir
@@ -238,9 +240,6 @@ def export_policy(run: Run, state: TrainState) -> None:
     declares (cast before it is gathered; float32 when it declares none); with use_peft, each
     adapted layer is merged into the base (`lora.merged_layer`, in the base's dtype) as it is
     written. Every process calls it (they gather the sharded parameters together); process 0 writes."""
-    from bco_jax.models.config import read_source  # (to move to the module's imports)
-    from bco_jax.models.hf import source_dtype, write_hf
-
     m = run.cfg.model
     with atomic_folder(run.dir.hf, write=run.main_process) as path:  # all of hf/ or none of it
         if not m.use_peft:

@@ -340,8 +340,9 @@ def compile_step(graphdefs, abstract_params, mesh, *, loss: LossOptions, optim, 
         return eval_step(params, frozen, jax.tree.map(lambda x: x[0], batch), reward_shift, graphdefs=graphdefs,
                          cfg=loss, lora=lora)
 
-    return StepProgram(abstract_state=abstract_on(shape, shardings), init=jax.jit(make_state, out_shardings=shardings, donate_argnums=0),
-                       step=step, eval=jax.jit(evaluate), schedule=schedule)
+    init = jax.jit(make_state, out_shardings=shardings, donate_argnums=0)
+    return StepProgram(abstract_state=abstract_on(shape, shardings), init=init, step=step, eval=jax.jit(evaluate),
+                       schedule=schedule)
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",

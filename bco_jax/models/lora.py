@@ -98,7 +98,8 @@ def merged_weights(base: dict, adapters: dict, scale: float) -> dict:
     built without `quantize_base`. It is the model the adapters were trained with (the dequantized
     base), not the original weights on disk: re-quantizing after the merge would lose most of the
     update (it is far smaller than one int8 step). The PEFT adapter folder, like bitsandbytes QLoRA
-    adapters, is meant for the original base."""
+    adapters, is meant for the original base. The export computes the same one layer at a time
+    (`merged_layer`): this whole-tree form is the definition it is tested against."""
     layers = {k: v for k, v in base["layers"].items() if not k.endswith(quant.SCALE)}
     quantized = [k[:-len(quant.SCALE)] for k in base["layers"] if k.endswith(quant.SCALE)]
     dtypes = {name: layers[name].dtype for name in layers}
