@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bco_jax.models import attention
 
@@ -100,3 +101,23 @@ def test_no_mesh_no_shard_map(monkeypatch):
     q, k, v, valid = inputs()
     assert jax.eval_shape(lambda *a: attention.splash_causal(*a, None, SCALE), q, k, v, valid).shape == q.shape
     assert seen["specs"] == []
+
+
+@pytest.mark.parametrize("shape, q_heads", [((1, 1, 4), None), ((1, 1, 2), "tensor")])
+def test_cudnn_inputs_get_their_heads_sharded_alike(shape, q_heads):
+    """cuDNN's custom partitioning needs q, k and v sharded alike: with tensor 4 > K = 2 the rules
+    would split q's heads only, so all three are replicated over heads; with tensor 2 both split."""
+    from bco_jax.models.attention import heads_alike
+
+    mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:int(np.prod(shape))])
+    q, k = jnp.ones((2, 16, 4, 8)), jnp.ones((2, 16, 2, 8))
+    with jax.set_mesh(mesh):
+        heads = P(None, None, "tensor")
+        q, k = jax.device_put(q, NamedSharding(mesh, heads)), jax.device_put(k, NamedSharding(mesh, P()))
+        outs = jax.jit(heads_alike)(q, k, k)
+    specs = [tuple(o.sharding.spec) + (None,) * (4 - len(o.sharding.spec)) for o in outs]
+    if q_heads is None:
+        assert all(spec[2] is None for spec in specs), specs
+    else:  # already alike on entry (tensor divides both): left to the rules
+        assert outs[0].sharding.spec[2] == "tensor"

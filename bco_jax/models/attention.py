@@ -135,11 +135,27 @@ def cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, window: int | None,
     never read padded keys, so neither changes them."""
     lengths_B, real_BxT = cudnn_lengths(valid_BxT)
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (zero_padding(x, real_BxT) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = heads_alike(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale=scale, is_causal=True, query_seq_lengths=lengths_B,
         key_value_seq_lengths=lengths_B, local_window_size=None if window is None else (window - 1, 0),
         implementation="cudnn")
     return zero_padding(out_BxTxNxH, real_BxT)
+
+
+def heads_alike(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+    """q, k and v with their heads sharded alike under the ambient mesh: cuDNN's custom partitioning
+    needs them equal, and when `tensor` divides the query heads but not the key/value heads (tensor >
+    K) the rules would shard q's heads and replicate k's. Then every head is replicated (rows stay split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
+    B, N, K = q_BxTxNxH.shape[0], q_BxTxNxH.shape[2], k_BxTxKxH.shape[2]
+    batch, q_heads = mesh_spec(("batch", "q_heads"), mesh, shape=(B, N))
+    if q_heads == mesh_spec(("batch", "kv_heads"), mesh, shape=(B, K))[1]:
+        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
+    spec = jax.sharding.PartitionSpec(batch)
+    return tuple(jax.lax.with_sharding_constraint(x, spec) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
 
 
 def splash_block_sizes(T: int):
