@@ -34,7 +34,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bco_jax import losses as L
-from bco_jax.errors import ConfigError, TrainError, clip, log
+from bco_jax.errors import ConfigError, TrainError, clip, first_line, log
 from bco_jax.files import atomic_write_json, atomic_write_text
 from bco_jax.run_dir import RunDir
 
@@ -186,7 +186,7 @@ class Checkpointer:
         try:
             yield
         except Exception as err:
-            first = clip((str(err).strip().splitlines() or [type(err).__name__])[0], 300, keep_end=True)
+            first = clip(first_line(err), 300, keep_end=True)
             raise CheckpointWriteError(f"a checkpoint in {self.directory} could not be written ({first}); "
                                        "the previous checkpoints are kept") from err
 

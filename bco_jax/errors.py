@@ -31,6 +31,16 @@ def clip(text: str, limit: int = 200, keep_end: bool = False) -> str:
     return text[:limit - 4] + " ..."
 
 
+def short(value, limit: int = 80) -> str:
+    """`value`'s repr cut to `limit` characters (`clip`)."""
+    return clip(repr(value), limit)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 _PASSES: dict[str, int] = {}
 
 
@@ -59,4 +69,4 @@ def fault_point(name: str) -> None:
 # missing file. Anything else (a bare ValueError included) is a bug: its traceback, exit 1.
 USER_ERRORS = (ConfigError, DataError, TrainError, FileNotFoundError)
 
-__all__ = ["USER_ERRORS", "ConfigError", "DataError", "TrainError", "clip", "log"]
+__all__ = ["USER_ERRORS", "ConfigError", "DataError", "TrainError", "clip", "first_line", "log", "short"]

@@ -22,7 +22,7 @@ from flax import nnx
 
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax.config import TrainConfig
-from bco_jax.errors import ConfigError, log
+from bco_jax.errors import ConfigError, first_line, log
 from bco_jax.files import atomic_write_json
 from bco_jax.models import Decoder, compute_dtype, gguf_io, load_hf, lora, read_config
 from bco_jax.models.config import find_gguf, read_source
@@ -194,7 +194,7 @@ def reading_weights(folder: str, key: str):
     except ConfigError:
         raise
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"{key}: cannot load the weights in {folder} ({first})") from err
 
 

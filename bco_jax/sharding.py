@@ -21,7 +21,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from bco_jax.argv import MESH_AXES, parse_mesh
-from bco_jax.errors import ConfigError, TrainError
+from bco_jax.errors import ConfigError, TrainError, first_line
 
 log = logging.getLogger("bco_jax.sharding")
 
@@ -126,7 +126,7 @@ def initialize_distributed(launch) -> bool:
         jax.distributed.initialize(address, num_processes=launch.num_processes, process_id=launch.process_id,
                                    initialization_timeout=int(timeout_s) + 30)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:  # JaxRuntimeError is a RuntimeError
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise TrainError(f"could not join the multi-process job within distributed_timeout={timeout_s}s "
                          f"(coordinator {where}): {first}") from None
     finally:

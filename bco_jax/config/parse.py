@@ -20,7 +20,7 @@ import yaml
 from bco_jax.argv import join_negative_values, parse_bool, parse_mesh
 from bco_jax.config.schema import KEY_ALIASES, SECTIONS, TrainConfig, field_type, help_text, key_table
 from bco_jax.config.validate import validate
-from bco_jax.errors import ConfigError, clip
+from bco_jax.errors import ConfigError, clip, short
 
 
 def parse_value(key: str, raw, annotation):
@@ -168,11 +168,6 @@ def _count_nodes(doc, limit: int) -> int:
         elif isinstance(node, (list, tuple, set)):
             stack.extend(node)
     return count
-
-
-def short(value, limit: int = 80) -> str:
-    """`value`'s repr cut to `limit` characters: messages never print a whole value."""
-    return clip(repr(value), limit)
 
 
 def _one_line(err: Exception) -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from bco_jax.argv import mesh_problem, parse_mesh
 from bco_jax.config.schema import TrainConfig, field_type, key_table
-from bco_jax.errors import ConfigError, clip
+from bco_jax.errors import ConfigError, short
 from bco_jax.losses import PAIRED_LOSSES
 from bco_jax.models.lora import resolve_targets
 from bco_jax.resume import LATER_KEYS, NAMING_KEYS, OPERATIONAL_KEYS
@@ -29,7 +29,7 @@ def _check_choices(cfg: TrainConfig) -> None:
             value = getattr(getattr(cfg, section), key)
             if value not in typing.get_args(annotation):
                 raise ConfigError(f"{key}: must be one of {', '.join(typing.get_args(annotation))} "
-                                  f"(got {clip(repr(value), 80)})")
+                                  f"(got {short(value)})")
 
 
 def _check_finite(cfg: TrainConfig) -> None:
@@ -37,7 +37,7 @@ def _check_finite(cfg: TrainConfig) -> None:
     for key, value in cfg.flat().items():
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise ConfigError(f"{key}: must be a finite number (got {clip(repr(value), 80)})")
+            raise ConfigError(f"{key}: must be a finite number (got {short(value)})")
 
 
 # HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one; the port 1..65535.
@@ -53,7 +53,7 @@ def _check_lora_keys(cfg: TrainConfig) -> None:
     defaults = type(cfg.model)()
     changed = [k for k in LORA_KEYS if getattr(cfg.model, k) != getattr(defaults, k)]
     if changed:
-        value = clip(repr(getattr_flat(cfg, changed[0])), 80)
+        value = short(getattr_flat(cfg, changed[0]))
         raise ConfigError(f"{changed[0]}: applies with use_peft true only (got {value} without it: a full "
                           "fine-tune would run); add --use_peft true or drop the LoRA keys")
 
@@ -115,7 +115,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ]
     for ok, key, why in checks:
         if not ok:
-            raise ConfigError(f"{key}: {why} (got {clip(repr(getattr_flat(cfg, key)), 80)})")
+            raise ConfigError(f"{key}: {why} (got {short(getattr_flat(cfg, key))})")
     resolve_targets(cfg.model.lora_target_modules)  # ConfigError naming an unknown module
     _check_lora_keys(cfg)
     # Paired losses read pairs (checked against the files when they load); KTO reads its KL pairs;

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
-from bco_jax.errors import ConfigError
+from bco_jax.errors import ConfigError, first_line
 from bco_jax.files import atomic_write, atomic_write_json
 from bco_jax.models import quant
 from bco_jax.models.projections import PROJECTIONS
@@ -196,7 +196,7 @@ def load_peft(path: str, num_layers: int, layer_shapes: dict, targets, rank: int
             raise ValueError("adapter_config.json is not a JSON object")
         tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     except (OSError, ValueError, SafetensorError) as err:  # missing, truncated or garbled files
-        raise ConfigError(f"lora_adapter: cannot read the PEFT adapter in {path} ({_first_line(err)})") from None
+        raise ConfigError(f"lora_adapter: cannot read the PEFT adapter in {path} ({first_line(err)[:200]})") from None
     try:
         theirs = set(resolve_targets(config.get("target_modules")))
     except ConfigError:
@@ -231,7 +231,3 @@ def _tensor_problem(tensor, shape) -> str | None:
     if tensor.shape != shape:
         return f"has shape {tensor.shape}, this model needs {shape} (an adapter of another base model?)"
     return None if np.isfinite(tensor).all() else "holds NaN or inf"
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
