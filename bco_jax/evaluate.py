@@ -1,5 +1,5 @@
-"""`python -m bco_jax.evaluate`: how an aligned policy's implicit reward and samples look; and
-`eval_pass`, the trainer's evaluation over a labelled dataset.
+"""`python -m bco_jax.evaluate`: how an aligned policy's implicit reward and samples look (the
+scoring itself is `bco_jax.scoring`, shared with the trainer's evaluation).
 
 On labelled feedback: implicit-reward accuracy (sign of reward - delta against the label, with the
 delta the training run saved) and ROC AUC, mean reward per class. On held-out prompts: completions
@@ -9,13 +9,16 @@ log pi(y|x) - log pi_ref(y|x), and optionally an oracle `--reward_fn module:func
 Printed as a table and written as strict JSON (a missing quantity is null or absent): inside a
 training output dir, else under outputs/eval/<model name>/, or at --output. Every input is checked
 before anything is written, and nothing is written into a folder the user owns (docs/reliability.md).
+
+It runs on a mesh as the trainer does (`--mesh`, `--dtype`, `--attn_implementation`), started once per
+host with the trainer's launch keys or a cluster's own variables: weights load onto their shardings in
+the compute dtype, every process scores and samples its rows, process 0 writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib
 import json
 import logging
@@ -29,38 +32,22 @@ import numpy as np
 from flax import nnx
 
 from bco_jax import files
-from bco_jax import losses as L
 from bco_jax.argv import join_negative_values
 from bco_jax.config import add_keys
-from bco_jax.data import DataConfig, DataError, class_prompts, load_dataset, ordered_batches
-from bco_jax.data.batch import Batch, Sequences
+from bco_jax.data import DataConfig, DataError, load_dataset
 from bco_jax.data.sources import resolve as resolve_data
 from bco_jax.errors import USER_ERRORS, ConfigError
 from bco_jax.load import check_finite_weights, check_same_base, load_tokenizer, model_folder, reading_weights
-from bco_jax.metrics import eval_summary
-from bco_jax.models import generate, load_hf
-from bco_jax.models.generate import right_align
-from bco_jax.precompute import attach_tables
+from bco_jax.models import load_hf
+from bco_jax.models.config import compute_dtype
 from bco_jax.run_dir import DEFAULT_PARENT, EVAL_REPORT, FINAL_STATE, RunDir, is_run, overlap, samples_path
-from bco_jax.sharding import data_shard, host_gather, put_batch, shard_devices
-from bco_jax.step import scored_logps
-
-
-def eval_pass(eval_fn, params, reference, reward_shift, data, data_cfg, batch_size: int, mesh,
-              ref_table=None) -> dict:
-    """eval_ metrics over a whole labelled dataset with the state's current delta (`eval_fn`:
-    `bco_jax.step.StepProgram.eval`). Every process calls it; each feeds its block of the rows, laid
-    out as training's (`data_shard`: processes whose devices hold the same rows feed the same ones)."""
-    rows, n_rows, loss_sum = {"rewards": [], "labels": [], "mask": []}, 0, 0.0
-    shard, shards = data_shard(mesh)
-    for batch in ordered_batches(data, data_cfg, batch_size, shard, shards, shard_devices(mesh)):
-        out = eval_fn(params, reference, put_batch(attach_tables(batch, ref_table), mesh), reward_shift)
-        for key in rows:
-            rows[key].append(host_gather(out[key]).reshape(-1))
-        loss_sum += float(host_gather(out["loss_sum"]))
-        n_rows += int(host_gather(out["n_examples"]))
-    delta = float(L.reward_shift_delta(reward_shift))
-    return eval_summary(*(np.concatenate(rows[k]) for k in ("rewards", "labels", "mask")), loss_sum, n_rows, delta)
+from bco_jax.scoring import feedback_metrics, sample_and_score
+from bco_jax.sharding import (
+    LOGICAL_RULES,
+    build_mesh,
+    data_parallel_size,
+    initialize_distributed,
+)
 
 
 def is_training_output(path: str) -> bool:
@@ -157,10 +144,12 @@ def strict(record: dict) -> dict:
     return {k: None if isinstance(v, (float, np.floating)) and not math.isfinite(v) else v for k, v in record.items()}
 
 
-def load_checked(path: str, flag: str):
-    """The model at `path`; a loader error or a NaN / inf weight named in one line."""
+def load_checked(path: str, flag: str, mesh=None, dtype=jnp.float32, attn_implementation: str = "auto"):
+    """The model at `path` on `mesh`'s shardings, its weights in `dtype`; a loader error or a NaN / inf
+    weight named in one line."""
     with reading_weights(path, flag):
-        model = load_hf(path)
+        model = load_hf(path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=LOGICAL_RULES,
+                        attn_implementation=attn_implementation)
     check_finite_weights(nnx.to_pure_dict(nnx.state(model)), path, flag)
     return model
 
@@ -174,89 +163,6 @@ def load_reward_fn(spec: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"--reward_fn {spec!r}: {err}") from None
-
-
-@functools.lru_cache(maxsize=16)  # one compilation per model structure, not per call
-def _logps_fn(graphdef):
-    @jax.jit
-    def fn(params, batch: Batch):  # the step's own log-prob helper, on an unpaired [E] batch
-        return scored_logps(graphdef, params, batch)[:, 0]
-    return fn
-
-
-def feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size) -> dict:
-    """Accuracy / AUC / class means of the implicit reward on labelled (unpaired) feedback."""
-    pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
-    rewards, labels, mask = [], [], []
-    for batch in ordered_batches(data, cfg, batch_size):
-        arrays = jax.tree.map(jnp.asarray, batch.replace(example_index=None))
-        r = L.implicit_reward(pol_fn(policy[1], arrays), ref_fn(reference[1], arrays), beta)
-        rewards.append(np.asarray(r)), labels.append(batch.labels), mask.append(batch.example_mask)
-    rewards, labels, mask = (np.concatenate(x) for x in (rewards, labels, mask))
-    out = eval_summary(rewards, labels, mask, 0.0, 1, delta)
-    out.pop("eval_loss")
-    return {k.removeprefix("eval_"): v for k, v in out.items()}
-
-
-def sample_and_score(data, tokenizer, policy, reference, *, num_prompts, max_new_tokens, temperature, top_p,
-                     batch_size, seed, reward_fn=None, eos_ids=()):
-    """Sample one completion per held-out prompt; KL estimate and optional oracle reward."""
-    # Distinct prompts in a seeded random order: cutting a class-sorted list would sample one class's
-    # prompts only (and under prompt mismatch, one prompt family).
-    by_index = {}
-    for up in (True, False):
-        for ids, index in zip(*class_prompts(data, up)):
-            by_index[int(index)] = np.asarray(ids)
-    seen, prompts = set(), []
-    for index in np.random.default_rng(seed).permutation(sorted(by_index)):
-        key = tuple(by_index[int(index)])
-        if key not in seen:
-            seen.add(key)
-            prompts.append(by_index[int(index)])
-    prompts = prompts[:num_prompts]
-    pol_fn, ref_fn = _logps_fn(policy[0]), _logps_fn(reference[0])
-    model = nnx.merge(*policy)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows, kls = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape: one compilation
-        P = max(len(p) for p in chunk)
-        ids = np.full((batch_size, P), pad, np.int32)
-        mask = np.zeros((batch_size, P), np.int32)
-        for i, p in enumerate(chunk):
-            ids[i, P - len(p):], mask[i, P - len(p):] = p, 1  # left-padded prompts
-        tokens, gen_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), start),
-                                    eos_ids=eos_ids or None, pad_id=pad)
-        # Prompts were left-padded for sampling; scoring takes real tokens first (the training layout,
-        # which fused attention kernels assume).
-        full_mask, full, loss_mask = right_align(
-            jnp.concatenate([jnp.asarray(mask), gen_mask], axis=1), jnp.concatenate([jnp.asarray(ids), tokens], axis=1),
-            jnp.concatenate([jnp.zeros_like(mask), gen_mask], axis=1))
-        arrays = Batch(example_mask=jnp.ones(len(full), bool), main=Sequences(full, full_mask, loss_mask))
-        lp_pol, lp_ref = np.asarray(pol_fn(policy[1], arrays)), np.asarray(ref_fn(reference[1], arrays))
-        tokens, gen_mask = np.asarray(tokens), np.asarray(gen_mask)
-        stop = set(eos_ids or model.config.eos_token_ids)
-        for i in range(min(batch_size, len(prompts) - start)):
-            prompt = tokenizer.decode(chunk[i], skip_special_tokens=True)
-            generated = [int(t) for t in tokens[i][gen_mask[i] > 0]]
-            if generated and generated[-1] in stop:
-                generated = generated[:-1]
-            # Special tokens sampled mid-answer stay visible: an oracle must not score junk as right.
-            completion = tokenizer.decode(generated, skip_special_tokens=False)
-            row = {"prompt": prompt, "completion": completion, "policy_logp": float(lp_pol[i]),
-                   "reference_logp": float(lp_ref[i])}
-            if reward_fn is not None:
-                row["oracle_reward"] = float(reward_fn(prompt, completion))
-            rows.append(row)
-            kls.append(lp_pol[i] - lp_ref[i])
-    out = {"samples": len(rows)}  # no samples: no KL and no oracle reward (a mean of nothing)
-    if rows:
-        out["kl"] = float(np.mean(kls))
-    if rows and reward_fn is not None:
-        out["oracle_reward"] = float(np.mean([r["oracle_reward"] for r in rows]))
-    return out, rows
 
 
 class _Parser(argparse.ArgumentParser):
@@ -277,7 +183,10 @@ def parse(argv=None):
         "ref_model": "reference HF folder (default: the training run's, else --model)",
         "beta": "implicit-reward beta (default: the training run's, else 0.1)",
         "max_length": "default: the training run's, else 1024",
-        "batch_size": "prompts or examples per forward pass"})
+        "batch_size": "prompts or examples per forward pass (rounded up to a multiple of the data-parallel devices)"})
+    add_keys(p, {"mesh": (-1, 1, 1), "dtype": "auto", "attn_implementation": "auto", "coordinator_address": None,
+                 "num_processes": None, "process_id": None, "distributed_timeout": 300},
+             helps={"dtype": "compute dtype, and the weights' (auto: bfloat16 on GPU/TPU, float32 on CPU)"})
     p.add_argument("--delta", type=float, help="reward shift (default: the training run's saved delta, else 0)")
     p.add_argument("--reward_fn", help="oracle module:function(prompt, completion) -> float")
     p.add_argument("--num_samples", type=int, default=256, help="held-out prompts to sample (default 256; 0: none)")
@@ -313,7 +222,9 @@ def check_args(args):
 
 
 def run(args) -> dict:
-    """Check every input, then score and sample; the report is written last, nothing before it."""
+    """Join the job, check every input, then score and sample; the report is written last (by
+    process 0), nothing before it."""
+    initialize_distributed(args)  # before anything touches a device
     model_path, saved = resolve_model(args.model)
     ref_path = args.ref_model or saved.get("reference_path") or model_path
     check_reference(model_path, ref_path)
@@ -339,17 +250,23 @@ def run(args) -> dict:
     data = load_dataset([args.data], tokenizer, cfg, require_both_classes=False)
     if data.paired:
         raise DataError(f"--data {args.data}: evaluation reads unpaired feedback (prompt, completion, label)")
-    policy_model = load_checked(model_path, "--model")
+    mesh = build_mesh(args.mesh)
+    batch_size = -(-args.batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
+    options = dict(mesh=mesh, dtype=compute_dtype(args.dtype), attn_implementation=args.attn_implementation)
+    policy_model = load_checked(model_path, "--model", **options)
     same = os.path.abspath(ref_path) == os.path.abspath(model_path)
     policy = nnx.split(policy_model)
-    reference = policy if same else nnx.split(load_checked(ref_path, "--ref_model"))
+    reference = policy if same else nnx.split(load_checked(ref_path, "--ref_model", **options))
     report = {"model": model_path, "reference": ref_path, "beta": beta, "delta": delta}
-    report.update(feedback_metrics(data, cfg, policy, reference, beta, delta, args.batch_size))
-    sampled, rows = sample_and_score(data, tokenizer, policy, reference, num_prompts=args.num_samples,
-                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                                     reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
+    with jax.set_mesh(mesh):
+        report.update(feedback_metrics(data, cfg, policy, reference, beta, delta, batch_size, mesh))
+        sampled, rows = sample_and_score(data, tokenizer, policy, reference, mesh, num_prompts=args.num_samples,
+                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, batch_size=batch_size, seed=args.seed,
+                                         reward_fn=reward_fn, eos_ids=policy_model.config.eos_token_ids)
     report = strict({**report, **sampled})
+    if jax.process_index() != 0:
+        return report
     write_report(output, report, rows)
     for key, value in report.items():
         print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")

@@ -344,6 +344,35 @@ def put_batch(local, mesh, accumulation: int = 1):
     return jax.tree.map(put, local)
 
 
+def put_rows(local, mesh):
+    """This process's rows [b, ...] -> global [B, ...] jax.Arrays with rows on the batch axes, for
+    every array of `local` (any pytree): `put_batch` without the micro-batch axis."""
+    _, blocks = data_shard(mesh)
+
+    def put(value):
+        value = np.asarray(value)
+        sharding = NamedSharding(mesh, PartitionSpec(batch_axes(), *([None] * (value.ndim - 1))))
+        return jax.make_array_from_process_local_data(sharding, value, (len(value) * blocks, *value.shape[1:]))
+
+    return jax.tree.map(put, local)
+
+
+def local_rows(x, mesh) -> np.ndarray:
+    """This process's block of a global [B, ...] array's rows, as NumPy (the rows `put_rows` took
+    from it): read from the shards this process holds, or gathered when it does not hold them all."""
+    shard, blocks = data_shard(mesh)
+    b = x.shape[0] // blocks
+    first, out, covered = shard * b, np.empty((b, *x.shape[1:]), x.dtype), np.zeros(b, bool)
+    for piece in x.addressable_shards:
+        rows, rest = piece.index[0], piece.index[1:]
+        r0, r1 = rows.start or 0, x.shape[0] if rows.stop is None else rows.stop
+        lo, hi = max(r0, first), min(r1, first + b)
+        if lo < hi:
+            out[(slice(lo - first, hi - first), *rest)] = np.asarray(piece.data)[lo - r0:hi - r0]
+            covered[lo - first:hi - first] = True
+    return out if covered.all() else host_gather(x)[first:first + b]
+
+
 def host_gather(x) -> np.ndarray:
     """A global jax.Array as one NumPy array on every process (its shards may live on other hosts)."""
     if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):

@@ -39,7 +39,6 @@ from bco_jax.build import (
 )
 from bco_jax.config import TrainConfig, parse_args
 from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, fault_point, log
-from bco_jax.evaluate import eval_pass
 from bco_jax.files import atomic_write_json
 from bco_jax.load import save_model_copies
 from bco_jax.metrics import MetricsWriter, Reporter
@@ -47,6 +46,7 @@ from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
 from bco_jax.resume import IDENTITY, RunIdentity
 from bco_jax.run_dir import RunDir, check_output_dir, claim_output_dir
+from bco_jax.scoring import eval_pass
 from bco_jax.sharding import initialize_distributed, put_batch
 from bco_jax.step import TrainState, memory_report
 
@@ -266,7 +266,7 @@ def _demo_after(run: Run, state: TrainState, final: dict) -> dict:
 
 def score_oracle(run: Run, state: TrainState) -> dict:
     return oracle_demo.success(run.graphdef, policy_params(run, state), run.tokenizer, seed=run.cfg.run.seed,
-                               samples=run.cfg.run.demo_samples)
+                               samples=run.cfg.run.demo_samples, mesh=run.mesh)
 
 
 def dry_run(run: Run) -> dict:

@@ -103,3 +103,27 @@ def test_right_align_moves_leading_padding_to_the_end():
     out_mask, out_ids = right_align(mask, ids)
     np.testing.assert_array_equal(out_mask, [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(out_ids[:, :3], [[1, 2, 3], [4, 5, 6]])
+
+
+def test_on_a_mesh_each_row_samples_what_it_samples_alone(family, tmp_path):
+    """Sharded weights (fsdp 2 x tensor 2) and rows split over 2 data shards give the unsharded
+    result, and with `row_ids` a row's sample depends on its ids only: not on its batch-mates."""
+    from flax import nnx
+
+    from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
+
+    name, _, model = family
+    mesh = make_mesh((2, 2, 2))
+    graphdef, state = nnx.split(model)
+    sharded = nnx.merge(graphdef, jax.device_put(state, model_shardings(state, mesh, LOGICAL_RULES)))
+    ids, mask = tiny_hf.padded_batch(seed=11, batch=4, length=5, side="left")
+    ids[1], mask[1] = ids[0], mask[0]  # one prompt, two answers: rows 0 and 1
+    row_ids = np.array([[7, 0], [7, 1], [8, 0], [8, 1]])
+    kwargs = dict(max_new_tokens=4, temperature=1.5, rng=jax.random.key(5), eos_ids=())
+    plain = np.asarray(generate(model, ids, mask, row_ids=row_ids, **kwargs)[0])
+    on_mesh, _ = generate(sharded, ids, mask, row_ids=row_ids, mesh=mesh, **kwargs)
+    np.testing.assert_array_equal(on_mesh, plain)  # one process: its rows are all rows
+    order = [2, 0, 3, 1]  # the same rows, batched in another order
+    shuffled = np.asarray(generate(model, ids[order], mask[order], row_ids=row_ids[order], **kwargs)[0])
+    np.testing.assert_array_equal(shuffled, plain[order])
+    assert not np.array_equal(plain[0], plain[1])  # the answer index draws another sample

@@ -2,6 +2,7 @@
 process with 8 devices: each reads its own rows, delta and the loss are reduced over both hosts,
 checkpoints and the HF export are written once. A missing peer ends the run with a one-line error."""
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from train_fixtures import feedback_file, read_metrics, tiny_model_dir
 
 from bco_jax import train
 from bco_jax.config import parse_args
+from bco_jax.run_dir import samples_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,9 +36,9 @@ def flags(model, data, out):
             "--tensorboard", "false", "--mesh", "4,2,1"]
 
 
-def launch(n, argv, *, devices=4, timeout=300, slurm=False):
-    """`python -m bco_jax.train` as processes 0 .. n-1 of one job on 127.0.0.1, joined through the
-    CLI's flags, or (`slurm`) through the environment of an n-task SLURM job; returns them finished."""
+def launch(n, argv, *, devices=4, timeout=300, slurm=False, module="bco_jax.train"):
+    """`python -m <module>` (the trainer) as processes 0 .. n-1 of one job on 127.0.0.1, joined through
+    the CLI's flags, or (`slurm`) through the environment of an n-task SLURM job; returns them finished."""
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
@@ -49,7 +51,7 @@ def launch(n, argv, *, devices=4, timeout=300, slurm=False):
         else:
             extra, penv = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(n),
                            "--process_id", str(i)], env
-        procs.append(subprocess.Popen([sys.executable, "-m", "bco_jax.train", *argv, *extra], env=penv,
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv, *extra], env=penv,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         errors = [p.communicate(timeout=timeout)[1] for p in procs]  # bounded: never a hang
@@ -120,6 +122,28 @@ def test_processes_sharing_a_batch_block_evaluate_like_one(tmp_path, packing):
                                         "eval_count/chosen", "eval_count/rejected"))
     last = [r for r in multi if "eval_loss" in r][-1]
     assert last["eval_count/chosen"] + last["eval_count/rejected"] == 64
+
+
+def test_two_processes_evaluate_and_sample_like_one(tmp_path):
+    # 2 hosts x 2 devices, data across hosts and tensor within: every process loads its weight shards,
+    # scores and samples its own rows; the report and the sampled answers are the one-process ones.
+    from bco_jax import evaluate
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = feedback_file(tmp_path / "fb.jsonl", 24)
+    argv = ["--model", model, "--data", data, "--num_samples", "12", "--max_new_tokens", "4", "--batch_size", "8",
+            "--max_length", "16", "--seed", "3"]
+    launch(2, argv + ["--mesh", "2,1,2", "--output", str(tmp_path / "multi" / "eval.json")], devices=2,
+           module="bco_jax.evaluate")
+    assert evaluate.main(argv + ["--mesh", "1,1,1", "--output", str(tmp_path / "single" / "eval.json")]) == 0
+    multi, single = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("multi", "single"))
+    assert multi.keys() == single.keys() and multi["samples"] == 12
+    for key, value in single.items():
+        if isinstance(value, float):
+            np.testing.assert_allclose(multi[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    answers = [[json.loads(line)["completion"] for line in open(samples_path(str(tmp_path / name / "eval.json")))]
+               for name in ("multi", "single")]
+    assert answers[0] == answers[1]
 
 
 def test_a_missing_peer_is_a_one_line_error(tmp_path):

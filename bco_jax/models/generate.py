@@ -1,31 +1,50 @@
 """Batched sampling with a KV cache: one prefill pass over the (left-aligned) prompts, then one
-token per step inside a `jax.lax.while_loop` that ends when every row has produced an EOS id."""
+token per step inside a `jax.lax.while_loop` that ends when every row has produced an EOS id.
+
+On a mesh (`mesh=`), every process passes its own rows of the global batch (its `data_shard` block,
+as training feeds them) and gets its own rows back; parameters stay on their shardings, the rows and
+the KV cache are split over the batch axes and the cache's heads over `tensor`. With `row_ids`, each
+row draws from its own key (the seed folded with the row's ids), so a row's answer does not depend
+on how many processes or devices share the batch, or on which other rows it is batched with."""
 from __future__ import annotations
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bco_jax.models.decoder import positions_from_mask
+from bco_jax.sharding import local_rows, mesh_spec, put_rows
 
 
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, rng=None, eos_ids=None, pad_id=None):
+             top_p: float = 1.0, rng=None, eos_ids=None, pad_id=None, row_ids=None, mesh=None):
     """(tokens_BxN int32, mask_BxN int32) with N = max_new_tokens. mask is 1 on generated tokens up to
     and including the first EOS; later positions hold `pad_id` and mask 0. temperature 0 is greedy.
-    `eos_ids` defaults to model.config.eos_token_ids (generation_config.json's list when present)."""
+    `eos_ids` defaults to model.config.eos_token_ids (generation_config.json's list when present).
+    `row_ids` [B] or [B, R] ints: row b samples with `rng` folded with its ids (else one key for the
+    batch). `mesh`: the arguments are this process's rows, and so is the result (NumPy); every
+    process of the job calls it with the same shapes."""
     cfg = model.config
     eos_ids = tuple(int(i) for i in (cfg.eos_token_ids if eos_ids is None else eos_ids))
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                     rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                     max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, pad_id=int(pad_id),
-                     greedy=temperature == 0)
+    rows = [np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)]
+    if row_ids is not None:
+        rows.append(np.asarray(row_ids, np.int32).reshape(len(rows[0]), -1))
+    run = functools.partial(_generate, graphdef, state, temperature=jnp.float32(max(temperature, 1e-6)),
+                            top_p=jnp.float32(top_p), max_new_tokens=int(max_new_tokens), eos_ids=eos_ids,
+                            pad_id=int(pad_id), greedy=temperature == 0)
+    if mesh is None:
+        return run(*map(jnp.asarray, rows[:2]), rng, row_ids=None if row_ids is None else jnp.asarray(rows[2]))
+    with jax.set_mesh(mesh):
+        placed = put_rows(rows, mesh)
+        tokens, mask = run(*placed[:2], rng, row_ids=placed[2] if row_ids is not None else None)
+    return local_rows(tokens, mesh), local_rows(mask, mesh)
 
 
 def right_align(mask_BxT, *arrays_BxT):
@@ -47,6 +66,8 @@ def left_align(ids_BxP, mask_BxP):
 
 
 def sample_token(logits_BxV, rng, temperature, top_p, greedy: bool):
+    """One token per row: argmax, or a draw from the nucleus of softmax(logits / temperature). `rng`
+    is one key for the batch, or [B] keys (one per row)."""
     if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits_BxV = logits_BxV / temperature
@@ -56,19 +77,37 @@ def sample_token(logits_BxV, rng, temperature, top_p, greedy: bool):
     keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p
     threshold_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1)
     logits_BxV = jnp.where(logits_BxV >= threshold_B[:, None], logits_BxV, -jnp.inf)
-    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+    if rng.ndim == 0:
+        return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(rng, logits_BxV).astype(jnp.int32)
+
+
+def _row_keys(rng, row_ids_BxR):
+    """[B] keys: `rng` folded with each of a row's ids in turn."""
+    def fold(ids_R):
+        return jax.lax.fori_loop(0, ids_R.shape[0], lambda i, k: jax.random.fold_in(k, ids_R[i]), rng)
+    return jax.vmap(fold)(row_ids_BxR)
+
+
+def _constrain_cache(x_LxBxSxKxH):
+    """Under `jax.set_mesh`, the cache's rows on the batch axes and its heads on `tensor`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x_LxBxSxKxH
+    spec = mesh_spec(("layers", "batch", "length", "kv_heads", "head_dim"), mesh, shape=x_LxBxSxKxH.shape)
+    return jax.lax.with_sharding_constraint(x_LxBxSxKxH, spec)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("max_new_tokens", "eos_ids", "pad_id", "greedy"))
-def _generate(graphdef, state, ids_BxP, mask_BxP, rng, temperature, top_p, *, max_new_tokens, eos_ids,
-              pad_id, greedy):
+def _generate(graphdef, state, ids_BxP, mask_BxP, rng, *, temperature, top_p, max_new_tokens, eos_ids,
+              pad_id, greedy, row_ids=None):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     ids_BxP, mask_BxP = left_align(ids_BxP, mask_BxP)
     (B, P), N = ids_BxP.shape, max_new_tokens
     cache_shape = (cfg.num_layers, B, P + N, cfg.num_kv_heads, cfg.head_dim)
-    cache = (jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
+    cache = tuple(_constrain_cache(jnp.zeros(cache_shape, model.dtype)) for _ in range(2))
     kv_valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), jnp.int32)], axis=1)
     h_BxPxD, cache = model.forward(ids_BxP, positions_from_mask(mask_BxP), kv_valid_BxS, jnp.arange(P),
                                    cache, 0)
@@ -81,7 +120,10 @@ def _generate(graphdef, state, ids_BxP, mask_BxP, rng, temperature, top_p, *, ma
 
     def body(carry):
         step, cache, kv_valid_BxS, logits_BxV, done_B, tokens_BxN, out_mask_BxN, rng = carry
-        rng, key = jax.random.split(rng)
+        if row_ids is None:
+            rng, key = jax.random.split(rng)
+        else:
+            key = jax.vmap(jax.random.fold_in, (0, None))(rng, step)
         token_B = sample_token(logits_BxV, key, temperature, top_p, greedy)
         token_B = jnp.where(done_B, pad_id, token_B)
         tokens_BxN = tokens_BxN.at[:, step].set(token_B)
@@ -94,6 +136,8 @@ def _generate(graphdef, state, ids_BxP, mask_BxP, rng, temperature, top_p, *, ma
         logits_BxV = model.logits(h_Bx1xD)[:, 0]
         return step + 1, cache, kv_valid_BxS, logits_BxV, done_B, tokens_BxN, out_mask_BxN, rng
 
+    if row_ids is not None:
+        rng = _row_keys(rng, row_ids)
     carry = (jnp.int32(0), cache, kv_valid_BxS, model.logits(h_BxPxD[:, -1:])[:, 0],
              jnp.zeros((B,), bool), jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.int32), rng)
     carry = jax.lax.while_loop(cond, body, carry)

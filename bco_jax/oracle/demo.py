@@ -16,12 +16,13 @@ def defaults() -> dict:
             "eval_data": [oracle.EVAL_FEEDBACK], **oracle.DEMO_SETTINGS}
 
 
-def success(graphdef, params, tokenizer, *, seed: int, samples: int) -> dict:
-    """Oracle success rate of about `samples` temperature-1 answers on the held-out eval prompts."""
+def success(graphdef, params, tokenizer, *, seed: int, samples: int, mesh=None) -> dict:
+    """Oracle success rate of about `samples` temperature-1 answers on the held-out eval prompts
+    (`mesh`: sampled on it, every process its share)."""
     prompts = task.split_prompts()["eval"]
     model = nnx.merge(graphdef, params)
     result = sampling.success_rate(model, tokenizer, prompts, jax.random.key(seed),
-                                   samples_per_prompt=max(1, samples // len(prompts)))
+                                   samples_per_prompt=max(1, samples // len(prompts)), mesh=mesh)
     return {"oracle_success": result["success"], "oracle_samples": result["n"]}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from bco_jax.models import generate
 from bco_jax.oracle import task
+from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_rows
 
 PROMPT_WIDTH = 8  # BOS + the longest prompt: a question ("99+99=") 6 characters, an interval ("(10 99)") 7
 MAX_NEW_TOKENS = 5  # the longest answer is 3 digits + EOS; one more lets a runaway answer show
@@ -32,17 +33,27 @@ def encode_prompts(tokenizer, prompts: list[str], width: int = PROMPT_WIDTH):
 
 def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature: float = 1.0,
                        top_p: float = 1.0, max_new_tokens: int = MAX_NEW_TOKENS,
-                       batch_size: int = 512) -> list[str]:
+                       batch_size: int = 512, mesh=None) -> list[str]:
     """One sampled completion per prompt (text without EOS). `rng` is a jax key; the result depends
-    only on it, the model and the prompts' order (batches get keys folded from it)."""
+    only on it, the model and the prompts' order (batches get keys folded from it). With `mesh` (a
+    multi-process run: every process calls it alike), each process samples its block of every batch
+    and every process gets all the answers."""
     completions = []
+    if mesh is not None:
+        shard, shards = data_shard(mesh)
+        batch_size = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
+        mine = slice(shard * batch_size // shards, (shard + 1) * batch_size // shards)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = encode_prompts(tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)))
+        if mesh is not None:
+            ids, mask = ids[mine], mask[mine]
         tokens, out_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p,
                                     rng=jax.random.fold_in(rng, start),
-                                    eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+                                    eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id, mesh=mesh)
+        if mesh is not None:  # every process's rows, to every process
+            tokens, out_mask = (host_gather(x) for x in put_rows((tokens, out_mask), mesh))
         tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
         for row in range(len(chunk)):
             kept = [int(t) for t, m in zip(tokens[row], out_mask[row]) if m]

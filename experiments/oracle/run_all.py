@@ -87,7 +87,7 @@ class Scorer:
         splits = task.module.split_prompts()
         self.test_prompts, self.val_prompts = splits["eval"], splits["heldout_feedback"]
         self.cfg = DataConfig(max_length=P.MAX_LENGTH, shuffle=False)
-        # evaluate.sample_and_score reads its prompts from a labelled dataset: the test prompts with a
+        # scoring.sample_and_score reads its prompts from a labelled dataset: the test prompts with a
         # placeholder answer (labels are not used for sampling).
         prompt_file = os.path.join(work, f"{task.name}_test_prompts_as_feedback.jsonl")
         with open(prompt_file, "w", encoding="utf-8") as f:
@@ -111,14 +111,14 @@ class Scorer:
         return {f"val_{k}": v for k, v in self._success(model, self.val_prompts, seed, P.VAL_SAMPLES).items()}
 
     def test(self, model_dir: str, seed: int, beta: float, delta: float) -> dict:
-        from bco_jax import evaluate
+        from bco_jax import scoring
 
         model = self.load_hf(model_dir)
         policy = self.nnx.split(model)
         out = self._success(model, self.test_prompts, seed, P.TEST_SAMPLES)
         kls, oracle_rewards, n = [], [], 0
         for k in range(P.TEST_SAMPLES):
-            sampled, _ = evaluate.sample_and_score(
+            sampled, _ = scoring.sample_and_score(
                 self.prompt_data, self.tokenizer, policy, self.reference, num_prompts=len(self.test_prompts),
                 max_new_tokens=P.MAX_NEW_TOKENS, temperature=1.0, top_p=1.0,
                 batch_size=len(self.test_prompts), seed=1000 * seed + k, reward_fn=self.task.module.reward,
@@ -127,7 +127,7 @@ class Scorer:
             oracle_rewards.append(sampled["oracle_reward"] * sampled["samples"])
             n += sampled["samples"]
         out.update(kl=sum(kls) / n, kl_samples=n, kl_sample_success=sum(oracle_rewards) / n)
-        fb = evaluate.feedback_metrics(self.feedback, self.cfg, policy, self.reference, beta, delta, 200)
+        fb = scoring.feedback_metrics(self.feedback, self.cfg, policy, self.reference, beta, delta, 200)
         out.update({f"heldout_{k}": v for k, v in fb.items()})
         return out
 
