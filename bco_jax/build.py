@@ -79,9 +79,9 @@ class Run:
     output_dir: str
     model_dir: str  # the policy's HF folder: --model, or the copy under output_dir once that is gone
     tokenizer: Any
-    train_data: TokenizedDataset
+    train_data: TokenizedDataset | None  # None in the online loop (it makes its data each round)
     eval_data: TokenizedDataset | None
-    iterator: BatchIterator  # stateful: its position is saved in every checkpoint
+    iterator: BatchIterator | None  # stateful: its position is saved in every checkpoint
     steps: int  # optimizer steps of the whole run
     graphdef: nnx.GraphDef
     ref_graphdef: nnx.GraphDef
@@ -167,20 +167,23 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
 # ------------------------------------------------------------------------------------------- build
 
 
-def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None) -> Run:
+def build(cfg: TrainConfig, mesh=None, output_dir: str | None = None, *, steps: int | None = None) -> Run:
     """Load and place everything the run needs and jit the step; the initial state is made by
-    `initial_state(run)` (when there is no checkpoint to resume)."""
+    `initial_state(run)` (when there is no checkpoint to resume). `steps` given (the online loop, which
+    makes its data as it goes): no data is read, and `train_data`, `eval_data` and `iterator` are None."""
     mesh = build_mesh(mesh_shape(cfg)) if mesh is None else mesh  # ConfigError when the devices do not fit
     check_layout(cfg, mesh)
     output_dir = output_dir or RunDir.for_config(cfg).root
     model_dir = model_folder(cfg.model.model, RunDir(output_dir).model_copy, "model")
     tokenizer = load_tokenizer(model_dir)
-    train_data, eval_data = load_data(cfg, tokenizer)
-    shard, shards = data_shard(mesh)
-    iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
-                             process_index=shard, process_count=shards,
-                             accumulation=cfg.run.gradient_accumulation_steps, shard_devices=shard_devices(mesh))
-    steps = total_steps(cfg, iterator.steps_per_epoch)
+    train_data = eval_data = iterator = None
+    if steps is None:
+        train_data, eval_data = load_data(cfg, tokenizer)
+        shard, shards = data_shard(mesh)
+        iterator = BatchIterator(train_data, cfg.data, seed=cfg.run.seed, global_batch_size=cfg.run.batch_size,
+                                 process_index=shard, process_count=shards,
+                                 accumulation=cfg.run.gradient_accumulation_steps, shard_devices=shard_devices(mesh))
+        steps = total_steps(cfg, iterator.steps_per_epoch)
 
     graphdef, abstract_params = abstract_model(model_dir, jnp.float32, cfg, **lora_options(cfg))
     adapters = start_adapters(cfg, model_dir)

@@ -36,12 +36,14 @@ OPERATIONAL_KEYS = frozenset({
     "logging_steps", "save_steps", "save_total_limit", "eval_steps", "precompute_ref_log_probs", "mesh",
     "dry_run", "max_nonfinite_steps", "sigterm_exit_code", "tensorboard", "export_hf", "save_reference",
     "demo_samples", "allow_config_change", "debug", "overwrite_output_dir", "skip_invalid", "packing",
-    "coordinator_address", "num_processes", "process_id", "distributed_timeout"})
+    "coordinator_address", "num_processes", "process_id", "distributed_timeout", "prompts", "rounds"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
-NAMING_KEYS = ("model", "ref_model", "train_data")
+NAMING_KEYS = ("model", "ref_model", "train_data", "prompts")
 # Keys added after run names were fixed: left out of the digest at their default, so adding an option
 # does not rename (and so un-resume) existing runs.
-LATER_KEYS = {"load_in_8bit": False}
+LATER_KEYS = {"load_in_8bit": False, "prompts": [], "judge": None, "judge_threshold": 0.5, "prompts_per_round": 16,
+              "num_generations": 4, "steps_per_round": 1, "max_completion_length": 64, "temperature": 1.0,
+              "top_p": 1.0, "epsilon": 0.2}
 
 IDENTITY = "identity"  # the checkpoint extras' key of `RunIdentity.record()`
 REFERENCE_FINGERPRINT = "reference_weights"  # keys of the identity record

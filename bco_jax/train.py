@@ -51,7 +51,7 @@ from bco_jax.sharding import initialize_distributed, put_batch
 from bco_jax.step import TrainState, memory_report
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM (a TPU VM preemption notice, SLURM's) or Ctrl-C: finish the current step, save, exit.
 
     One process: a Python handler notes the signal. Several: JAX's preemption service owns SIGTERM
@@ -146,7 +146,7 @@ def train_loop(run: Run, state: TrainState, tables: Tables, checkpointer, writer
     reporter = Reporter(writer, total=run.steps, start=start, batch_size=opts.batch_size,
                         epoch_length=run.iterator.epoch_length, logging_steps=opts.logging_steps,
                         max_nonfinite_steps=opts.max_nonfinite_steps, show=run.main_process)
-    preemption, pending = _Preemption(), None
+    preemption, pending = Preemption(), None
     weights = None if tables.udm is None else tables.udm["weights"]
     try:
         for step in range(start + 1, run.steps + 1):
@@ -314,6 +314,19 @@ def _unraisable_to_debug_log(unraisable) -> None:
 
 def main(argv=None) -> int:
     """The CLI; returns the exit code (see the module's doc)."""
+    def start(argv):
+        cfg = parse_args(argv)
+        demo = not cfg.model.model and not cfg.data.train_data
+        if demo:
+            cfg = parse_args(argv, defaults=oracle_demo.defaults())
+        return cfg, lambda c: fit(c, demo=demo)
+
+    return run_cli(argv, start)
+
+
+def run_cli(argv, start) -> int:
+    """What every training CLI (train, online) does around its work: logging, one-line errors and
+    their exit codes, joining the job. `start(argv)` -> (config, run: config -> anything)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     debug = _wants_debug(argv)
     for noisy in ("absl", "orbax", "jax"):  # "jax": the root of JAX's module loggers
@@ -327,12 +340,9 @@ def main(argv=None) -> int:
     # its traceback ("Task exception was never retrieved") after the fallback has already said why.
     logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
-        cfg = parse_args(argv)
-        demo = not cfg.model.model and not cfg.data.train_data
-        if demo:
-            cfg = parse_args(argv, defaults=oracle_demo.defaults())
+        cfg, run = start(argv)
         initialize_distributed(cfg.launch)
-        fit(cfg, demo=demo)
+        run(cfg)
     except SystemExit as stop:  # stopped by a signal after saving
         return stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt as err:

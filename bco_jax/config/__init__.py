@@ -13,6 +13,7 @@ from bco_jax.config.schema import (
     LaunchOptions,
     LossOptions,
     ModelOptions,
+    OnlineOptions,
     OptimOptions,
     RunOptions,
     TrainConfig,
@@ -24,6 +25,6 @@ from bco_jax.config.validate import getattr_flat, mesh_shape, run_name, validate
 from bco_jax.errors import ConfigError
 
 __all__ = ["KEY_ALIASES", "SECTIONS", "ConfigError", "LaunchOptions", "LossOptions", "ModelOptions",
-           "OptimOptions", "RunOptions", "TrainConfig", "add_keys", "build_config", "field_type", "getattr_flat",
-           "key_table", "mesh_shape", "parse_args", "parse_value", "read_yaml", "run_name", "separate_reference",
-           "validate"]
+           "OnlineOptions", "OptimOptions", "RunOptions", "TrainConfig", "add_keys", "build_config", "field_type",
+           "getattr_flat", "key_table", "mesh_shape", "parse_args", "parse_value", "read_yaml", "run_name",
+           "separate_reference", "validate"]

@@ -139,8 +139,27 @@ class LaunchOptions:
     distributed_timeout: int = _opt(300, "seconds to wait for every peer at start before failing")
 
 
+@dataclass(frozen=True)
+class OnlineOptions:
+    """The online loop's keys (`python -m bco_jax.online`), named as TRL's GRPOConfig names them where
+    it has them. Each round samples `num_generations` answers to each of `prompts_per_round` prompts
+    from the current policy, judges them and trains `steps_per_round` optimizer steps on them."""
+    prompts: list[str] = _opt([], "prompt sources (any format the data layer reads); other columns go to the judge")
+    judge: str | None = _opt(None, "module:function (a TRL reward function works), or a built-in: "
+                                   "arithmetic, interval, instructions")
+    judge_threshold: float = _opt(0.5, "a judge's float score >= this is a thumbs-up")
+    rounds: int = _opt(10, "rounds of sample -> judge -> train")
+    prompts_per_round: int = _opt(16, "prompts sampled per round (all processes together)")
+    num_generations: int = _opt(4, "answers sampled per prompt (K)")
+    steps_per_round: int = _opt(1, "optimizer steps on each round's answers")
+    max_completion_length: int = _opt(64, "tokens sampled per answer at most")
+    temperature: float = _opt(1.0, "sampling temperature (0: greedy)")
+    top_p: float = _opt(1.0, "nucleus sampling mass")
+    epsilon: float = _opt(0.2, "GRPO's clip range of the policy ratio")
+
+
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,
-            "data": DataConfig, "launch": LaunchOptions}
+            "data": DataConfig, "launch": LaunchOptions, "online": OnlineOptions}
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,7 @@ class TrainConfig:
     run: RunOptions = field(default_factory=RunOptions)
     data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchOptions = field(default_factory=LaunchOptions)
+    online: OnlineOptions = field(default_factory=OnlineOptions)
 
     def flat(self) -> dict:
         """Every key -> value, one namespace (what metrics, checkpoints and --help show)."""

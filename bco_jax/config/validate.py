@@ -112,6 +112,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.launch.coordinator_address is None or _ADDRESS.fullmatch(cfg.launch.coordinator_address) is not None,
          "coordinator_address", "must be HOST:PORT (e.g. 10.0.0.1:1234), the port in 1..65535"),
         (cfg.launch.num_processes is None or cfg.launch.num_processes > 0, "num_processes", "must be > 0"),
+        *_online_checks(cfg.online),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -124,6 +125,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                kl_pairs=cfg.data.kl_pairs or l.loss_type == "kto")
     loss = dataclasses.replace(l, reward_shift="none") if l.loss_type == "bce" else l
     return dataclasses.replace(cfg, data=data, loss=loss)
+
+
+def _online_checks(o) -> list:
+    """The online loop's keys in range (at their defaults they pass, so train never trips on them)."""
+    return [
+        (o.rounds > 0, "rounds", "must be > 0"),
+        (o.prompts_per_round > 0, "prompts_per_round", "must be > 0"),
+        (o.num_generations > 0, "num_generations", "must be > 0"),
+        (o.steps_per_round > 0, "steps_per_round", "must be > 0"),
+        (o.max_completion_length > 0, "max_completion_length", "must be > 0"),
+        (o.temperature >= 0, "temperature", "must be >= 0 (0: greedy)"),
+        (0 < o.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (o.epsilon > 0, "epsilon", "must be > 0"),
+    ]
 
 
 def getattr_flat(cfg: TrainConfig, key: str):
@@ -140,7 +155,7 @@ def run_name(cfg: TrainConfig) -> str:
     """A deterministic name from model, data and loss (no timestamps): re-running resumes, also with
     other operational keys (a longer max_steps, another mesh, ...)."""
     model = Path(cfg.model.model or "oracle-sft").name or "model"
-    data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data) or "oracle-feedback"
+    data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data or cfg.online.prompts) or "oracle-feedback"
     what = {k: v for k, v in cfg.flat().items() if (k not in OPERATIONAL_KEYS or k in NAMING_KEYS)
             and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
