@@ -113,6 +113,8 @@ def test_on_a_mesh_each_row_samples_what_it_samples_alone(family, tmp_path):
     from bco_jax.sharding import LOGICAL_RULES, make_mesh, model_shardings
 
     name, _, model = family
+    if name != "gemma3":  # one family suffices (the mesh path has no per-family code); gemma3 has the most
+        pytest.skip("checked on gemma3")
     mesh = make_mesh((2, 2, 2))
     graphdef, state = nnx.split(model)
     sharded = nnx.merge(graphdef, jax.device_put(state, model_shardings(state, mesh, LOGICAL_RULES)))
