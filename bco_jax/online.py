@@ -3,7 +3,8 @@
 Each round samples `num_generations` answers to each of `prompts_per_round` prompts from the current
 policy (KV-cache `generate` on the mesh, every process its own rows), has `--judge` label each answer
 (`bco_jax.judges`), saves the judged round, then trains `steps_per_round` optimizer steps of the
-configured unpaired loss (BCO by default) on it with the trainer's own step. The reward shift delta
+configured loss on it with the trainer's own step: BCO by default (any unpaired loss on every judged
+answer), or a paired one (online DPO) on each prompt's best and worst answer. The reward shift delta
 lives in the train state, so it carries across rounds; the reference stays the starting policy.
 
 Resume is exact: a round's judged answers are written (rounds/<r>.npz) before it trains, a checkpoint
@@ -41,6 +42,7 @@ from bco_jax.errors import ConfigError, fault_point, log
 from bco_jax.judges import UNJUDGED, load_judge, run_judge
 from bco_jax.load import save_model_copies
 from bco_jax.losses import PAIRED_LOSSES
+from bco_jax.losses_online import best_worst_pairs
 from bco_jax.metrics import MetricsWriter, Window, truncate_metrics
 from bco_jax.models import generate
 from bco_jax.oracle import demo as oracle_demo
@@ -170,26 +172,44 @@ def sample_round(run: Run, state, prompts: Prompts, judge, r: int) -> dict:
             "time/sample": t1 - t0, "time/judge": t2 - t1}
 
 
-def round_dataset(prompts: Prompts, answers: dict, pad_id: int) -> TokenizedDataset | None:
-    """The judged answers of a round as unpaired examples (prompt ids + the sampled tokens, exactly),
-    the unjudged left out; None when nothing was judged."""
-    keep = np.flatnonzero(answers["labels"] != UNJUDGED)
+def _sequences(prompts: Prompts, answers: dict, rows) -> Sequences:
+    """Answers `rows` as prompt ids + the sampled tokens, exactly as sampled."""
+    ids = [np.concatenate([prompts.ids[answers["prompt"][j]], answers["tokens"][j][answers["mask"][j] > 0]])
+           for j in rows]
+    return Sequences(np.concatenate(ids).astype(np.int32), np.cumsum([0] + [len(x) for x in ids]).astype(np.int64),
+                     np.array([len(prompts.ids[answers["prompt"][j]]) for j in rows], np.int32))
+
+
+def round_dataset(prompts: Prompts, answers: dict, pad_id: int, K: int, paired: bool) -> TokenizedDataset | None:
+    """The judged answers of a round as training examples; None when there is nothing to learn from.
+    Unpaired losses: every judged answer, with its label (the unjudged left out). Paired losses (online
+    DPO): per prompt, its first thumbs-up answer as chosen and its first thumbs-down as rejected
+    (`losses_online.best_worst_pairs`); a prompt whose judged answers all agree gives no pair."""
+    labels = answers["labels"]
+    if paired:
+        scores_PxK = np.where(labels == UNJUDGED, np.nan, labels).astype(np.float32).reshape(-1, K)
+        chosen, rejected, valid = (np.asarray(x) for x in best_worst_pairs(scores_PxK))
+        first = np.arange(len(scores_PxK))[valid] * K
+        if not len(first):
+            return None
+        seqs = {"chosen": _sequences(prompts, answers, first + chosen[valid]),
+                "rejected": _sequences(prompts, answers, first + rejected[valid])}
+        return TokenizedDataset(seqs, None, np.zeros(len(first), np.int32), pad_id, {"examples": len(first)})
+    keep = np.flatnonzero(labels != UNJUDGED)
     if not len(keep):
         return None
-    rows = [np.concatenate([prompts.ids[answers["prompt"][j]], answers["tokens"][j][answers["mask"][j] > 0]])
-            for j in keep]
-    seqs = Sequences(np.concatenate(rows).astype(np.int32), np.cumsum([0] + [len(x) for x in rows]).astype(np.int64),
-                     np.array([len(prompts.ids[answers["prompt"][j]]) for j in keep], np.int32))
-    labels = answers["labels"][keep] == 1
-    report = {"examples": len(keep), "thumbs_up": int(labels.sum()), "thumbs_down": int((~labels).sum())}
-    return TokenizedDataset({"completion": seqs}, labels, np.zeros(len(keep), np.int32), pad_id, report)
+    up = labels[keep] == 1
+    report = {"examples": len(keep), "thumbs_up": int(up.sum()), "thumbs_down": int((~up).sum())}
+    return TokenizedDataset({"completion": _sequences(prompts, answers, keep)}, up, np.zeros(len(keep), np.int32),
+                            pad_id, report)
 
 
 def train_round(run: Run, state, data: TokenizedDataset | None, r: int):
     """`steps_per_round` optimizer steps on the round's examples (shuffled per round); (state, metrics)."""
     window, kl = Window(), None
     if data is None:
-        log.warning("round %d: the judge labelled no answer; no step is taken", r + 1)
+        log.warning("round %d: nothing to learn from (no answer judged, or no prompt with both a thumbs-up and "
+                    "a thumbs-down for a paired loss); no step is taken", r + 1)
         return state, {}
     shard, shards = data_shard(run.mesh)
     cfg = run.cfg
@@ -201,7 +221,7 @@ def train_round(run: Run, state, data: TokenizedDataset | None, r: int):
         state, metrics = run.program.step(state, run.frozen, batch)
         fault_point("step")
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if kl is None:  # at the sampling policy: mean log pi - log pi_ref of its own answers
+        if kl is None and "count/chosen" in metrics:  # at the sampling policy: mean log pi - log pi_ref
             n = metrics["count/chosen"] + metrics["count/rejected"]
             kl = (metrics["rewards_sum/chosen"] + metrics["rewards_sum/rejected"]) / max(n, 1) / cfg.loss.beta
         window.add(metrics)
@@ -280,7 +300,8 @@ def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, r
         save_answers(run, prompts, answers, r)
         fault_point("judged")
     t0 = time.perf_counter()
-    state, metrics = train_round(run, state, round_dataset(prompts, answers, pad_id), r)
+    data = round_dataset(prompts, answers, pad_id, o.num_generations, run.cfg.loss.loss_type in PAIRED_LOSSES)
+    state, metrics = train_round(run, state, data, r)
     step = (r + 1) * o.steps_per_round
     labels, lengths = answers["labels"], answers["mask"].sum(axis=1)
     judged = labels != UNJUDGED
@@ -306,10 +327,9 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     o = cfg.online
     if not cfg.model.model or not o.prompts or not o.judge:
         raise ConfigError("model, prompts and judge: give all three, or none for the embedded default")
-    if cfg.loss.loss_type in PAIRED_LOSSES or cfg.loss.udm or cfg.run.precompute_ref_log_probs:
-        raise ConfigError(f"loss_type: the online loop trains unpaired losses (bco, bce, kto) with live reference "
-                          f"log-probs, not {cfg.loss.loss_type}{' with udm' if cfg.loss.udm else ''}"
-                          f"{' with precompute_ref_log_probs' if cfg.run.precompute_ref_log_probs else ''}")
+    if cfg.loss.udm or cfg.run.precompute_ref_log_probs:
+        raise ConfigError(f"{'udm' if cfg.loss.udm else 'precompute_ref_log_probs'}: not in the online loop (its "
+                          "answers are new every round; reference log-probs are computed live)")
     output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)
     judge = load_judge(o.judge)
