@@ -19,7 +19,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-LossType = typing.Literal["bco", "bce", "dpo", "ipo", "nca", "kto"]
+LossType = typing.Literal["bco", "bce", "dpo", "ipo", "nca", "kto", "grpo", "dapo"]
 RewardShiftMode = typing.Literal["ema", "trl", "none"]
 REWARD_SHIFT_MODES = typing.get_args(RewardShiftMode)
 DEFAULT_REWARD_SHIFT_DECAY = 0.99
@@ -237,3 +237,6 @@ def reward_shift_update(state, rewards, labels, mask=None):
 
 
 PAIRED_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "nca": nca_loss}  # the losses that read pairs
+# GRPO (`losses_online.grpo_loss`), by its aggregation as TRL's GRPOConfig.loss_type names it: on the
+# online loop's fresh answers only, with group-relative advantages instead of labels.
+GRPO_LOSSES = ("grpo", "dapo")

@@ -41,11 +41,12 @@ from bco_jax.data.tokenize import Sequences, pad_token_id
 from bco_jax.errors import ConfigError, fault_point, log
 from bco_jax.judges import UNJUDGED, load_judge, run_judge
 from bco_jax.load import save_model_copies
-from bco_jax.losses import PAIRED_LOSSES
-from bco_jax.losses_online import best_worst_pairs
+from bco_jax.losses import GRPO_LOSSES, PAIRED_LOSSES
+from bco_jax.losses_online import best_worst_pairs, group_advantages
 from bco_jax.metrics import MetricsWriter, Window, truncate_metrics
 from bco_jax.models import generate
 from bco_jax.oracle import demo as oracle_demo
+from bco_jax.precompute import attach_tables
 from bco_jax.resume import IDENTITY, check_resume, run_identity
 from bco_jax.run_dir import RunDir, check_output_dir, claim_output_dir
 from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_batch, put_rows, shard_devices
@@ -204,8 +205,9 @@ def round_dataset(prompts: Prompts, answers: dict, pad_id: int, K: int, paired: 
                             pad_id, report)
 
 
-def train_round(run: Run, state, data: TokenizedDataset | None, r: int):
-    """`steps_per_round` optimizer steps on the round's examples (shuffled per round); (state, metrics)."""
+def train_round(run: Run, state, data: TokenizedDataset | None, r: int, advantages=None):
+    """`steps_per_round` optimizer steps on the round's examples (shuffled per round); (state, metrics).
+    `advantages` (GRPO): one per example of `data`, riding in the batch's per-example weights."""
     window, kl = Window(), None
     if data is None:
         log.warning("round %d: nothing to learn from (no answer judged, or no prompt with both a thumbs-up and "
@@ -217,11 +219,12 @@ def train_round(run: Run, state, data: TokenizedDataset | None, r: int):
                              global_batch_size=cfg.run.batch_size, process_index=shard, process_count=shards,
                              accumulation=cfg.run.gradient_accumulation_steps, shard_devices=shard_devices(run.mesh))
     for _ in range(cfg.online.steps_per_round):
-        batch = put_batch(next(iterator), run.mesh, cfg.run.gradient_accumulation_steps)
+        local = attach_tables(next(iterator), None, advantages)
+        batch = put_batch(local, run.mesh, cfg.run.gradient_accumulation_steps)
         state, metrics = run.program.step(state, run.frozen, batch)
         fault_point("step")
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if kl is None and "count/chosen" in metrics:  # at the sampling policy: mean log pi - log pi_ref
+        if kl is None and advantages is None:  # at the sampling policy: mean log pi - log pi_ref
             n = metrics["count/chosen"] + metrics["count/rejected"]
             kl = (metrics["rewards_sum/chosen"] + metrics["rewards_sum/rejected"]) / max(n, 1) / cfg.loss.beta
         window.add(metrics)
@@ -300,8 +303,13 @@ def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, r
         save_answers(run, prompts, answers, r)
         fault_point("judged")
     t0 = time.perf_counter()
-    data = round_dataset(prompts, answers, pad_id, o.num_generations, run.cfg.loss.loss_type in PAIRED_LOSSES)
-    state, metrics = train_round(run, state, data, r)
+    loss_type = run.cfg.loss.loss_type
+    data = round_dataset(prompts, answers, pad_id, o.num_generations, loss_type in PAIRED_LOSSES)
+    advantages = None
+    if loss_type in GRPO_LOSSES:  # group-relative, over each prompt's K answers (the unjudged: NaN, left out)
+        scores = np.where(answers["labels"] == UNJUDGED, np.nan, answers["labels"]).astype(np.float32)
+        advantages = np.asarray(group_advantages(scores, o.num_generations))[answers["labels"] != UNJUDGED]
+    state, metrics = train_round(run, state, data, r, advantages)
     step = (r + 1) * o.steps_per_round
     labels, lengths = answers["labels"], answers["mask"].sum(axis=1)
     judged = labels != UNJUDGED
@@ -330,6 +338,9 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     if cfg.loss.udm or cfg.run.precompute_ref_log_probs:
         raise ConfigError(f"{'udm' if cfg.loss.udm else 'precompute_ref_log_probs'}: not in the online loop (its "
                           "answers are new every round; reference log-probs are computed live)")
+    if cfg.loss.loss_type in GRPO_LOSSES and o.steps_per_round != 1:
+        raise ConfigError(f"steps_per_round: GRPO here takes one step per round (its clipped ratio would need the "
+                          f"sampling policy's per-token log-probs, not kept yet), got {o.steps_per_round}")
     output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)
     judge = load_judge(o.judge)
@@ -356,6 +367,7 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     with jax.set_mesh(run.mesh):
         if run.main_process:
             truncate_metrics(output_dir, start * o.steps_per_round, finished=False, keep_start=start > 0)
+            ckpt_lib.record_config(output_dir, _flat(cfg), start * o.steps_per_round, identity.record())
         save_model_copies(run)
         writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=run.main_process)
         before = oracle_demo.success(run.graphdef, policy_params(run, state), run.tokenizer, seed=cfg.run.seed,
@@ -394,8 +406,11 @@ def main(argv=None) -> int:
     def start(argv):
         cfg = parse_args(argv, prog="python -m bco_jax.online")
         demo = not cfg.model.model and not cfg.online.prompts and not cfg.online.judge
-        if demo:
-            cfg = parse_args(argv, prog="python -m bco_jax.online", defaults=demo_defaults())
+        defaults = demo_defaults() if demo else {}
+        if parse_args(argv, defaults=defaults).loss.loss_type in GRPO_LOSSES:
+            defaults["beta"] = 0.0  # GRPO's KL coefficient defaults to 0, as TRL's GRPOConfig.beta
+        if defaults:
+            cfg = parse_args(argv, prog="python -m bco_jax.online", defaults=defaults)
         return cfg, lambda c: fit(c, demo=demo)
 
     return run_cli(argv, start)

@@ -30,6 +30,7 @@ from bco_jax.data.batch import PAIR_SIDES, Batch, Sequences
 from bco_jax.models import example_logps, sequence_logps, weight_decay_mask
 from bco_jax.models.lora import join_adapters, split_adapters
 from bco_jax.sharding import abstract_on, model_shardings
+from bco_jax.step_grpo import grpo_micro_loss, scored_tokens
 
 if typing.TYPE_CHECKING:
     from bco_jax.config import LossOptions  # the loss section of the config: frozen, jit-static
@@ -149,12 +150,13 @@ _SEQUENCE_KINDS = ("main", *PAIR_SIDES, "kl")
 
 
 def micro_batch_loss(params, reference, mb: Batch, shift, *, graphdefs, cfg: LossOptions, delta, lora=False,
-                     rng=None):
+                     rng=None, tokens_per_example=None):
     """Sum of per-example losses of one micro-batch, and what the step needs besides.
 
     Returns (loss_sum, (rewards_B, labels_B, mask_B, shift, stats)). For unpaired losses, rows are
     examples (packed rows: the entries of the example axis); for paired ones, rows are pairs,
-    expanded to 2 rows (chosen, rejected) in what it returns.
+    expanded to 2 rows (chosen, rejected) in what it returns. GRPO (`grpo_micro_loss`) reports each
+    answer's advantage as its reward.
     """
     graphdef, ref_graphdef = graphdefs
     if lora:  # `params` are the adapters; `reference` is (the frozen base they sit on, the reference or None)
@@ -176,6 +178,12 @@ def micro_batch_loss(params, reference, mb: Batch, shift, *, graphdefs, cfg: Los
         return jax.lax.stop_gradient(batch_logps(ref_graphdef, reference, getattr(mb, kind), E, capacity(kind))[0])
 
     mask = mb.example_mask.astype(bool)
+    if cfg.loss_type in L.GRPO_LOSSES:
+        loss_sum, logps = grpo_micro_loss(graphdefs, params, reference, mb, cfg, tokens_per_example, rng)
+        labels = mb.labels.astype(bool)
+        stats = _class_stats(jax.lax.stop_gradient(mb.weights), jax.lax.stop_gradient(logps), labels, mask)
+        stats["delta"] = delta
+        return loss_sum, (jax.lax.stop_gradient(mb.weights), labels, mask, shift, stats)
     if cfg.loss_type in L.PAIRED_LOSSES:
         (pol_w, n_w), (pol_l, n_l) = (policy_logps(side) for side in PAIR_SIDES)
         ref_w, ref_l = (reference_logps(side) for side in PAIR_SIDES)
@@ -228,6 +236,7 @@ def train_step(state: TrainState, reference, batch: Batch, *, graphdefs, cfg: Lo
     reference is that base with adapters off (no second copy) or is precomputed.
     """
     n_examples = jnp.maximum(jnp.sum(batch.example_mask).astype(jnp.float32), 1.0)
+    tokens_per_example = scored_tokens(batch) / n_examples if cfg.loss_type in L.GRPO_LOSSES else None
     delta = L.reward_shift_delta(state.reward_shift)
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
 
@@ -237,7 +246,8 @@ def train_step(state: TrainState, reference, batch: Batch, *, graphdefs, cfg: Lo
         grads, loss_sum, shift, i = carry
         rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
         (mb_loss, (rewards, labels, mask, shift, stats)), g = grad_fn(
-            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, lora=lora, rng=rng)
+            state.params, reference, mb, shift, graphdefs=graphdefs, cfg=cfg, delta=delta, lora=lora, rng=rng,
+            tokens_per_example=tokens_per_example)
         grads = jax.tree.map(lambda acc, x: acc + x / n_examples, grads, g)
         return (grads, loss_sum + mb_loss, shift, i + 1), (rewards, labels, mask, stats)
 

@@ -41,6 +41,7 @@ from bco_jax.config import TrainConfig, parse_args
 from bco_jax.errors import USER_ERRORS, ConfigError, TrainError, fault_point, log
 from bco_jax.files import atomic_write_json
 from bco_jax.load import save_model_copies
+from bco_jax.losses import GRPO_LOSSES
 from bco_jax.metrics import MetricsWriter, Reporter
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
@@ -183,6 +184,9 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     if not cfg.model.model or not cfg.data.train_data:
         raise ConfigError("model and train_data: give both (an HF folder and feedback data), or neither "
                           "for the embedded demo")
+    if cfg.loss.loss_type in GRPO_LOSSES:
+        raise ConfigError(f"loss_type: {cfg.loss.loss_type} (GRPO) trains on fresh answers with their judge's "
+                          "scores: run python -m bco_jax.online")
     output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)  # before anything is written
     run = build(cfg, output_dir=output_dir)  # every input read and checked; nothing written yet

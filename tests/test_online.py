@@ -177,3 +177,22 @@ def test_online_dpo_pairs_the_first_thumbs_up_with_the_first_thumbs_down_of_each
     assert chosen.prompt_lens.tolist() == [2, 2]
     unpaired = online.round_dataset(prompts, answers, 0, 3, paired=False)
     assert len(unpaired) == 8 and unpaired.labels.tolist() == [False, True, True, False, False, False, False, True]
+
+
+def test_grpo_trains_on_group_relative_advantages_and_only_online(tmp_path, capsys):
+    out = tmp_path / "grpo"
+    assert online.main(argv(out, "--loss_type", "dapo", "--steps_per_round", "1", "--batch_size", "16",
+                            "--rounds", "1", "--export_hf", "false")) == 0
+    row = records(out)[0]
+    # Rewards are the advantages: each prompt's K = 2 answers sum to 0, so both classes' sums cancel.
+    sums = row["rewards/chosen"] * row["count/chosen"] + row["rewards/rejected"] * row["count/rejected"]
+    assert abs(sums) < 1e-4 and np.isfinite(row["loss"]) and row["grad_norm"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta"] == 0.0  # GRPO's default, as TRL's
+    assert online.main(argv(tmp_path / "x", "--loss_type", "grpo", "--steps_per_round", "2")) == 2
+    assert "steps_per_round: GRPO here takes one step per round" in capsys.readouterr().err
+    from bco_jax import train
+
+    assert train.main(["--model", oracle.MODEL_DIR, "--train_data", oracle.TRAIN_FEEDBACK, "--loss_type", "grpo",
+                       "--output_dir", str(tmp_path / "t")]) == 2
+    assert "run python -m bco_jax.online" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -229,3 +230,37 @@ def test_schedule_matches_transformers_linear_warmup():
     assert float(learning_rate_schedule(2.0, 10, 0.1, "constant_with_warmup")(7)) == pytest.approx(2.0)
     assert float(learning_rate_schedule(2.0, 10, 0.5, "constant_with_warmup")(0)) == 0.0
     assert float(learning_rate_schedule(2.0, 10, 0.5, "constant")(0)) == pytest.approx(2.0)  # no warmup
+
+
+@pytest.mark.parametrize("loss_type, beta", [("grpo", 0.0), ("dapo", 0.04)])
+def test_grpo_step_is_grpo_loss_over_the_whole_step_at_any_accumulation(models, loss_type, beta):
+    # The step's loss and gradient are `losses_online.grpo_loss` on the whole batch's per-token log-probs
+    # (TRL's aggregation over the step, checked against TRL itself in test_losses_online.py), also with
+    # the batch cut into 2 micro-batches; a padding row counts for nothing.
+    from bco_jax import losses_online as LO
+    from bco_jax.models.logprobs import token_logps
+
+    graphdef, params, ref = models
+    cfg = LossOptions(loss_type=loss_type, beta=beta)
+    advantages = np.random.default_rng(3).normal(size=B).astype(np.float32)
+    batch = make_batch(5, pad_rows=1).replace(weights=advantages)
+
+    def direct(p):
+        args = seq_args(batch.main)
+        logps, w, _ = token_logps(nnx.merge(graphdef, p), *args)
+        ref_lp = token_logps(nnx.merge(graphdef, ref), *args)[0]
+        mask = (w > 0) & batch.example_mask[:, None]
+        keep = batch.example_mask
+        return LO.grpo_loss(logps[keep], None, ref_lp[keep], advantages[keep], mask[keep], beta=beta,
+                            loss_type=loss_type)[0]
+
+    expected, grads = jax.value_and_grad(direct)(params)
+    optimizer = optax.sgd(1.0)  # the update is minus the gradient
+    for a in (1, 2):
+        step = jax.jit(functools.partial(train_step, graphdefs=(graphdef, graphdef), cfg=cfg, optimizer=optimizer,
+                                         schedule=SCHEDULE))
+        state = init_state(params, optimizer, L.reward_shift_init("ema", 0.5), 0)
+        new, metrics = step(state, ref, split(batch, a))
+        np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5, err_msg=f"accumulation {a}")
+        moved = jax.tree.map(lambda old, n: old - n, params, new.params)
+        assert_trees_close(moved, grads, rtol=2e-4, atol=1e-7)

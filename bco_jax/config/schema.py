@@ -63,8 +63,10 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class LossOptions:
-    loss_type: LossType = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto")
-    beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref)")
+    loss_type: LossType = _opt("bco", "bco, bce (bco with delta = 0), dpo, ipo, nca (paired) or kto; online also "
+                                      "grpo, dapo (GRPO, by TRL's aggregation names)")
+    beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref); for GRPO the KL "
+                            "coefficient (online default 0.0, as TRL)")
     reward_shift: RewardShiftMode = _opt(
         "ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
     reward_shift_decay: float = _opt(

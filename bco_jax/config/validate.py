@@ -16,7 +16,7 @@ from typing import Literal
 from bco_jax.argv import mesh_problem, parse_mesh
 from bco_jax.config.schema import TrainConfig, field_type, key_table
 from bco_jax.errors import ConfigError, short
-from bco_jax.losses import PAIRED_LOSSES
+from bco_jax.losses import GRPO_LOSSES, PAIRED_LOSSES
 from bco_jax.models.lora import resolve_targets
 from bco_jax.resume import LATER_KEYS, NAMING_KEYS, OPERATIONAL_KEYS
 
@@ -67,7 +67,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     mesh_why = mesh_problem(r.mesh)
     checks = [
         (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
-        (l.beta > 0, "beta", "must be > 0"),
+        (l.beta > 0 or (l.loss_type in GRPO_LOSSES and l.beta == 0), "beta", "must be > 0 (0 only for GRPO)"),
+        (l.loss_type not in GRPO_LOSSES or not cfg.data.packing, "packing", "not with GRPO"),
         (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
         (l.label_smoothing == 0.0 or l.loss_type == "dpo", "label_smoothing", "applies to loss_type=dpo only"),
         (not l.udm or l.loss_type in ("bco", "bce"), "udm", "applies to loss_type bco or bce only"),
