@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_multiprocess import launch
 
-from bco_jax import online, oracle
+from bco_jax import online, oracle, rounds
 from bco_jax.judges import UNJUDGED, JudgeError, load_judge, run_judge
 from bco_jax.load import load_tokenizer
 from bco_jax.oracle import task
@@ -162,20 +162,20 @@ def test_two_processes_sample_and_train_like_one(tmp_path):
 
 
 def test_online_dpo_pairs_the_first_thumbs_up_with_the_first_thumbs_down_of_each_prompt():
-    prompts = online.Prompts(texts=["a", "b", "c"], ids=[np.array([1, 5]), np.array([1, 6]), np.array([1, 7])],
+    prompts = rounds.Prompts(texts=["a", "b", "c"], ids=[np.array([1, 5]), np.array([1, 6]), np.array([1, 7])],
                              columns={}, fingerprint="")
     # 3 prompts x K = 3: prompt 0 has ups at 1 and 2, a down at 0; prompt 1 all down; prompt 2 one
     # unjudged, a down at 1, an up at 2.
     labels = np.array([0, 1, 1, 0, 0, 0, UNJUDGED, 0, 1], np.int8)
     answers = {"prompt": np.repeat([0, 1, 2], 3), "labels": labels,
                "tokens": np.arange(9)[:, None] + np.array([[10, 100]]), "mask": np.ones((9, 2), np.int32)}
-    data = online.round_dataset(prompts, answers, 0, 3, paired=True)
+    data = rounds.round_dataset(prompts, answers, 0, 3, paired=True)
     assert len(data) == 2 and data.paired
     chosen, rejected = data.seqs["chosen"], data.seqs["rejected"]
     assert [chosen.ids(i).tolist() for i in range(2)] == [[1, 5, 11, 101], [1, 7, 18, 108]]
     assert [rejected.ids(i).tolist() for i in range(2)] == [[1, 5, 10, 100], [1, 7, 17, 107]]
     assert chosen.prompt_lens.tolist() == [2, 2]
-    unpaired = online.round_dataset(prompts, answers, 0, 3, paired=False)
+    unpaired = rounds.round_dataset(prompts, answers, 0, 3, paired=False)
     assert len(unpaired) == 8 and unpaired.labels.tolist() == [False, True, True, False, False, False, False, True]
 
 
