@@ -41,6 +41,7 @@ from bco_jax.models.projections import (
 )
 from bco_jax.sharding import mesh_spec
 
+EMBED_AXES, LM_HEAD_AXES = ("vocab", "embed"), ("embed", "vocab")  # logical axes of the [V, D] and [D, V] matrices
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
@@ -265,11 +266,11 @@ class Decoder(nnx.Module):
         self.dtype = compute_dtype() if dtype is None else jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         V, D = config.vocab_size, config.hidden_size
-        self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype)
+        self.embed = _param(rngs, (V, D), EMBED_AXES, param_dtype)
         self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
         self.final_norm = _param(rngs, (D,), ("norm",), param_dtype, config.norm_weight_offset)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), param_dtype)
+            self.lm_head = _param(rngs, (D, V), LM_HEAD_AXES, param_dtype)
 
     def __call__(self, input_ids, attention_mask=None):
         return self.logits(self.hidden_states(input_ids, attention_mask))
@@ -294,8 +295,10 @@ class Decoder(nnx.Module):
 
     def lm_head_weight(self):
         """[D, V] in the parameter dtype (the transposed embedding when tied), uncast: callers cast
-        it where they use it, so its gradient accumulates in the parameter dtype."""
-        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        it where they use it, so its gradient accumulates in the parameter dtype. Pinned (under
+        `jax.set_mesh`) to the parameter's own sharding, so its gradient arrives sharded alike."""
+        w_DxV = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return constrain(w_DxV, LM_HEAD_AXES)
 
     def logits(self, h_BxTxD):
         """LM head with float32 accumulation and output (soft-capped where the config says)."""
@@ -310,7 +313,9 @@ class Decoder(nnx.Module):
         `cache_index` and the updated cache is returned."""
         cfg, dtype = self.config, self.dtype
         # mode="clip": padding may use an id >= vocab_size (an added [PAD]); it is masked, but must not be NaN.
-        h_BxTxD = jnp.take(self.embed[...], input_ids_BxT, axis=0, mode="clip")
+        # Under FSDP, XLA looks the tokens up in each device's [V, D / fsdp] slice of the table (no
+        # device gathers the table; tests/test_head_sharding.py), then moves compute-dtype rows.
+        h_BxTxD = jnp.take(constrain(self.embed[...], EMBED_AXES), input_ids_BxT, axis=0, mode="clip")
         if cfg.scale_embeddings:  # in the parameter dtype, as transformers scales them
             h_BxTxD = h_BxTxD * jnp.asarray(math.sqrt(cfg.hidden_size), h_BxTxD.dtype)
         h_BxTxD = constrain_batch(h_BxTxD.astype(dtype))
@@ -350,6 +355,15 @@ def constrain_batch(x_Bx):
         return x_Bx
     spec = mesh_spec(("batch",) + (None,) * (x_Bx.ndim - 1), mesh, shape=x_Bx.shape)
     return jax.lax.with_sharding_constraint(x_Bx, spec) if spec[0] else x_Bx
+
+
+def constrain(x, logical_axes, rules=None):
+    """Under `jax.set_mesh(mesh)`, pin `x` to the mesh layout of its logical axes (`LOGICAL_RULES`,
+    or `rules`; mesh axes that do not divide a dimension are dropped). No-op without a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, mesh_spec(logical_axes, mesh, rules, shape=x.shape))
 
 
 def batch_shards(batch_size: int) -> int:
