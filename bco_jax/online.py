@@ -156,8 +156,10 @@ def save_answers(run: Run, prompts: Prompts, answers: dict, r: int) -> None:
 
 
 def load_answers(run: Run, r: int) -> dict | None:
+    """Round r's saved answers, or None when they were not saved (then every process samples again:
+    the processes agree, so that none skips the sampling collective the others enter)."""
     path = round_file(run, r)
-    if not os.path.exists(path):
+    if not ckpt_lib.agreed(os.path.exists(path)):
         return None
     try:
         with np.load(path) as saved:
