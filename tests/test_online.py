@@ -66,8 +66,8 @@ def test_a_kill_at_every_named_point_then_rerun_ends_bit_identical(tmp_path):
     whole, chained = tmp_path / "whole", tmp_path / "chained"
     assert _cli(argv(whole)).returncode == 0
     # Round 2 is cut after sampling (its answers not saved yet: sampled again), then between its two
-    # steps (its saved answers reused), then with its checkpoint in flight.
-    for fault in ("sampled:2", "step:1", "checkpoint:1"):
+    # steps (its saved answers reused). (A checkpoint write in flight: the trainer's chain, same Checkpointer.)
+    for fault in ("sampled:2", "step:1"):
         proc = _cli(argv(chained), env={"BCO_JAX_FAULT": fault})
         assert proc.returncode == -signal.SIGKILL, (fault, proc.stderr[-2000:])
     assert _cli(argv(chained)).returncode == 0

@@ -126,7 +126,7 @@ def _cli(argv, env=None, **kw):
 
 
 def test_sigkill_at_named_points_then_rerun_ends_bit_identical(assets, tmp_path):
-    # Six seeded crashes chained in one output_dir (inside a step, with a checkpoint write in flight,
+    # Four seeded crashes chained in one output_dir (inside a step, with a checkpoint write in flight,
     # between the final state and the export), each followed by the same command: the run ends with
     # the weights of one uninterrupted run, bit for bit.
     common = ["--max_steps", "6", "--save_steps", "2", "--eval_data", ""]
@@ -134,12 +134,12 @@ def test_sigkill_at_named_points_then_rerun_ends_bit_identical(assets, tmp_path)
     assert _cli(args(assets, whole, *common)).returncode == 0
     rng, outcomes = np.random.default_rng(0), []
     early = ["step:2", "step:3", "checkpoint:1", "checkpoint:2"]  # reached before the run's end
-    for trial in range(6):
-        fault = str(rng.choice(early)) if trial < 5 else "export:1"
+    for trial in range(4):
+        fault = str(rng.choice(early)) if trial < 3 else "export:1"
         proc = _cli(args(assets, chained, *common), env={"BCO_JAX_FAULT": fault})
         assert proc.returncode in (0, -signal.SIGKILL), (fault, proc.stderr[-2000:])
         outcomes.append((fault, proc.returncode))
-    assert sum(code == -signal.SIGKILL for _, code in outcomes) >= 3, outcomes
+    assert sum(code == -signal.SIGKILL for _, code in outcomes) >= 2, outcomes
     assert _cli(args(assets, chained, *common)).returncode == 0
     assert (whole / "hf" / "model.safetensors").read_bytes() == (chained / "hf" / "model.safetensors").read_bytes()
     assert not [p for p in os.listdir(chained / "checkpoints") if "tmp" in p]  # no half checkpoint left behind
