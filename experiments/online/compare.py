@@ -72,6 +72,7 @@ def summary(runs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from bco_jax import online, oracle
+    from bco_jax.run_dir import RunDir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
                 code = online.main(base + METHODS[method] + ["--seed", str(seed), "--output_dir", out])
                 if code != 0:
                     raise SystemExit(f"{method} seed {seed}: exit {code}")
-                with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+                with open(RunDir(out).metrics, encoding="utf-8") as f:
                     rows = [json.loads(line) for line in f]
-                after = success(os.path.join(out, "hf"), seed)
+                after = success(RunDir(out).hf, seed)
                 run = {"method": method, "seed": seed, "sft_success": sft, "success": after,
                        "judged_answers": sum(r["thumbs_up"] + r["thumbs_down"] for r in rows),
                        "steps": rows[-1]["step"], "final_kl": rows[-1].get("kl"),
