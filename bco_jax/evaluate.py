@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from bco_jax.config import add_keys
 from bco_jax.data import DataConfig, DataError, load_dataset
 from bco_jax.data.sources import resolve as resolve_data
 from bco_jax.errors import USER_ERRORS, ConfigError
+from bco_jax.judges import import_callable
 from bco_jax.load import check_finite_weights, check_same_base, load_tokenizer, model_folder, reading_weights
 from bco_jax.models import load_hf
 from bco_jax.models.config import compute_dtype
@@ -45,8 +45,8 @@ from bco_jax.scoring import feedback_metrics, sample_and_score
 from bco_jax.sharding import (
     LOGICAL_RULES,
     build_mesh,
-    data_parallel_size,
     initialize_distributed,
+    rounded_to_data,
 )
 
 
@@ -156,13 +156,7 @@ def load_checked(path: str, flag: str, mesh=None, dtype=jnp.float32, attn_implem
 
 def load_reward_fn(spec: str):
     """The oracle `module:function`; ConfigError naming --reward_fn when it does not import."""
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ConfigError(f"--reward_fn {spec!r}: expected module:function")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--reward_fn {spec!r}: {err}") from None
+    return import_callable(spec, "--reward_fn")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -251,7 +245,7 @@ def run(args) -> dict:
     if data.paired:
         raise DataError(f"--data {args.data}: evaluation reads unpaired feedback (prompt, completion, label)")
     mesh = build_mesh(args.mesh)
-    batch_size = -(-args.batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
+    batch_size = rounded_to_data(args.batch_size, mesh)
     options = dict(mesh=mesh, dtype=compute_dtype(args.dtype), attn_implementation=args.attn_implementation)
     policy_model = load_checked(model_path, "--model", **options)
     same = os.path.abspath(ref_path) == os.path.abspath(model_path)

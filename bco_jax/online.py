@@ -29,11 +29,11 @@ from flax import nnx
 
 from bco_jax import checkpoint as ckpt_lib
 from bco_jax import files, oracle
-from bco_jax.build import Run, build, export_policy, initial_state, policy_params
+from bco_jax.build import Run, build, initial_state, policy_params
 from bco_jax.config import TrainConfig, parse_args
 from bco_jax.data.dataset import TokenizedDataset
 from bco_jax.data.pipeline import BatchIterator
-from bco_jax.data.tokenize import pad_token_id
+from bco_jax.data.tokenize import decode_answer, pad_token_id
 from bco_jax.errors import ConfigError, fault_point, log
 from bco_jax.judges import UNJUDGED, load_judge, run_judge
 from bco_jax.load import save_model_copies
@@ -41,13 +41,14 @@ from bco_jax.losses import GRPO_LOSSES, PAIRED_LOSSES
 from bco_jax.losses_online import group_advantages
 from bco_jax.metrics import MetricsWriter, Window, truncate_metrics
 from bco_jax.models import generate
+from bco_jax.models.generate import left_padded
 from bco_jax.oracle import demo as oracle_demo
 from bco_jax.precompute import attach_tables
 from bco_jax.resume import IDENTITY, check_resume, run_identity
 from bco_jax.rounds import Prompts, load_prompts, round_dataset, round_prompts
 from bco_jax.run_dir import RunDir, check_output_dir, claim_output_dir
-from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_batch, put_rows, shard_devices
-from bco_jax.train import Preemption, run_cli
+from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_batch, put_rows, row_block, shard_devices
+from bco_jax.train import Preemption, export, flat_config, run_cli
 
 SAMPLES_PER_ROUND = 4  # judged answers per round written to samples.jsonl
 
@@ -72,17 +73,13 @@ def sample_round(run: Run, state, prompts: Prompts, judge, r: int) -> dict:
     K, t0 = o.num_generations, time.perf_counter()
     prompt_B = np.repeat(round_prompts(len(prompts.ids), o.prompts_per_round, run.cfg.run.seed, r), K)
     answer_B = np.tile(np.arange(K), o.prompts_per_round)
-    shard, shards = data_shard(run.mesh)
-    b = len(prompt_B) // shards
-    mine = slice(shard * b, (shard + 1) * b)
-    width = max(len(prompts.ids[p]) for p in prompt_B)
+    mine = row_block(len(prompt_B), run.mesh)
+    width = max(len(prompts.ids[p]) for p in prompt_B)  # of the global batch: one shape on every process
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = np.full((b, width), pad, np.int32), np.zeros((b, width), np.int32)
-    for i, p in enumerate(prompt_B[mine]):
-        ids[i, width - len(prompts.ids[p]):], mask[i, width - len(prompts.ids[p]):] = prompts.ids[p], 1
+    ids, mask = left_padded([prompts.ids[p] for p in prompt_B[mine]], pad, width)
     model = nnx.merge(run.graphdef, policy_params(run, state))
     eos = tuple(model.config.eos_token_ids) or (tok.eos_token_id,)
-    row_ids = np.stack([np.full(b, r), prompt_B[mine], answer_B[mine]], axis=1)
+    row_ids = np.stack([np.full(len(ids), r), prompt_B[mine], answer_B[mine]], axis=1)
     tokens, gen_mask = generate(model, ids, mask, max_new_tokens=o.max_completion_length, temperature=o.temperature,
                                 top_p=o.top_p, rng=jax.random.key(run.cfg.run.seed), eos_ids=eos, pad_id=pad,
                                 row_ids=row_ids, mesh=run.mesh)
@@ -91,10 +88,7 @@ def sample_round(run: Run, state, prompts: Prompts, judge, r: int) -> dict:
     completion_ids = [[int(t) for t in row[m > 0]] for row, m in zip(tokens, gen_mask)]
     completions = []
     for p, answer in zip(prompt_B[mine], completion_ids):
-        answer = answer[:-1] if answer and answer[-1] in eos else answer
-        # Special tokens sampled mid-answer stay visible (ids past the tokenizer's vocabulary as unk):
-        # a judge must not score "1<bos>2" as "12".
-        text = tok.decode([t if t < len(tok) else tok.unk_token_id for t in answer], skip_special_tokens=False)
+        text = decode_answer(tok, answer, eos)
         completions.append(text if isinstance(prompts.texts[p], str) else [{"role": "assistant", "content": text}])
     columns = {k: [v[p] for p in prompt_B[mine]] for k, v in prompts.columns.items()}
     labels = run_judge(judge, o.judge, o.judge_threshold, prompts=[prompts.texts[p] for p in prompt_B[mine]],
@@ -182,7 +176,7 @@ def round_text(record: dict) -> str:
 def run_rounds(run: Run, prompts: Prompts, judge, checkpointer, writer, state, start_round: int):
     """Rounds start_round .. rounds - 1, each closed by a checkpoint; SIGTERM / Ctrl-C: the round in
     progress finishes and saves, then the process exits with 128 + the signal."""
-    o, pad_id, config = run.cfg.online, pad_token_id(run.tokenizer), _flat(run.cfg)
+    o, pad_id, config = run.cfg.online, pad_token_id(run.tokenizer), flat_config(run.cfg)
     preemption = Preemption()
     try:
         for r in range(start_round, o.rounds):
@@ -269,7 +263,7 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
     with jax.set_mesh(run.mesh):
         if run.main_process:
             truncate_metrics(output_dir, start * o.steps_per_round, finished=False, keep_start=start > 0)
-            ckpt_lib.record_config(output_dir, _flat(cfg), start * o.steps_per_round, identity.record())
+            ckpt_lib.record_config(output_dir, flat_config(cfg), start * o.steps_per_round, identity.record())
         save_model_copies(run)
         writer = MetricsWriter(output_dir, cfg.run.tensorboard, enabled=run.main_process)
         before = oracle_demo.success(run.graphdef, policy_params(run, state), run.tokenizer, seed=cfg.run.seed,
@@ -282,8 +276,7 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
                                        loss_type=cfg.loss.loss_type, reference_path=run.ref_path,
                                        reference_fingerprint=run.ref_fingerprint)
         if cfg.run.export_hf:
-            fault_point("export")
-            export_policy(run, state)
+            export(run, state)
         result = {"output_dir": output_dir}
         if demo:
             after = oracle_demo.success(run.graphdef, policy_params(run, state), run.tokenizer, seed=cfg.run.seed,
@@ -296,10 +289,6 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
                       f"{after['oracle_success']:.4f}   ({output_dir})")
         writer.close()
     return result
-
-
-def _flat(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(cfg.flat(), default=str))
 
 
 def main(argv=None) -> int:

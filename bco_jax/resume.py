@@ -41,9 +41,7 @@ OPERATIONAL_KEYS = frozenset({
 NAMING_KEYS = ("model", "ref_model", "train_data", "prompts")
 # Keys added after run names were fixed: left out of the digest at their default, so adding an option
 # does not rename (and so un-resume) existing runs.
-LATER_KEYS = {"load_in_8bit": False, "prompts": [], "judge": None, "judge_threshold": 0.5, "prompts_per_round": 16,
-              "num_generations": 4, "steps_per_round": 1, "max_completion_length": 64, "temperature": 1.0,
-              "top_p": 1.0, "epsilon": 0.2}
+LATER_KEYS = {"load_in_8bit": False}  # and every key of the online section (`config.validate.run_name`)
 
 IDENTITY = "identity"  # the checkpoint extras' key of `RunIdentity.record()`
 REFERENCE_FINGERPRINT = "reference_weights"  # keys of the identity record

@@ -14,11 +14,12 @@ from flax import nnx
 from bco_jax import losses as L
 from bco_jax.data import class_prompts, ordered_batches
 from bco_jax.data.batch import Batch, Sequences
+from bco_jax.data.tokenize import decode_answer
 from bco_jax.metrics import eval_summary
 from bco_jax.models import generate
-from bco_jax.models.generate import right_align
+from bco_jax.models.generate import left_padded, right_align
 from bco_jax.precompute import attach_tables
-from bco_jax.sharding import data_shard, host_gather, make_mesh, put_batch, put_rows, shard_devices
+from bco_jax.sharding import data_shard, host_gather, make_mesh, put_batch, put_rows, row_block, shard_devices
 from bco_jax.step import scored_logps
 
 
@@ -88,18 +89,12 @@ def sample_and_score(data, tokenizer, policy, reference, mesh=None, *, num_promp
     model = nnx.merge(*policy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mesh = mesh or make_mesh((1, 1, 1), jax.devices()[:1])
-    shard, shards = data_shard(mesh)
-    mine = slice(shard * batch_size // shards, (shard + 1) * batch_size // shards)
+    mine = row_block(batch_size, mesh)
     rows, kls = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape: one compilation
-        P = max(len(p) for p in chunk)
-        ids = np.full((batch_size, P), pad, np.int32)
-        mask = np.zeros((batch_size, P), np.int32)
-        for i, p in enumerate(chunk):
-            ids[i, P - len(p):], mask[i, P - len(p):] = p, 1  # left-padded prompts
-        ids, mask = ids[mine], mask[mine]
+        ids, mask = (x[mine] for x in left_padded(chunk, pad))
         tokens, gen_mask = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, rng=jax.random.key(seed), eos_ids=eos_ids or None, pad_id=pad,
                                     row_ids=start + np.arange(batch_size)[mine], mesh=mesh)
@@ -115,11 +110,7 @@ def sample_and_score(data, tokenizer, policy, reference, mesh=None, *, num_promp
         stop = set(eos_ids or model.config.eos_token_ids)
         for i in range(min(batch_size, len(prompts) - start)):
             prompt = tokenizer.decode(chunk[i], skip_special_tokens=True)
-            generated = [int(t) for t in tokens[i][gen_mask[i] > 0]]
-            if generated and generated[-1] in stop:
-                generated = generated[:-1]
-            # Special tokens sampled mid-answer stay visible: an oracle must not score junk as right.
-            completion = tokenizer.decode(generated, skip_special_tokens=False)
+            completion = decode_answer(tokenizer, tokens[i][gen_mask[i] > 0], stop)
             row = {"prompt": prompt, "completion": completion, "policy_logp": float(lp_pol[i]),
                    "reference_logp": float(lp_ref[i])}
             if reward_fn is not None:

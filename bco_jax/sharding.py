@@ -357,6 +357,17 @@ def put_rows(local, mesh):
     return jax.tree.map(put, local)
 
 
+def rounded_to_data(n: int, mesh) -> int:
+    """`n` rounded up to a multiple of the data-parallel devices (a batch the mesh can split)."""
+    return -(-n // data_parallel_size(mesh)) * data_parallel_size(mesh)
+
+
+def row_block(n: int, mesh) -> slice:
+    """This process's block of n global rows (its `data_shard`): the rows `put_rows` takes from it."""
+    shard, shards = data_shard(mesh)
+    return slice(shard * n // shards, (shard + 1) * n // shards)
+
+
 def local_rows(x, mesh) -> np.ndarray:
     """This process's block of a global [B, ...] array's rows, as NumPy (the rows `put_rows` took
     from it): read from the shards this process holds, or gathered when it does not hold them all."""

@@ -230,19 +230,25 @@ def _fit_built(run: Run, checkpointer, state, tables: Tables, start: int, demo: 
         ckpt_lib.write_final_state(output_dir, step=run.steps, reward_shift=state.reward_shift, beta=cfg.loss.beta,
                                    loss_type=cfg.loss.loss_type, reference_path=run.ref_path,
                                    reference_fingerprint=run.ref_fingerprint)
-    if cfg.run.export_hf:  # every process: they gather the sharded parameters together; process 0 writes
-        fault_point("export")
-        try:
-            export_policy(run, state)
-        except OSError as err:  # a full disk: hf/ stays as it was (the export is one folder rename)
-            raise OSError(f"the export to {run.dir.hf} failed ({err.strerror or err}); nothing was exported, "
-                          "the checkpoints are kept: rerun the command to export") from err
-        log.info("exported the policy to %s", run.dir.hf)
+    if cfg.run.export_hf:
+        export(run, state)
     result = {**last, **final, **(tables.udm_log or {}), "output_dir": output_dir}
     if demo:
         result.update(_demo_after(run, state, final))
     writer.close()
     return result
+
+
+def export(run: Run, state: TrainState) -> None:
+    """The final policy to output_dir/hf (and adapter/). Every process calls it: they gather the sharded
+    parameters together, process 0 writes. A failure is one OSError line; hf/ stays as it was."""
+    fault_point("export")
+    try:
+        export_policy(run, state)
+    except OSError as err:  # a full disk: hf/ stays as it was (the export is one folder rename)
+        raise OSError(f"the export to {run.dir.hf} failed ({err.strerror or err}); nothing was exported, "
+                      "the checkpoints are kept: rerun the command to export") from err
+    log.info("exported the policy to %s", run.dir.hf)
 
 
 # ------------------------------------------------------------------------------- the embedded demo

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from bco_jax.argv import mesh_problem, parse_mesh
-from bco_jax.config.schema import TrainConfig, field_type, key_table
+from bco_jax.config.schema import OnlineOptions, TrainConfig, field_type, key_table
 from bco_jax.errors import ConfigError, short
 from bco_jax.losses import GRPO_LOSSES, PAIRED_LOSSES
 from bco_jax.models.lora import resolve_targets
@@ -157,8 +157,9 @@ def run_name(cfg: TrainConfig) -> str:
     other operational keys (a longer max_steps, another mesh, ...)."""
     model = Path(cfg.model.model or "oracle-sft").name or "model"
     data = "+".join(Path(p.rstrip("/")).stem for p in cfg.data.train_data or cfg.online.prompts) or "oracle-feedback"
+    later = {**LATER_KEYS, **dataclasses.asdict(OnlineOptions())}  # the online keys came later too
     what = {k: v for k, v in cfg.flat().items() if (k not in OPERATIONAL_KEYS or k in NAMING_KEYS)
-            and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+            and not (k in later and v == later[k])}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model}-{data}-{cfg.loss.loss_type}-{digest}")[:120]
 

@@ -81,6 +81,17 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def decode_answer(tokenizer, ids, eos_ids) -> str:
+    """A sampled answer's text, without its final end token (any of `eos_ids`). Any other special
+    token, and an id past the tokenizer's vocabulary (a model's spare embedding rows, as unk), stays
+    visible: a judge or an oracle must not score "1<bos>2" as "12"."""
+    ids = [int(t) for t in ids]
+    if ids and ids[-1] in eos_ids:
+        ids = ids[:-1]
+    return tokenizer.decode([t if t < len(tokenizer) else tokenizer.unk_token_id for t in ids],
+                            skip_special_tokens=False)
+
+
 def render_chat(tokenizer, prompt: list, completion: list) -> tuple[str, str]:
     """(prompt text, completion text) of a chat record, rendered as TRL's apply_chat_template does."""
     last_role = prompt[-1]["role"] if prompt else "user"

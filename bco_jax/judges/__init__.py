@@ -52,16 +52,22 @@ def load_judge(spec: str):
     """The judge `spec` names: a built-in, or `module:function`; ConfigError naming --judge otherwise."""
     if spec in BUILT_IN:
         return BUILT_IN[spec]
+    return import_callable(spec, "judge", f"neither a built-in ({', '.join(BUILT_IN)}) nor module:function")
+
+
+def import_callable(spec: str, key: str, expected: str = "expected module:function"):
+    """The callable `module:function` names (a judge, evaluate's --reward_fn); a ConfigError naming
+    `key` when it is malformed, does not import (whatever the user's module raises) or is not callable."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"judge: {short(spec)} is neither a built-in ({', '.join(BUILT_IN)}) nor module:function")
+        raise ConfigError(f"{key}: {short(spec)} is {expected}")
     try:
         fn = getattr(importlib.import_module(module), name)
     except Exception as err:  # an ImportError, or whatever the user's module raises while importing
         why = f"{type(err).__name__}: {clip(first_line(err))}"
-        raise ConfigError(f"judge: cannot import {short(spec)}: {why}") from None
+        raise ConfigError(f"{key}: cannot import {short(spec)}: {why}") from None
     if not callable(fn):
-        raise ConfigError(f"judge: {short(spec)} is not callable")
+        raise ConfigError(f"{key}: {short(spec)} is not callable")
     return fn
 
 

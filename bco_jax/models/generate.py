@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bco_jax.models.decoder import positions_from_mask
-from bco_jax.sharding import local_rows, mesh_spec, put_rows
+from bco_jax.models.decoder import constrain, positions_from_mask
+from bco_jax.sharding import local_rows, put_rows
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's logical axes
 
 
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 0.0,
@@ -45,6 +47,17 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         placed = put_rows(rows, mesh)
         tokens, mask = run(*placed[:2], rng, row_ids=placed[2] if row_ids is not None else None)
     return local_rows(tokens, mesh), local_rows(mask, mesh)
+
+
+def left_padded(rows, pad_id: int, width: int | None = None):
+    """(ids, mask) [n, width] int32 NumPy of token-id `rows` padded on the left (every prompt ends at
+    the last column, as `generate` takes them); `width` defaults to the longest row."""
+    width = max(len(row) for row in rows) if width is None else width
+    ids, mask = np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return ids, mask
 
 
 def right_align(mask_BxT, *arrays_BxT):
@@ -89,15 +102,6 @@ def _row_keys(rng, row_ids_BxR):
     return jax.vmap(fold)(row_ids_BxR)
 
 
-def _constrain_cache(x_LxBxSxKxH):
-    """Under `jax.set_mesh`, the cache's rows on the batch axes and its heads on `tensor`."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x_LxBxSxKxH
-    spec = mesh_spec(("layers", "batch", "length", "kv_heads", "head_dim"), mesh, shape=x_LxBxSxKxH.shape)
-    return jax.lax.with_sharding_constraint(x_LxBxSxKxH, spec)
-
-
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("max_new_tokens", "eos_ids", "pad_id", "greedy"))
 def _generate(graphdef, state, ids_BxP, mask_BxP, rng, *, temperature, top_p, max_new_tokens, eos_ids,
@@ -107,7 +111,8 @@ def _generate(graphdef, state, ids_BxP, mask_BxP, rng, *, temperature, top_p, ma
     ids_BxP, mask_BxP = left_align(ids_BxP, mask_BxP)
     (B, P), N = ids_BxP.shape, max_new_tokens
     cache_shape = (cfg.num_layers, B, P + N, cfg.num_kv_heads, cfg.head_dim)
-    cache = tuple(_constrain_cache(jnp.zeros(cache_shape, model.dtype)) for _ in range(2))
+    # Under `jax.set_mesh`: the cache's rows on the batch axes, its heads on `tensor`.
+    cache = tuple(constrain(jnp.zeros(cache_shape, model.dtype), CACHE_AXES) for _ in range(2))
     kv_valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), jnp.int32)], axis=1)
     h_BxPxD, cache = model.forward(ids_BxP, positions_from_mask(mask_BxP), kv_valid_BxS, jnp.arange(P),
                                    cache, 0)

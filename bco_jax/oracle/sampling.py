@@ -11,9 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from bco_jax.data.tokenize import decode_answer
 from bco_jax.models import generate
+from bco_jax.models.generate import left_padded
 from bco_jax.oracle import task
-from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_rows
+from bco_jax.sharding import host_gather, put_rows, rounded_to_data, row_block
 
 PROMPT_WIDTH = 8  # BOS + the longest prompt: a question ("99+99=") 6 characters, an interval ("(10 99)") 7
 MAX_NEW_TOKENS = 5  # the longest answer is 3 digits + EOS; one more lets a runaway answer show
@@ -21,14 +23,11 @@ MAX_NEW_TOKENS = 5  # the longest answer is 3 digits + EOS; one more lets a runa
 
 def encode_prompts(tokenizer, prompts: list[str], width: int = PROMPT_WIDTH):
     """(ids, mask) [n, width] int32, left-padded, BOS first as in training."""
-    ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, prompt in enumerate(prompts):
-        row = tokenizer(prompt).input_ids  # the post-processor prepends BOS
+    rows = [tokenizer(prompt).input_ids for prompt in prompts]  # the post-processor prepends BOS
+    for prompt, row in zip(prompts, rows):
         if len(row) > width:
             raise ValueError(f"prompt {prompt!r} is longer than {width} tokens")
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    return ids, mask
+    return left_padded(rows, tokenizer.pad_token_id, width)
 
 
 def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature: float = 1.0,
@@ -40,9 +39,8 @@ def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature
     and every process gets all the answers."""
     completions = []
     if mesh is not None:
-        shard, shards = data_shard(mesh)
-        batch_size = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
-        mine = slice(shard * batch_size // shards, (shard + 1) * batch_size // shards)
+        batch_size = rounded_to_data(batch_size, mesh)
+        mine = row_block(batch_size, mesh)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = encode_prompts(tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)))
@@ -55,15 +53,8 @@ def sample_completions(model, tokenizer, prompts: list[str], rng, *, temperature
         if mesh is not None:  # every process's rows, to every process
             tokens, out_mask = (host_gather(x) for x in put_rows((tokens, out_mask), mesh))
         tokens, out_mask = np.asarray(tokens), np.asarray(out_mask)
-        for row in range(len(chunk)):
-            kept = [int(t) for t, m in zip(tokens[row], out_mask[row]) if m]
-            if kept and kept[-1] == tokenizer.eos_token_id:
-                kept = kept[:-1]
-            # Any other special token, or an id past the tokenizer's vocabulary (the model's spare
-            # embedding rows), stays visible as text so the oracle scores the answer as malformed;
-            # skipping them would pass "1<bos>2" off as "12".
-            kept = [t if t < len(tokenizer) else tokenizer.unk_token_id for t in kept]
-            completions.append(tokenizer.decode(kept, skip_special_tokens=False))
+        for row in range(len(chunk)):  # a malformed answer stays malformed as text (`decode_answer`)
+            completions.append(decode_answer(tokenizer, tokens[row][out_mask[row] > 0], (tokenizer.eos_token_id,)))
     return completions
 
 
