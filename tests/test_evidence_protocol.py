@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.oracle import protocol as P
-from experiments.oracle.stats import HELD, INCONCLUSIVE, NOT_HELD, paired_interval
+from experiments.oracle.stats import HELD, INCONCLUSIVE, NOT_HELD, corrected_verdict, holm, paired_interval
 
 
 def test_paired_interval_matches_the_t_table():
@@ -23,6 +23,17 @@ def test_verdicts_follow_the_interval():
     assert paired_interval([0.8, 0.82, 0.79], [0.7, 0.71, 0.7]).verdict() == HELD
     assert paired_interval([0.6, 0.61, 0.59], [0.7, 0.71, 0.7]).verdict() == NOT_HELD
     assert paired_interval([0.9], [0.1]).verdict() == INCONCLUSIVE  # one pair has no interval
+
+
+def test_p_value_and_holm_against_hand_computation():
+    a, b = [0.70, 0.72, 0.65, 0.69, 0.74], [0.66, 0.70, 0.66, 0.64, 0.70]
+    # t = 0.018 / (0.015348 / sqrt 5) = 2.6224 on 4 df: two-sided p 0.0586 (scipy's ttest_rel agrees)
+    assert paired_interval(a, b).p == pytest.approx(0.058649, abs=1e-5)
+    # Holm on 0.01, 0.04, 0.03, 0.20: sorted x (4, 3, 2, 1) = 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.20
+    assert holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+    held = paired_interval([0.8, 0.82, 0.79], [0.7, 0.71, 0.7])
+    assert held.p < 0.01 and corrected_verdict(held, held.p * 3) == HELD
+    assert corrected_verdict(held, 0.06) == INCONCLUSIVE  # uncorrected it held; corrected it does not
 
 
 def _grid(method, scores, seeds=(100,)):

@@ -22,6 +22,7 @@ class Interval:
     low: float
     high: float
     n: int
+    p: float = math.nan  # two-sided paired t-test of "mean difference = 0"
 
     def verdict(self) -> str:
         """For a claim "the difference is > 0": held if the interval excludes 0 from above, did not
@@ -43,5 +44,25 @@ def paired_interval(a, b, level: float = 0.95) -> Interval:
     mean = float(d.mean())
     if n < 2:
         return Interval(mean, math.nan, math.nan, n)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)) if sd > 0 else float(mean == 0)
+    return Interval(mean, mean - half, mean + half, n, p)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error rate): the i-th smallest p times (m - i),
+    made monotone and capped at 1. A claim's verdict at level 0.05 then uses `adjusted < 0.05`."""
+    p = np.asarray(pvalues, float)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return [float(x) for x in out]
+
+
+def corrected_verdict(interval: Interval, adjusted_p: float, alpha: float = 0.05) -> str:
+    """The verdict of "the difference is > 0" from a multiplicity-adjusted p-value."""
+    if interval.n < 2 or math.isnan(adjusted_p) or adjusted_p >= alpha:
+        return INCONCLUSIVE
+    return HELD if interval.mean > 0 else NOT_HELD
