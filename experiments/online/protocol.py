@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if args.report or args.check:
         from experiments.online import report
 
-        return report.main(RESULTS, check=args.check)
+        return report.main(RESULTS, os.path.join(REPO, "docs"), check_only=args.check)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.work, "jax_cache"))
