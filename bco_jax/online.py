@@ -4,12 +4,15 @@ Each round samples `num_generations` answers to each of `prompts_per_round` prom
 policy (KV-cache `generate` on the mesh, every process its own rows), has `--judge` label each answer
 (`bco_jax.judges`), saves the judged round, then trains `steps_per_round` optimizer steps of the
 configured loss on it with the trainer's own step: BCO by default (any unpaired loss on every judged
-answer), or a paired one (online DPO) on each prompt's best and worst answer. The reward shift delta
-lives in the train state, so it carries across rounds; the reference stays the starting policy.
+answer), a paired one (online DPO) on each prompt's best and worst answer, or GRPO on group-relative
+advantages (several steps per round: its ratio clipped against the round's sampling policy). The
+reward shift delta lives in the train state, so it carries across rounds; the reference stays the
+starting policy, or with `sync_ref_model` is mixed toward the policy every `ref_model_sync_steps` steps.
 
 Resume is exact: a round's judged answers are written (rounds/<r>.npz) before it trains, a checkpoint
 closes every round, and a rerun of the same command continues from the last checkpoint, reusing the
-saved answers of a round that was cut short. With no arguments it runs an embedded default: the
+saved answers of a round that was cut short (a refreshed reference is in the checkpoint too, and
+GRPO's old log-probs are recomputed from the round's start). With no arguments it runs an embedded default: the
 shipped arithmetic model and its oracle judge, scored before and after (about a CPU minute).
 
 Exit codes as the trainer's (docs/reliability.md): 0 finished, 2 a user error or a failing judge (one
@@ -17,6 +20,8 @@ line), 1 a full disk or a bug, 128 + the signal after saving on SIGTERM / Ctrl-C
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -48,6 +54,7 @@ from bco_jax.resume import IDENTITY, check_resume, run_identity
 from bco_jax.rounds import Prompts, load_prompts, round_dataset, round_prompts
 from bco_jax.run_dir import RunDir, check_output_dir, claim_output_dir
 from bco_jax.sharding import data_parallel_size, data_shard, host_gather, put_batch, put_rows, row_block, shard_devices
+from bco_jax.step_grpo import GrpoBatch, sampling_logps
 from bco_jax.train import Preemption, export, flat_config, run_cli
 
 SAMPLES_PER_ROUND = 4  # judged answers per round written to samples.jsonl
@@ -92,37 +99,53 @@ def sample_round(run: Run, state, prompts: Prompts, judge, r: int) -> dict:
         completions.append(text if isinstance(prompts.texts[p], str) else [{"role": "assistant", "content": text}])
     columns = {k: [v[p] for p in prompt_B[mine]] for k, v in prompts.columns.items()}
     labels = run_judge(judge, o.judge, o.judge_threshold, prompts=[prompts.texts[p] for p in prompt_B[mine]],
-                       completions=completions, completion_ids=completion_ids, columns=columns)
+                       completions=completions, completion_ids=completion_ids, columns=columns, timeout=o.judge_timeout)
     t2 = time.perf_counter()
     tokens, gen_mask, labels = (host_gather(x) for x in put_rows((tokens, gen_mask, labels), run.mesh))
     return {"prompt": prompt_B, "answer": answer_B, "tokens": tokens, "mask": gen_mask, "labels": labels,
             "time/sample": t1 - t0, "time/judge": t2 - t1}
 
 
-def train_round(run: Run, state, data: TokenizedDataset | None, r: int, advantages=None):
-    """`steps_per_round` optimizer steps on the round's examples (shuffled per round); (state, metrics).
-    `advantages` (GRPO): one per example of `data`, riding in the batch's per-example weights."""
-    window, kl = Window(), None
+@functools.partial(jax.jit, donate_argnums=0)
+def mixed_reference(reference, policy, alpha):
+    """TRL's reference refresh: alpha x policy + (1 - alpha) x reference, in the reference's dtype. The
+    reference is donated (one copy in memory): `Run.reference` is stale after the first refresh."""
+    return jax.tree.map(lambda ref, p: (alpha * p + (1 - alpha) * ref.astype(jnp.float32)).astype(ref.dtype),
+                        reference, policy)
+
+
+def train_round(run: Run, state, frozen, data: TokenizedDataset | None, r: int, advantages=None):
+    """`steps_per_round` optimizer steps on the round's examples (shuffled per round); (state, frozen,
+    metrics). `frozen`: the step's reference argument, refreshed after every ref_model_sync_steps-th
+    step with sync_ref_model. `advantages` (GRPO): one per example of `data`, riding in the batch's
+    per-example weights; with several steps, each step's ratio is clipped against the policy that
+    sampled the round, whose per-token log-probs of every step's batch are computed before the first update."""
+    window, kl, o = Window(), None, run.cfg.online
     if data is None:
         log.warning("round %d: nothing to learn from (no answer judged, or no prompt with both a thumbs-up and "
                     "a thumbs-down for a paired loss); no step is taken", r + 1)
-        return state, {}
+        return state, frozen, {}
     shard, shards = data_shard(run.mesh)
     cfg = run.cfg
     iterator = BatchIterator(data, cfg.data, seed=(cfg.run.seed + 7919 * (r + 1)) % 2**32,
                              global_batch_size=cfg.run.batch_size, process_index=shard, process_count=shards,
                              accumulation=cfg.run.gradient_accumulation_steps, shard_devices=shard_devices(run.mesh))
-    for _ in range(cfg.online.steps_per_round):
-        local = attach_tables(next(iterator), None, advantages)
-        batch = put_batch(local, run.mesh, cfg.run.gradient_accumulation_steps)
-        state, metrics = run.program.step(state, run.frozen, batch)
+    batches = (put_batch(attach_tables(next(iterator), None, advantages), run.mesh, cfg.run.gradient_accumulation_steps)
+               for _ in range(o.steps_per_round))
+    if advantages is not None and o.steps_per_round > 1:  # GRPO's old policy: the round's sampling one
+        params = policy_params(run, state)
+        batches = [GrpoBatch.of(b, sampling_logps(run.graphdef, params, b), o.epsilon) for b in batches]
+    for i, batch in enumerate(batches):
+        state, metrics = run.program.step(state, frozen, batch)
         fault_point("step")
+        if o.sync_ref_model and (r * o.steps_per_round + i + 1) % o.ref_model_sync_steps == 0:
+            frozen = mixed_reference(frozen, state.params, o.ref_model_mixup_alpha)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if kl is None and advantages is None:  # at the sampling policy: mean log pi - log pi_ref
             n = metrics["count/chosen"] + metrics["count/rejected"]
             kl = (metrics["rewards_sum/chosen"] + metrics["rewards_sum/rejected"]) / max(n, 1) / cfg.loss.beta
         window.add(metrics)
-    return state, {**window.summary(), "kl": kl}
+    return state, frozen, {**window.summary(), "kl": kl}
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -177,10 +200,10 @@ def run_rounds(run: Run, prompts: Prompts, judge, checkpointer, writer, state, s
     """Rounds start_round .. rounds - 1, each closed by a checkpoint; SIGTERM / Ctrl-C: the round in
     progress finishes and saves, then the process exits with 128 + the signal."""
     o, pad_id, config = run.cfg.online, pad_token_id(run.tokenizer), flat_config(run.cfg)
-    preemption = Preemption()
+    preemption, frozen = Preemption(), run.frozen
     try:
         for r in range(start_round, o.rounds):
-            state = _one_round(run, prompts, judge, checkpointer, writer, state, r, pad_id, config)
+            state, frozen = _one_round(run, prompts, judge, checkpointer, writer, state, frozen, r, pad_id, config)
             if preemption.reached((r + 1) * o.steps_per_round):
                 code = 128 + int(preemption.signum)
                 log.warning("stopped by a signal: saved round %d, exiting with code %d", r + 1, code)
@@ -191,7 +214,8 @@ def run_rounds(run: Run, prompts: Prompts, judge, checkpointer, writer, state, s
     return state
 
 
-def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, r: int, pad_id: int, config: dict):
+def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, frozen, r: int, pad_id: int,
+               config: dict):
     o = run.cfg.online
     answers = load_answers(run, r)
     if answers is None:
@@ -205,7 +229,7 @@ def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, r
     if loss_type in GRPO_LOSSES:  # group-relative, over each prompt's K answers (the unjudged: NaN, left out)
         scores = np.where(answers["labels"] == UNJUDGED, np.nan, answers["labels"]).astype(np.float32)
         advantages = np.asarray(group_advantages(scores, o.num_generations))[answers["labels"] != UNJUDGED]
-    state, metrics = train_round(run, state, data, r, advantages)
+    state, frozen, metrics = train_round(run, state, frozen, data, r, advantages)
     step = (r + 1) * o.steps_per_round
     labels, lengths = answers["labels"], answers["mask"].sum(axis=1)
     judged = labels != UNJUDGED
@@ -219,28 +243,53 @@ def _one_round(run: Run, prompts: Prompts, judge, checkpointer, writer, state, r
     if "time/sample" in answers:
         record["generation_tokens_per_s"] = float(lengths.sum() / max(float(answers["time/sample"]), 1e-9))
     writer.write(step, record)  # before the save: a resume from an earlier checkpoint drops it (truncate_metrics)
-    checkpointer.save(step, {"train": state}, {"round": r + 1, "config": config})
+    checkpointer.save(step, checkpoint_items(run, state, frozen), {"round": r + 1, "config": config})
     fault_point("checkpoint")
     if run.main_process:
         print(f"round {r + 1}/{o.rounds}  {round_text(record)}", flush=True)
-    return state
+    return state, frozen
 
 
-def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
-    """Run the configured rounds (resuming), export the policy; returns the last round's record."""
+def checkpoint_items(run: Run, state, reference) -> dict:
+    """What a round's checkpoint holds: the train state, and a reference that sync_ref_model refreshes
+    (the starting one is read from the model again on resume). Concrete or abstract, as restore takes it."""
+    return {"train": state, "reference": reference} if run.cfg.online.sync_ref_model else {"train": state}
+
+
+def check_online(cfg: TrainConfig) -> None:
+    """What the loop refuses before anything loads, each in one line naming the key."""
     o = cfg.online
     if not cfg.model.model or not o.prompts or not o.judge:
         raise ConfigError("model, prompts and judge: give all three, or none for the embedded default")
     if cfg.loss.udm or cfg.run.precompute_ref_log_probs:
         raise ConfigError(f"{'udm' if cfg.loss.udm else 'precompute_ref_log_probs'}: not in the online loop (its "
                           "answers are new every round; reference log-probs are computed live)")
-    if cfg.loss.loss_type in GRPO_LOSSES and o.steps_per_round != 1:
-        raise ConfigError(f"steps_per_round: GRPO here takes one step per round (its clipped ratio would need the "
-                          f"sampling policy's per-token log-probs, not kept yet), got {o.steps_per_round}")
+    if o.sync_ref_model and cfg.model.use_peft:
+        raise ConfigError("sync_ref_model: not with use_peft (the reference is the frozen base, int8 with "
+                          "load_in_8bit: there is no reference of its own to refresh)")
+    if o.sync_ref_model and cfg.loss.beta == 0:
+        raise ConfigError("sync_ref_model: the reference is not used at beta 0 (GRPO's default); give beta > 0")
+
+
+def _check_mixable(run: Run) -> None:
+    """sync_ref_model mixes the policy into the reference: they must be the same architecture."""
+    def shapes(tree):
+        return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+    if run.cfg.online.sync_ref_model and shapes(run.reference) != shapes(run.program.abstract_state.params):
+        raise ConfigError(f"sync_ref_model: ref_model {run.ref_path} has other weights' shapes than the policy; "
+                          "a refresh mixes the two")
+
+
+def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
+    """Run the configured rounds (resuming), export the policy; returns the last round's record."""
+    o = cfg.online
+    check_online(cfg)
     output_dir = RunDir.for_config(cfg).root
     check_output_dir(cfg, output_dir)
     judge = load_judge(o.judge)
     run = build(cfg, output_dir=output_dir, steps=o.rounds * o.steps_per_round)
+    _check_mixable(run)
     answers = o.prompts_per_round * o.num_generations
     if answers % data_parallel_size(run.mesh):
         raise ConfigError(f"prompts_per_round: {o.prompts_per_round} x num_generations {o.num_generations} = "
@@ -257,9 +306,11 @@ def fit(cfg: TrainConfig, *, demo: bool = False) -> dict:
         check_resume(identity, step, extras, config=cfg.flat(), allow_config_change=cfg.run.allow_config_change,
                      steps=run.steps, output_dir=output_dir)
 
-    found = checkpointer.restore_latest({"train": run.program.abstract_state}, check)
+    found = checkpointer.restore_latest(checkpoint_items(run, run.program.abstract_state, run.reference), check)
     # Outside the mesh context, as loading is (the models' logical axes are not mesh axes).
     state, start = (initial_state(run), 0) if found is None else (found[1]["train"], found[2]["round"])
+    if found is not None and o.sync_ref_model:  # the refreshed reference replaces the starting one
+        run = dataclasses.replace(run, reference=found[1]["reference"])
     with jax.set_mesh(run.mesh):
         if run.main_process:
             truncate_metrics(output_dir, start * o.steps_per_round, finished=False, keep_start=start > 0)

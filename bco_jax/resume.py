@@ -36,7 +36,8 @@ OPERATIONAL_KEYS = frozenset({
     "logging_steps", "save_steps", "save_total_limit", "eval_steps", "precompute_ref_log_probs", "mesh",
     "dry_run", "max_nonfinite_steps", "sigterm_exit_code", "tensorboard", "export_hf", "save_reference",
     "demo_samples", "allow_config_change", "debug", "overwrite_output_dir", "skip_invalid", "packing",
-    "coordinator_address", "num_processes", "process_id", "distributed_timeout", "prompts", "rounds"})
+    "coordinator_address", "num_processes", "process_id", "distributed_timeout", "prompts", "rounds",
+    "judge_timeout"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
 NAMING_KEYS = ("model", "ref_model", "train_data", "prompts")
 # Keys added after run names were fixed: left out of the digest at their default, so adding an option

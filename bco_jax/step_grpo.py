@@ -1,7 +1,15 @@
 """GRPO's part of the train step: the loss of one micro-batch of sampled answers, and the token count
 its `dapo` aggregation divides by. The step (`bco_jax.step.train_step`) scans micro-batches, sums
-their losses, divides by the step's example count and applies the update, as for every other loss."""
+their losses, divides by the step's example count and applies the update, as for every other loss.
+
+Several steps per sampling round clip the policy ratio against the policy that sampled the answers:
+`sampling_logps` computes its per-token log-probs of a step's batch before the round's first update,
+and a `GrpoBatch` carries them into the step (TRL's `old_per_token_logps`)."""
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +18,36 @@ from flax import nnx
 from bco_jax import losses_online as LO
 from bco_jax.data.batch import Batch
 from bco_jax.models.logprobs import token_logps
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=[f.name for f in dataclasses.fields(Batch) if f.name != "shape"]
+                   + ["old_per_token_logps"], meta_fields=["shape", "epsilon"])
+@dataclasses.dataclass(frozen=True)
+class GrpoBatch(Batch):
+    """A GRPO batch with its answers' per-token log-probs [E, C] under the policy that sampled them,
+    in `token_logps`'s slots (the c-th scored token of a row in slot c), and the clip range of the
+    ratio against them (static, as the loss section is; the key `epsilon` is an online one). The plain
+    `Batch` keeps no GRPO-only field: one update per round needs none (its old policy is the current one)."""
+    old_per_token_logps: Any = None
+    epsilon: float = 0.2
+
+    @classmethod
+    def of(cls, batch: Batch, old_per_token_logps, epsilon: float) -> GrpoBatch:
+        return cls(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)},
+                   old_per_token_logps=old_per_token_logps, epsilon=epsilon)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def sampling_logps(graphdef, params, batch: Batch):
+    """[A, E, C] per-token log-probs of a step's [A, ...] batch under `params` (the policy that sampled
+    it), one micro-batch at a time, as the step computes them: no gradient, no dropout."""
+    def micro(mb):
+        seqs = mb.main
+        return token_logps(nnx.merge(graphdef, params), seqs.input_ids, seqs.attention_mask, seqs.loss_mask,
+                           mb.shape.capacity)[0]
+
+    return jax.lax.map(micro, batch)
 
 
 def scored_tokens(batch: Batch):
@@ -25,7 +63,8 @@ def grpo_micro_loss(graphdefs, params, reference, mb: Batch, cfg, tokens_per_exa
     its examples that the step divides by the step's example count: TRL's aggregation for the whole
     step (`grpo`: mean of per-answer token means; `dapo`: token sum / the step's token count, given as
     `tokens_per_example` = tokens / examples).
-    One optimisation step per sampling round: the old policy is the current one (ratio 1)."""
+    The ratio's old policy: a `GrpoBatch`'s `old_per_token_logps`; for a plain `Batch` (one update per
+    sampling round) the current one, ratio 1 in value."""
     graphdef, ref_graphdef = graphdefs
     seqs, capacity = mb.main, mb.shape.capacity
 
@@ -38,10 +77,12 @@ def grpo_micro_loss(graphdefs, params, reference, mb: Batch, cfg, tokens_per_exa
     if cfg.beta != 0:
         ref_BxC = jax.lax.stop_gradient(per_token(ref_graphdef, reference)[0])
     mask_BxC = (weights_BxC > 0) & mb.example_mask.astype(bool)[:, None]
+    old_BxC, epsilon = (mb.old_per_token_logps, mb.epsilon) if isinstance(mb, GrpoBatch) else (None, 0.2)
     B = logps_BxC.shape[0]
     if cfg.loss_type == "dapo":
-        loss, _ = LO.grpo_loss(logps_BxC, None, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, loss_type="dapo",
-                               num_items_in_batch=tokens_per_example)
+        loss, _ = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, epsilon_low=epsilon,
+                               loss_type="dapo", num_items_in_batch=tokens_per_example)
     else:  # grpo: a mean over this micro-batch's rows -> their sum
-        loss = LO.grpo_loss(logps_BxC, None, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, loss_type="grpo")[0] * B
+        loss = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, epsilon_low=epsilon,
+                            loss_type="grpo")[0] * B
     return loss, jnp.sum(jnp.where(mask_BxC, logps_BxC, 0.0), axis=1)

@@ -157,7 +157,13 @@ class OnlineOptions:
     max_completion_length: int = _opt(64, "tokens sampled per answer at most")
     temperature: float = _opt(1.0, "sampling temperature (0: greedy)")
     top_p: float = _opt(1.0, "nucleus sampling mass")
-    epsilon: float = _opt(0.2, "GRPO's clip range of the policy ratio")
+    epsilon: float = _opt(0.2, "GRPO's clip range of the policy ratio (steps_per_round > 1: later steps are clipped "
+                               "against the round's sampling policy)")
+    sync_ref_model: bool = _opt(False, "refresh the reference every ref_model_sync_steps optimizer steps to "
+                                       "ref_model_mixup_alpha x policy + (1 - alpha) x reference (TRL's)")
+    ref_model_sync_steps: int = _opt(512, "optimizer steps between reference refreshes (sync_ref_model)")
+    ref_model_mixup_alpha: float = _opt(0.6, "the policy's weight in a reference refresh (sync_ref_model)")
+    judge_timeout: float = _opt(0.0, "seconds a judge call may run before the run ends (exit 2); 0: no limit")
 
 
 SECTIONS = {"model": ModelOptions, "loss": LossOptions, "optim": OptimOptions, "run": RunOptions,

@@ -139,6 +139,9 @@ def _online_checks(o) -> list:
         (o.temperature >= 0, "temperature", "must be >= 0 (0: greedy)"),
         (0 < o.top_p <= 1, "top_p", "must be in (0, 1]"),
         (o.epsilon > 0, "epsilon", "must be > 0"),
+        (o.ref_model_sync_steps > 0, "ref_model_sync_steps", "must be > 0"),
+        (0 <= o.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "must be in [0, 1]"),
+        (o.judge_timeout >= 0, "judge_timeout", "must be >= 0 (0: no limit)"),
     ]
 
 

@@ -10,14 +10,16 @@ records' other columns as lists aligned with the answers (a verifier reads its a
 float is a thumbs-up when >= the threshold; None leaves the answer unjudged (it is not trained on).
 
 `--judge` names a built-in (`BUILT_IN`) or any `module:function` importable from the PYTHONPATH.
-Whatever a judge does wrong (raises, returns another length, a NaN, a string) ends the run with one
-line naming the judge, and where in the user's code it raised; the round's answers stay on disk.
+Whatever a judge does wrong (raises, returns another length, a NaN, a string, runs past
+`judge_timeout`) ends the run with one line naming the judge, and where in the user's code it raised.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
+import signal
 import traceback
 
 import numpy as np
@@ -78,12 +80,43 @@ def _user_frame(err: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
+class _PastDeadline(BaseException):
+    """Raised inside the judge when `judge_timeout` passes: a BaseException, so that the judge's own
+    `except Exception` does not swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Interrupt the block after `seconds` (0: never) with _PastDeadline. A SIGALRM timer in the main
+    thread, where the loop runs: the judge itself stays in the main thread (a judge that uses signals
+    works; one that sets its own SIGALRM timer replaces this one while it runs)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _PastDeadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_judge(judge, name: str, threshold: float, *, prompts: list, completions: list, completion_ids: list,
-              columns: dict[str, list]) -> np.ndarray:
-    """int8 [n] labels of n answers: 1 thumbs-up, 0 thumbs-down, UNJUDGED. JudgeError on anything else."""
+              columns: dict[str, list], timeout: float = 0.0) -> np.ndarray:
+    """int8 [n] labels of n answers: 1 thumbs-up, 0 thumbs-down, UNJUDGED. JudgeError on anything else,
+    and when the call runs longer than `timeout` seconds (0: no limit)."""
     n = len(completions)
     try:
-        scores = judge(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        with _deadline(timeout):
+            scores = judge(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except _PastDeadline:
+        raise JudgeError(f"judge {name} ran past judge_timeout={timeout:g} s on {n} answers; the round's answers "
+                         "are not saved: raise judge_timeout or fix the judge, and rerun to resume") from None
     except Exception as err:
         raise JudgeError(f"judge {name} raised {type(err).__name__}: {clip(first_line(err))}{_user_frame(err)}; "
                          "the round's answers are kept: fix the judge and rerun to resume") from None
