@@ -9,7 +9,9 @@ them, and `step.train_step` is compiled by XLA for N simulated CPU devices. Para
 state, reference and batch bytes are exact; the temporaries are XLA CPU's buffer assignment, an
 estimate for the GPU / TPU compile. XLA attention holds [b, N, T, T] float32 scores that fused kernels
 (cuDNN flash, Pallas splash) never hold: for those targets the model's attention is replaced, while
-the step is traced, by a score-free stand-in with the same inputs and outputs.
+the step is traced, by a score-free stand-in with the same inputs and outputs. With --online (or any of
+--prompts_per_round, --num_generations, --max_completion_length) one round's sampling of
+`python -m bco_jax.online` is compiled too (`bco_jax.plan_sampling`): the verdict is on the larger peak.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ import re
 import sys
 import time
 
-from bco_jax.argv import join_negative_values, parse_mesh  # these two import nothing of jax
+from bco_jax.argv import join_negative_values  # imports nothing of jax
 from bco_jax.errors import USER_ERRORS, ConfigError
+from bco_jax.plan_devices import OneLineParser, device_count, simulate_devices
+from bco_jax.plan_sampling import ONLINE_KEYS, online_rows, sampling_per_device  # jax imported inside its functions
 
 HEADROOM = 0.10  # of device memory kept free for the runtime, fragmentation and XLA's own buffers
 FUSED_KERNELS = ("cudnn", "splash")  # targets whose attention never holds the [b, N, T, S] scores
@@ -67,44 +71,6 @@ def analytic_parameter_count(cfg) -> int:
 # ----------------------------------------------------------------------------------------- arguments
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are ConfigErrors: `main` prints them as one line, exit 2."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def device_count(argv: list[str]) -> int:
-    """--devices (> 0), else the product of a fully given --mesh; read before jax is imported
-    (`bco_jax.argv` imports nothing of it)."""
-    pre = OneLineParser(add_help=False)
-    pre.add_argument("--mesh", default="1,-1,1")
-    pre.add_argument("--devices", type=int, default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.devices is not None and known.devices < 1:
-        raise ConfigError(f"devices: must be > 0 (got {known.devices})")
-    if known.devices or {"-h", "--help"} & set(argv):
-        return known.devices or 1
-    mesh = parse_mesh(known.mesh)
-    if -1 in mesh:
-        raise ConfigError("mesh: has a -1: give --devices N (how many devices to plan for)")
-    return math.prod(mesh)
-
-
-def simulate_devices(n: int) -> None:
-    """N host CPU devices for the compile. Only effective before jax is imported."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    # XLA CPU has no bfloat16 matmul: it converts the weights to float32, and loop-invariant code
-    # motion lifts that conversion out of the layer scan, a float32 copy of every layer's weights at
-    # once that a GPU / TPU compile never holds (Llama-3.2-1B LoRA: 6.24 GiB of temporaries with it,
-    # 2.34 without; 2.42 at --dtype float32, where nothing is converted). The plan compiles without it.
-    if "--xla_disable_hlo_passes" not in flags:
-        flags += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings (SPMD remarks) off unless asked
-
-
 # The trainer's keys the planner reads, with its defaults for an accelerator.
 TRAINER_KEYS = {"model": None, "ref_model": "", "mesh": "1,-1,1", "batch_size": 64, "gradient_accumulation_steps": 1,
                 "max_length": 1024, "remat": "full", "precompute_ref_log_probs": False, "dtype": "bfloat16",
@@ -115,7 +81,7 @@ TRAINER_KEYS = {"model": None, "ref_model": "", "mesh": "1,-1,1", "batch_size": 
 def parser() -> argparse.ArgumentParser:
     """The trainer's keys (typed, documented and checked as the trainer reads them), with the planner's
     defaults for an accelerator; then the planner's own options. Usage errors are ConfigErrors."""
-    from bco_jax.config import add_keys
+    from bco_jax.config import OnlineOptions, add_keys, key_table
 
     p = OneLineParser(prog="python -m bco_jax.plan", description=__doc__.split("\n\n")[0])
     add_keys(p, TRAINER_KEYS, required=("model",), helps={
@@ -126,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
                                "splash do not",
         "lora_target_modules": "comma-separated PEFT module names, or all-linear (empty: all of them)",
         "load_in_8bit": "with use_peft: the frozen base's projections in int8"})
+    add_keys(p, dict.fromkeys(ONLINE_KEYS), helps={k: f"{key_table()[k][1].metadata['help']} (implies --online; "
+                                                   f"default {getattr(OnlineOptions(), k)})" for k in ONLINE_KEYS})
+    p.add_argument("--online", action="store_true", help="also plan each round's sampling (python -m bco_jax.online)")
     p.add_argument("--devices", type=int, help="simulated devices (default: the product of --mesh)")
     p.add_argument("--device_memory", default="80GiB",
                    help="memory of one device: 16GiB (TPU v5e), 95GiB (v5p), 80GiB (H100), 141GiB (H200)")
@@ -135,17 +104,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def checked(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with device_memory in bytes, once the trainer's keys pass the trainer's own checks
-    (`bco_jax.config.build_config`: batch_size > 0, max_length >= 2, lora_r > 0, ...) and device_memory
-    reads as a finite size; ConfigError naming the key otherwise."""
+    """`args` with device_memory in bytes and the online keys read from the config (`online` true when
+    one is given), once the trainer's keys pass the trainer's own checks (`bco_jax.config.build_config`:
+    batch_size > 0, max_length >= 2, lora_r > 0, num_generations > 0, ...) and device_memory reads as a
+    finite size; ConfigError naming the key otherwise."""
     from bco_jax.config import build_config
 
-    build_config({**{key: getattr(args, key) for key in TRAINER_KEYS}, "mesh": ",".join(map(str, args.mesh))})
+    online = {key: getattr(args, key) for key in ONLINE_KEYS if getattr(args, key) is not None}
+    cfg = build_config({**{key: getattr(args, key) for key in TRAINER_KEYS}, **online,
+                        "mesh": ",".join(map(str, args.mesh))})
     try:
         device_memory = parse_bytes(args.device_memory)
     except ConfigError as err:
         raise ConfigError(f"device_memory: {err}") from None
-    return argparse.Namespace(**{**vars(args), "device_memory": device_memory})
+    return argparse.Namespace(**{**vars(args), "device_memory": device_memory, "online": args.online or bool(online),
+                                 **{key: getattr(cfg.online, key) for key in ONLINE_KEYS}})
 
 
 # ------------------------------------------------------------------------------------------- compile
@@ -222,6 +195,9 @@ class Planner:
         else:
             self.reference = reference
         self.precompute = precompute_ref_log_probs
+        # What the online loop samples from (`build.policy_params`): with LoRA, the base joined with the adapters.
+        self.sampled_policy = (graphdef, lora.join_adapters(self.reference[0], self.state.params) if lora_rank
+                               else self.state.params)
 
     def batch(self, accumulation: int, rows: int, length: int):
         """The unpaired BCO batch the step reads: [A, rows, T] tokens, [A, rows] labels and masks;
@@ -293,20 +269,29 @@ def plan(args, mesh) -> dict:
         raise ConfigError(f"batch_size: {args.batch_size} is not divisible by gradient_accumulation_steps "
                           f"({accumulation}) x data-parallel devices ({data_parallel})")
     rows = args.batch_size // (accumulation * data_parallel)  # per device, per micro-batch
+    sampled_rows = online_rows(args, data_parallel) if args.online else 0
     fused, usable = fused_target(args.attn_implementation, args.dtype), int(args.device_memory * (1 - HEADROOM))
     from bco_jax.config import separate_reference
     from bco_jax.models import lora
 
     separate = separate_reference(args.model, args.ref_model)
     targets = lora.resolve_targets(args.lora_target_modules) if args.use_peft else ()
-    planner = Planner(model_cfg, mesh, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
-                      ref_dtype=args.ref_dtype, precompute_ref_log_probs=args.precompute_ref_log_probs,
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    planner = Planner(model_cfg, mesh, dtype=dtype, ref_dtype=args.ref_dtype,
+                      precompute_ref_log_probs=args.precompute_ref_log_probs,
                       fused_attention=fused, lora_rank=args.lora_r if args.use_peft else 0, lora_targets=targets,
                       ref_cfg=model_config(args.ref_model, args.remat, "ref_model") if separate else None,
                       quantize_base=args.use_peft and args.load_in_8bit)
     start = time.perf_counter()
     per_device, xla_argument_bytes = planner.per_device(accumulation, rows * data_parallel, args.max_length)
-    fits = per_device["total_bytes"] <= usable
+    sampling = sampling_per_device(
+        planner.sampled_policy, model_cfg, mesh, dtype=dtype, rows=sampled_rows,
+        prompt_length=args.max_length - args.max_completion_length, new_tokens=args.max_completion_length,
+        resident_bytes=sum(per_device[k] for k in ("params_bytes", "optimizer_bytes", "reference_bytes")),
+    ) if args.online else None
+    sampling_total = sampling["total_bytes"] if sampling else 0  # sampling and training never overlap in time
+    peak = max(per_device["total_bytes"], sampling_total)
+    fits = peak <= usable
     tensor = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
     out = {"model": args.model, "ref_model": args.ref_model or None, "parameters": planner.parameters,
            "trainable_parameters": planner.trainable_parameters,
@@ -316,17 +301,21 @@ def plan(args, mesh) -> dict:
            "devices": mesh.size, "data_parallel": data_parallel, "batch_per_device": rows,
            **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "max_length", "remat",
                                             "dtype", "ref_dtype", "precompute_ref_log_probs", "attn_implementation")},
-           "per_device": per_device, "xla_argument_bytes": xla_argument_bytes,
+           "per_device": per_device, "xla_argument_bytes": xla_argument_bytes, "sampling": sampling,
+           "peak_bytes": peak, "peak": "sampling" if sampling_total > per_device["total_bytes"] else "training",
            "compile_seconds": round(time.perf_counter() - start, 1), "device_memory_bytes": args.device_memory,
            "headroom": HEADROOM, "usable_bytes": usable, "fits": fits, "max_batch_per_device": None,
            # one layer's float32 scores [b, N, T, T] on one device: what XLA attention holds, fused kernels not
            "attention_scores_bytes_per_layer": rows * model_cfg.num_heads // tensor * args.max_length ** 2 * 4,
            "estimated": ESTIMATED + (f" Attention: a score-free stand-in for the fused {args.attn_implementation} "
                                      "kernel, no [b, N, T, T] scores counted." if fused else
-                                     " Attention: XLA's, its [b, N, T, T] float32 scores counted.")}
+                                     " Attention: XLA's, its [b, N, T, T] float32 scores counted.")
+           + (" Sampling: the round's generate compiled alike; its KV cache exact, its temporaries estimated."
+              if sampling else "")}
     if args.search:
         def fits_rows(r):
-            return planner.per_device(accumulation, r * data_parallel, args.max_length)[0]["total_bytes"] <= usable
+            training = planner.per_device(accumulation, r * data_parallel, args.max_length)[0]["total_bytes"]
+            return max(training, sampling_total) <= usable
         out["max_batch_per_device"] = search(fits_rows, known_fit=rows if fits else 0,
                                              known_fail=None if fits else rows)
     return out
@@ -362,6 +351,12 @@ def table(out: dict) -> str:
                       ("reference", "reference_bytes"), ("batch", "batch_bytes"),
                       ("temporaries (estimated)", "temporaries_bytes"), ("total", "total_bytes")]:
         lines.append(f"  {name:30s} {gib(d[key]):>12s}")
+    if s := out["sampling"]:
+        lines += [f"sampling: kv cache {gib(s['kv_cache_bytes'])}, temporaries (estimated, the cache included) "
+                  f"{gib(s['temporaries_bytes'])}, total {gib(s['total_bytes'])} per device",
+                  f"  ({s['rows']} rows, {s['rows_per_device']} per device, of {s['prompt_length']} prompt + "
+                  f"{s['max_completion_length']} new tokens; prefill scores {gib(s['prefill_scores_bytes_per_layer'])} "
+                  f"a layer)", f"peak per device: {out['peak']}, {gib(out['peak_bytes'])}"]
     lines.append(f"verdict: {'fits' if out['fits'] else 'does NOT fit'} in {gib(out['device_memory_bytes'])} per "
                  f"device, keeping {out['headroom']:.0%} free for the runtime and fragmentation (usable "
                  f"{gib(out['usable_bytes'])})")

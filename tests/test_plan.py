@@ -1,4 +1,5 @@
-"""The memory planner: parameter counts against the paper-scale config, and one real compile through the CLI."""
+"""The memory planner: parameter counts against the paper-scale config, one real compile through the CLI, and
+the online loop's sampling (KV cache) counted beside training."""
 import json
 import math
 import os
@@ -8,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from bco_jax import plan
+from bco_jax import plan, plan_sampling
 from bco_jax.models import attention, read_config
+from bco_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "experiments", "recipes")
@@ -105,6 +107,7 @@ def test_cli_compiles_the_step_and_reports_consistent_bytes(tmp_path):
     assert d["temporaries_bytes"] > 0 and out["xla_argument_bytes"] == (
         d["params_bytes"] + d["optimizer_bytes"] + d["reference_bytes"] + d["batch_bytes"])
     assert out["fits"] is True and out["max_batch_per_device"] is None
+    assert out["sampling"] is None and (out["peak"], out["peak_bytes"]) == ("training", d["total_bytes"])
 
     tight = _plan_cli(tmp_path, "--device_memory", "1MiB", "--precompute_ref_log_probs", "true")
     assert tight["fits"] is False and tight["per_device"]["reference_bytes"] == 0
@@ -142,3 +145,29 @@ def test_recipe_is_a_valid_trainer_config():
               for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-3.1-70B", *RECIPE_COUNTS)}
     assert counts == {"Llama-3.2-1B": 1_235_814_400, "Llama-3.1-8B": 8_030_261_248, "Llama-3.1-70B": 70_553_706_496,
                       **RECIPE_COUNTS}
+
+
+def test_online_plan_counts_the_kv_cache_and_peaks_at_sampling(tmp_path):
+    """An online key plans a round's sampling: generate's KV cache per device is layers x 2 (K, V) x rows x
+    length x kv_heads x head_dim x itemsize, rows split over the data-parallel devices and kv heads over
+    `tensor`; a large round makes the sampling the peak the verdict reads."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    args = plan.checked(plan.parser().parse_args([
+        "--model", str(tmp_path), "--mesh", "1,2,2", "--batch_size", "4", "--max_length", "64",
+        "--prompts_per_round", "32", "--num_generations", "8", "--max_completion_length", "24",
+        "--device_memory", "4MiB"]))
+    out = plan.plan(args, make_mesh((1, 2, 2), jax.devices()[:4]))
+    cfg, s, d = read_config(TINY), out["sampling"], out["per_device"]
+    rows, kv_heads, length = 32 * 8 // 2, cfg.num_kv_heads // 2, 64  # per device; prompts of 64 - 24 tokens
+    assert (s["rows"], s["rows_per_device"], s["prompt_length"]) == (256, rows, 40)
+    assert s["kv_cache_bytes"] == cfg.num_layers * 2 * rows * length * kv_heads * cfg.head_dim * 2  # bfloat16
+    assert s["prefill_scores_bytes_per_layer"] == rows * cfg.num_heads // 2 * 40 * length * 4
+    assert s["temporaries_bytes"] > s["kv_cache_bytes"]  # the compiled generate holds the cache, and more
+    assert s["resident_bytes"] == d["params_bytes"] + d["optimizer_bytes"] + d["reference_bytes"]
+    assert s["total_bytes"] == s["resident_bytes"] + s["prompts_bytes"] + s["temporaries_bytes"]
+    assert d["total_bytes"] <= out["usable_bytes"] < s["total_bytes"]  # training fits, the round does not
+    assert (out["peak"], out["peak_bytes"], out["fits"]) == ("sampling", s["total_bytes"], False)
+    assert "sampling: kv cache" in plan.table(out)
+    # kv heads that `tensor` does not divide are whole on every device, as generate's constraint leaves them
+    assert plan_sampling.kv_cache_bytes(cfg, make_mesh((1, 1, 4), jax.devices()[:4]), 8, 16, "float32") == (
+        cfg.num_layers * 2 * 8 * 16 * cfg.num_kv_heads * cfg.head_dim * 4)

@@ -13,7 +13,7 @@ from bco_jax import plan
 from bco_jax.errors import ConfigError
 from bco_jax.models import read_config
 
-SIMULATION_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")  # plan.simulate_devices sets them
+SIMULATION_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")  # plan_devices.simulate_devices sets them
 
 
 @pytest.fixture
@@ -79,6 +79,13 @@ def tiny(tmp_path_factory) -> str:
     (["--remat", "sometimes"], "remat"),
     (["--mesh", "0,2,1"], "mesh"),
     (["--mesh", "1,-1,1"], "mesh"),  # -1 without --devices
+    # the online loop's keys, held to its own checks
+    (["--num_generations", "0"], "num_generations"),
+    (["--prompts_per_round", "-4"], "prompts_per_round"),
+    (["--max_completion_length", "0"], "max_completion_length"),
+    (["--max_completion_length", "32"], "max_completion_length"),  # no room for a prompt in max_length 32
+    (["--prompts_per_round", "3", "--num_generations", "1"], "prompts_per_round"),  # 3 answers over 2 devices
+    (["--online", "--precompute_ref_log_probs", "true"], "precompute_ref_log_probs"),
     # the planner's own options
     (["--devices", "0"], "devices"),
     (["--devices", "-2"], "devices"),
