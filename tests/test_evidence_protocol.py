@@ -78,3 +78,16 @@ def test_committed_results_give_the_pinned_verdicts(task):
     lines, failed = report.check(results, task)
     assert not failed, "\n".join(lines)
     assert sum(line.startswith("PASS") and "(pinned:" in line for line in lines) == len(report.PINNED[task])
+
+
+def test_online_protocol_results_give_the_pinned_verdicts():
+    """`experiments.online.protocol --check` on the shipped protocol_<task>.json: every claim docs/results.md
+    states comes out with the same Holm-corrected verdict, and the family is the whole set of intervals."""
+    import os
+
+    from experiments.online import report
+
+    by_task = report.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "online", "results"))
+    assert set(by_task) == {"arithmetic", "interval"}
+    assert report.check(by_task) == []
+    assert len(report.claims(by_task)) == len(report.PINNED) == 18

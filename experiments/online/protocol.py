@@ -37,6 +37,8 @@ METHODS = {
     "online_bco": ["--loss_type", "bco", *ONLINE],
     "offline_bco": ["--loss_type", "bco", "--rounds", "1", "--prompts_per_round", str(ROUNDS * PROMPTS),
                     "--steps_per_round", str(ROUNDS * STEPS), "--batch_size", str(BATCH)],
+    "offline_bco_4ep": ["--loss_type", "bco", "--rounds", "1", "--prompts_per_round", str(ROUNDS * PROMPTS),
+                        "--steps_per_round", str(4 * ROUNDS * STEPS), "--batch_size", str(BATCH)],
     "online_bce": ["--loss_type", "bce", *ONLINE],
     "online_kto": ["--loss_type", "kto", *ONLINE],
     "online_dpo": ["--loss_type", "dpo", *ONLINE],
@@ -46,6 +48,7 @@ METHODS = {
 WHAT = {
     "online_bco": "BCO, each round's answers sampled from the current policy; delta carried across rounds",
     "offline_bco": "BCO on the same number of answers sampled once from the starting model (one round)",
+    "offline_bco_4ep": "offline BCO's answers, 4 passes over them (4x the steps: equal data, not equal compute)",
     "online_bce": "BCE (delta = 0), online",
     "online_kto": "KTO, online (its KL reference point from mismatched pairs of the batch)",
     "online_dpo": "DPO on each prompt's first thumbs-up and first thumbs-down answer (prompts where all K "
