@@ -30,7 +30,7 @@ from bco_jax.data.batch import PAIR_SIDES, Batch, Sequences
 from bco_jax.models import example_logps, sequence_logps, weight_decay_mask
 from bco_jax.models.lora import join_adapters, split_adapters
 from bco_jax.sharding import abstract_on, model_shardings
-from bco_jax.step_grpo import grpo_micro_loss, scored_tokens
+from bco_jax.step_grpo import clip_ratios, grpo_micro_loss, scored_tokens
 
 if typing.TYPE_CHECKING:
     from bco_jax.config import LossOptions  # the loss section of the config: frozen, jit-static
@@ -179,9 +179,10 @@ def micro_batch_loss(params, reference, mb: Batch, shift, *, graphdefs, cfg: Los
 
     mask = mb.example_mask.astype(bool)
     if cfg.loss_type in L.GRPO_LOSSES:
-        loss_sum, logps = grpo_micro_loss(graphdefs, params, reference, mb, cfg, tokens_per_example, rng)
+        loss_sum, logps, clips = grpo_micro_loss(graphdefs, params, reference, mb, cfg, tokens_per_example, rng)
         labels = mb.labels.astype(bool)
         stats = _class_stats(jax.lax.stop_gradient(mb.weights), jax.lax.stop_gradient(logps), labels, mask)
+        stats.update(clips)
         stats["delta"] = delta
         return loss_sum, (jax.lax.stop_gradient(mb.weights), labels, mask, shift, stats)
     if cfg.loss_type in L.PAIRED_LOSSES:
@@ -278,7 +279,7 @@ def train_step(state: TrainState, reference, batch: Batch, *, graphdefs, cfg: Lo
         nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
-    metrics = {k: jnp.sum(v) for k, v in stats.items() if k != "delta"}
+    metrics = clip_ratios({k: jnp.sum(v) for k, v in stats.items() if k != "delta"})
     # The delta this step's loss used; in TRL mode it moves per micro-batch and TRL logs their mean.
     metrics["delta"] = jnp.mean(stats["delta"])
     # The rate of this step's update: the schedule counts applied updates (a skipped step applies none).

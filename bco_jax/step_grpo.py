@@ -80,9 +80,25 @@ def grpo_micro_loss(graphdefs, params, reference, mb: Batch, cfg, tokens_per_exa
     old_BxC, epsilon = (mb.old_per_token_logps, mb.epsilon) if isinstance(mb, GrpoBatch) else (None, 0.2)
     B = logps_BxC.shape[0]
     if cfg.loss_type == "dapo":
-        loss, _ = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, epsilon_low=epsilon,
-                               loss_type="dapo", num_items_in_batch=tokens_per_example)
+        loss, metrics = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta,
+                                     epsilon_low=epsilon, loss_type="dapo", num_items_in_batch=tokens_per_example)
     else:  # grpo: a mean over this micro-batch's rows -> their sum
-        loss = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta, epsilon_low=epsilon,
-                            loss_type="grpo")[0] * B
-    return loss, jnp.sum(jnp.where(mask_BxC, logps_BxC, 0.0), axis=1)
+        loss, metrics = LO.grpo_loss(logps_BxC, old_BxC, ref_BxC, mb.weights, mask_BxC, beta=cfg.beta,
+                                     epsilon_low=epsilon, loss_type="grpo")
+        loss = loss * B
+    # TRL's clip fractions, as token sums here: the step divides them by its token count (`clip_ratios`).
+    tokens = jnp.sum(mask_BxC).astype(jnp.float32)
+    clip_sums = {f"clip_sum/{k}": jnp.where(tokens > 0, metrics[f"clip_ratio/{k}_mean"] * tokens, 0.0)
+                 for k in CLIP_KINDS}
+    return loss, jnp.sum(jnp.where(mask_BxC, logps_BxC, 0.0), axis=1), {**clip_sums, "clip_tokens": tokens}
+
+
+CLIP_KINDS = ("low", "high", "region")
+
+
+def clip_ratios(metrics: dict) -> dict:
+    """The step's summed clip counts -> TRL's clip_ratio/{low,high,region}_mean over the step's tokens."""
+    if "clip_tokens" not in metrics:
+        return metrics
+    tokens = jnp.maximum(metrics.pop("clip_tokens"), 1.0)
+    return {**metrics, **{f"clip_ratio/{k}_mean": metrics.pop(f"clip_sum/{k}") / tokens for k in CLIP_KINDS}}

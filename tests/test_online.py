@@ -254,6 +254,9 @@ def test_grpo_trains_on_group_relative_advantages_and_only_online(tmp_path, caps
     np.testing.assert_allclose(first["grad_norm"], one["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(first["loss"], one["loss"], atol=1e-6)  # about 0: the advantages sum to 0
     assert np.isfinite(second["loss"]) and second["loss"] != first["loss"] and second["grad_norm"] > 0
+    # TRL's clip logs: nothing is clipped at the sampling policy; a fraction of the step's tokens after.
+    assert one["clip_ratio/region_mean"] == first["clip_ratio/region_mean"] == 0.0
+    assert 0.0 <= second["clip_ratio/low_mean"] <= second["clip_ratio/region_mean"] <= 1.0
     # A reference refresh needs a reference of its own, in use.
     for extra, why in ((("--loss_type", "grpo"), "the reference is not used at beta 0"),
                        (("--use_peft", "true"), "not with use_peft")):
