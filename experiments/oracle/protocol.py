@@ -17,7 +17,7 @@ MAX_LENGTH = 16  # answers are <= 11 tokens with their prompt; the default 64 on
 MAX_NEW_TOKENS = 5
 TEST_SAMPLES = 4  # per test prompt: 300 x 4 = 1,200 samples for the success rate and the KL
 VAL_SAMPLES = 2  # per validation prompt: 400 x 2 = 800 samples for the grid's selection score
-LIKERT_THRESHOLD = 4  # HelpSteer2's ">= 4 is thumbs-up": near misses count as good
+LIKERT_THRESHOLD = 4  # near misses count as good; not the paper's (top grade only: 5 here)
 PAIRED_LOSSES = ("dpo", "ipo", "nca")
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "delta", "grad_norm",
               "learning_rate", "logps/chosen", "logps/rejected")
