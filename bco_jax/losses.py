@@ -13,14 +13,13 @@ See docs/losses.md for the math.
 """
 
 import dataclasses
-import functools
 import typing
 
 import jax
 import jax.numpy as jnp
 
 LossType = typing.Literal["bco", "bce", "dpo", "ipo", "nca", "kto", "grpo", "dapo"]
-RewardShiftMode = typing.Literal["ema", "trl", "none"]
+RewardShiftMode = typing.Literal["ema", "ema_corrected", "trl", "fixed", "none"]
 REWARD_SHIFT_MODES = typing.get_args(RewardShiftMode)
 DEFAULT_REWARD_SHIFT_DECAY = 0.99
 
@@ -155,30 +154,55 @@ def nca_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["class_means", "class_counts", "mean", "count"],
-    meta_fields=["mode", "decay"],
-)
 @dataclasses.dataclass(frozen=True)
 class RewardShiftState:
     """State of the reward shift. A pytree: it lives in the train state and is checkpointed.
 
-    class_means[0] / [1]: moving averages of thumbs-down / thumbs-up rewards ("ema" mode).
+    class_means[0] / [1]: moving averages of thumbs-down / thumbs-up rewards ("ema"; bias-corrected in
+    "ema_corrected").
     class_counts[0] / [1]: examples of each class seen so far (all modes; for logging).
     mean, count: TRL's RunningMoments mean and count ("trl" mode; count starts at 1e-24 as TRL's).
+    class_steps[0] / [1]: updates in which each class was present ("ema_corrected" only, int32; None and
+    no pytree leaf in the other modes).
+    mode, decay, value (the constant delta of "fixed" mode) are static: not arrays, not checkpointed.
     """
 
     class_means: jax.Array
     class_counts: jax.Array
     mean: jax.Array
     count: jax.Array
+    class_steps: jax.Array | None = None
     mode: str = "ema"
     decay: float = DEFAULT_REWARD_SHIFT_DECAY
+    value: float = 0.0
 
 
-def reward_shift_init(mode="ema", decay=DEFAULT_REWARD_SHIFT_DECAY):
-    """A fresh reward-shift state: delta = 0, where rewards start when the policy is the reference."""
+_SHIFT_ARRAYS = ("class_means", "class_counts", "mean", "count")  # every mode's arrays, in pytree order
+
+
+def _shift_array_names(mode):
+    # class_steps is a child in "ema_corrected" alone (decided by the static mode, as Orbax rebuilds trees
+    # from None leaves): the other modes keep the tree, and so the checkpoint layout, they had before it
+    # was added, and their older checkpoints still restore.
+    return (*_SHIFT_ARRAYS, "class_steps") if mode == "ema_corrected" else _SHIFT_ARRAYS
+
+
+def _shift_children(state):
+    children = [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in _shift_array_names(state.mode)]
+    return children, (state.mode, state.decay, state.value)
+
+
+def _shift_from_children(static, children):
+    mode, decay, value = static
+    return RewardShiftState(**dict(zip(_shift_array_names(mode), children)), mode=mode, decay=decay, value=value)
+
+
+jax.tree_util.register_pytree_with_keys(RewardShiftState, _shift_children, _shift_from_children)
+
+
+def reward_shift_init(mode="ema", decay=DEFAULT_REWARD_SHIFT_DECAY, value=0.0):
+    """A fresh reward-shift state: delta = 0, where rewards start when the policy is the reference
+    (in "fixed" mode delta = `value` throughout)."""
     if mode not in REWARD_SHIFT_MODES:
         raise ValueError(f"reward_shift: unknown mode {mode!r}; expected one of {REWARD_SHIFT_MODES}")
     if not 0.0 <= decay < 1.0:
@@ -188,26 +212,29 @@ def reward_shift_init(mode="ema", decay=DEFAULT_REWARD_SHIFT_DECAY):
         class_counts=jnp.zeros(2, jnp.float32),
         mean=jnp.zeros((), jnp.float32),
         count=jnp.full((), 1e-24, jnp.float32),
+        class_steps=jnp.zeros(2, jnp.int32) if mode == "ema_corrected" else None,
         mode=mode,
         decay=float(decay),
+        value=float(value),
     )
 
 
 def reward_shift_delta(state):
     """The current delta (a float32 scalar)."""
-    if state.mode == "ema":
+    if state.mode in ("ema", "ema_corrected"):
         return 0.5 * (state.class_means[0] + state.class_means[1])
     if state.mode == "trl":
         return state.mean
-    return jnp.zeros((), jnp.float32)
+    return jnp.full((), state.value if state.mode == "fixed" else 0.0, jnp.float32)
 
 
 def reward_shift_update(state, rewards, labels, mask=None):
     """Fold a batch of rewards into the state. Rewards are detached; `mask` False rows are ignored.
 
     "ema": each class mean moves towards that class's batch mean by (1 - decay); a class absent from
-    the batch keeps its mean. "trl": TRL's RunningMoments, the pooled cumulative mean of every
-    reward seen. "none": only the counts change. Reductions run over the whole (global) array, so
+    the batch keeps its mean (and, in "ema_corrected", its update count). "ema_corrected": the same EMA
+    divided by Adam's bias correction 1 - decay^t. "trl": TRL's RunningMoments, the pooled cumulative
+    mean of every reward seen. "none", "fixed": only the counts change. Reductions run over the whole (global) array, so
     under jit on a mesh delta is global over all devices and hosts.
     """
     rewards = jax.lax.stop_gradient(_f32(rewards))
@@ -219,11 +246,15 @@ def reward_shift_update(state, rewards, labels, mask=None):
     n_class = jnp.sum(members, axis=1).astype(jnp.float32)
     sum_class = jnp.sum(jnp.where(members, rewards[None, :], 0.0), axis=1)
     class_counts = state.class_counts + n_class
-    class_means, mean, count = state.class_means, state.mean, state.count
+    class_means, mean, count, class_steps = state.class_means, state.mean, state.count, state.class_steps
+    batch_means = sum_class / jnp.maximum(n_class, 1.0)
 
     if state.mode == "ema":
-        batch_means = sum_class / jnp.maximum(n_class, 1.0)
         moved = state.decay * class_means + (1.0 - state.decay) * batch_means
+        class_means = jnp.where(n_class > 0, moved, class_means)
+    elif state.mode == "ema_corrected":
+        class_steps = class_steps + (n_class > 0).astype(jnp.int32)
+        moved = class_means + _corrected_gain(state.decay, class_steps) * (batch_means - class_means)
         class_means = jnp.where(n_class > 0, moved, class_means)
     elif state.mode == "trl":
         # RunningMoments.update: mean += (batch_mean - mean) * n / (count + n); count += n.
@@ -233,7 +264,16 @@ def reward_shift_update(state, rewards, labels, mask=None):
         mean = jnp.where(n > 0, mean + (batch_mean - mean) * n / total, mean)
         count = total
     return dataclasses.replace(state, class_means=class_means, class_counts=class_counts,
-                               mean=mean, count=count)
+                               mean=mean, count=count, class_steps=class_steps)
+
+
+def _corrected_gain(decay, steps):
+    """(1 - d) / (1 - d^t): the step towards the t-th batch mean that keeps a running mean equal to the
+    EMA from 0 divided by Adam's bias correction 1 - d^t. It is 1 at t = 1, written out so that a
+    class's first mean is its batch mean bit for bit on every backend (pow need not be exact);
+    t = 0 (a class never seen) is never used."""
+    d = jnp.float32(decay)
+    return jnp.where(steps <= 1, 1.0, (1.0 - d) / (1.0 - d ** jnp.maximum(steps, 2)))
 
 
 PAIRED_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "nca": nca_loss}  # the losses that read pairs

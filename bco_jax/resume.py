@@ -40,9 +40,9 @@ OPERATIONAL_KEYS = frozenset({
     "judge_timeout"})
 # Operational, but they name the run: two models (or datasets) never share a default output_dir.
 NAMING_KEYS = ("model", "ref_model", "train_data", "prompts")
-# Keys added after run names were fixed: left out of the digest at their default, so adding an option
-# does not rename (and so un-resume) existing runs.
-LATER_KEYS = {"load_in_8bit": False}  # and every key of the online section (`config.validate.run_name`)
+# Keys added after run names were fixed (the online section's too: `config.validate.run_name`): left out
+# of the digest at their default, so adding an option does not rename (and so un-resume) existing runs.
+LATER_KEYS = {"load_in_8bit": False, "reward_shift_value": 0.0}
 
 IDENTITY = "identity"  # the checkpoint extras' key of `RunIdentity.record()`
 REFERENCE_FINGERPRINT = "reference_weights"  # keys of the identity record

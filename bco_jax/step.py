@@ -337,7 +337,7 @@ def compile_step(graphdefs, abstract_params, mesh, *, loss: LossOptions, optim, 
     AdamW as `optim` says over `total_steps`, the loss as `loss` says."""
     decay = trained_part(weight_decay_mask(abstract_params), lora)
     optimizer, schedule = make_optimizer(optim, total_steps, decay)
-    shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay)
+    shift = L.reward_shift_init(loss.reward_shift, loss.reward_shift_decay, loss.reward_shift_value)
     make_state = functools.partial(init_state, optimizer=optimizer, reward_shift=shift, seed=seed)
     params_shape = trained_part(nnx.to_pure_dict(abstract_params), lora)
     shape = jax.eval_shape(make_state, params_shape)

@@ -32,6 +32,9 @@ def test_types_and_special_values():
     (["--reward_shift", "median"], "reward_shift"),
     (["--label_smoothing", "0.1"], "label_smoothing: applies to loss_type=dpo only"),
     (["--udm", "true", "--loss_type", "dpo"], "udm: applies to loss_type bco or bce only"),
+    (["--reward_shift_value", "0.3"], "reward_shift_value: applies with reward_shift=fixed and loss_type=bco only; "
+                                      "here reward_shift=ema"),
+    (["--reward_shift", "fixed", "--reward_shift_value", "0.3", "--loss_type", "kto"], "reward_shift_value: applies"),
     (["--mesh", "2,2"], "mesh: must be three integers"),
     (["--max_steps", "2.5"], "--max_steps: cannot read"),
     (["--learning_rat", "1"], "unknown config key 'learning_rat' \\(did you mean learning_rate"),
@@ -57,6 +60,20 @@ def test_run_name_is_deterministic_and_changes_with_the_config():
     assert a == run_name(parse_args(["--model", "/m/Llama-3", "--train_data", "fb.jsonl"]))
     assert a.startswith("Llama-3-fb-bco-")
     assert a != run_name(parse_args(["--model", "/m/Llama-3", "--train_data", "fb.jsonl", "--beta", "0.2"]))
+
+
+def test_run_names_of_existing_configs_stay_fixed():
+    """Names pinned before reward_shift_value existed: a later key at its default renames nothing
+    (a renamed run would not resume); set, it names a new run."""
+    base = ["--model", "/m/Llama-3", "--train_data", "fb.jsonl"]
+    assert run_name(parse_args([])) == "oracle-sft-oracle-feedback-bco-de8345f0"
+    assert run_name(parse_args(base)) == "Llama-3-fb-bco-bf533a2c"
+    assert run_name(parse_args([*base, "--reward_shift", "trl"])) == "Llama-3-fb-bco-7a6a9012"
+    assert run_name(parse_args([*base, "--reward_shift_value", "0"])) == "Llama-3-fb-bco-bf533a2c"
+    fixed = run_name(parse_args([*base, "--reward_shift", "fixed"]))
+    assert fixed != run_name(parse_args([*base, "--reward_shift", "fixed", "--reward_shift_value", "0.3"]))
+    cfg = parse_args([*base, "--reward_shift", "fixed", "--reward_shift_value", "-0.3"])
+    assert cfg.loss.reward_shift_value == -0.3
 
 
 def test_keys_are_unique_and_documented():

@@ -238,11 +238,94 @@ def test_reward_shift_ema_tracks_class_mean_midpoint():
     assert abs(float(L.reward_shift_delta(state)) - 0.5) < 0.15
 
 
+def np_corrected_midpoint(batches, decay):
+    """float64: per class the EMA from 0 over the batches where the class is present, divided by
+    1 - decay^t (t = those batches so far); delta = the midpoint of the two (a class never seen: 0)."""
+    ema, steps = np.zeros(2), np.zeros(2)
+    for rewards, labels in batches:
+        for k, members in enumerate((~labels, labels)):
+            if members.any():
+                ema[k] = decay * ema[k] + (1 - decay) * np.mean(np.asarray(rewards, np.float64)[members])
+                steps[k] += 1
+    means = np.where(steps > 0, ema / np.where(steps > 0, 1 - decay ** steps, 1.0), 0.0)
+    return means, steps, means.mean()
+
+
+def test_reward_shift_ema_corrected_is_the_bias_corrected_midpoint():
+    """Hand-made batches, one without thumbs-up, one without thumbs-down, against float64 NumPy."""
+    batches = [([0.5, -1.0, 2.0, -3.0], [1, 0, 1, 0]), ([-2.0, -0.25], [0, 0]), ([1.0, 3.5, -1.5], [1, 1, 0]),
+               ([4.0], [1]), ([0.75, -2.5, 1.25, -0.5], [1, 0, 1, 0])]
+    batches = [(np.array(r, np.float32), np.array(y, bool)) for r, y in batches]
+    state, update = L.reward_shift_init("ema_corrected", decay=0.8), jax.jit(L.reward_shift_update)
+    for i, (rewards, labels) in enumerate(batches):
+        state = update(state, rewards, labels)
+        means, steps, delta = np_corrected_midpoint(batches[: i + 1], 0.8)
+        np.testing.assert_allclose(state.class_means, means, rtol=1e-6)
+        np.testing.assert_array_equal(state.class_steps, steps)  # an absent class keeps its count
+        np.testing.assert_allclose(float(L.reward_shift_delta(state)), delta, rtol=1e-6)
+    # Not the uncorrected EMA's midpoint (which starts near 0 and takes ~1 / (1 - decay) steps to warm up).
+    ema = L.reward_shift_init("ema", decay=0.8)
+    for rewards, labels in batches:
+        ema = L.reward_shift_update(ema, rewards, labels)
+    assert abs(float(L.reward_shift_delta(ema)) - delta) > 0.1
+
+
+def test_reward_shift_ema_corrected_first_update_is_the_batch_mean_exactly():
+    """The point of the correction: a class's first update gives its batch mean, bit for bit (the plain
+    EMA gives (1 - decay) times it), also for a class first seen later than the other."""
+    state = L.reward_shift_init("ema_corrected", decay=0.99)
+    state = L.reward_shift_update(state, jnp.array([1.5, 2.25]), jnp.array([1, 1]))  # thumbs-up only
+    assert state.class_means.tolist() == [0.0, 1.875] and state.class_steps.tolist() == [0, 1]
+    state = L.reward_shift_update(state, jnp.array([-0.75, 9.0, -1.25]), jnp.array([0, 1, 0]))
+    assert float(state.class_means[0]) == -1.0  # thumbs-down's first batch mean
+    assert state.class_steps.tolist() == [1, 2]
+    plain = L.reward_shift_update(L.reward_shift_init("ema", 0.99), jnp.array([1.5, 2.25]), jnp.array([1, 1]))
+    assert float(plain.class_means[1]) == pytest.approx(0.01 * 1.875)
+
+
+def test_reward_shift_fixed_is_the_constant_and_bco_uses_it():
+    rng = np.random.default_rng(3)
+    state = L.reward_shift_init("fixed", value=-0.35)
+    for _ in range(3):
+        state = L.reward_shift_update(state, rng.normal(size=B).astype(np.float32), rng.random(B) < 0.5)
+        assert float(L.reward_shift_delta(state)) == np.float32(-0.35)
+    assert float(jax.jit(L.reward_shift_delta)(state)) == np.float32(-0.35)
+    np.testing.assert_array_equal(state.class_means, [0.0, 0.0])  # nothing moves but the counts
+    pw, rw = rng.normal(-40, 5, B), rng.normal(-40, 5, B)
+    y = rng.random(B) < 0.5
+    got, _ = L.bco_loss(pw, rw, y, L.reward_shift_delta(state), beta=0.1)
+    want, _ = np_bco(pw, rw, y, np.float64(np.float32(-0.35)), 0.1, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(L.reward_shift_delta(L.reward_shift_init("fixed"))) == 0.0  # default: BCE
+
+
+def test_reward_shift_states_survive_a_checkpoint_and_old_ones_restore(tmp_path):
+    """ema_corrected's step counts are checkpointed; the other modes keep the four arrays they had
+    before class_steps existed, so a checkpoint written then restores into today's state."""
+    from bco_jax.checkpoint import Checkpointer
+
+    corrected = L.reward_shift_update(L.reward_shift_init("ema_corrected", 0.9), jnp.array([1.0, -2.0, 3.0]),
+                                      jnp.array([1, 0, 1]))
+    assert len(jax.tree.leaves(L.reward_shift_init("ema"))) == 4
+    before = {"class_means": jnp.array([0.5, -0.5]), "class_counts": jnp.array([3.0, 4.0]),
+              "mean": jnp.float32(0.0), "count": jnp.float32(1e-24)}  # the previous version's tree
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, {"reward_shift": before})
+        ckpt.save(2, {"reward_shift": corrected})
+        old, _ = ckpt.restore(1, {"reward_shift": L.reward_shift_init("ema")})
+        new, _ = ckpt.restore(2, {"reward_shift": L.reward_shift_init("ema_corrected", 0.9)})
+    assert old["reward_shift"].class_means.tolist() == [0.5, -0.5] and old["reward_shift"].mode == "ema"
+    for x, y in zip(jax.tree.leaves(new["reward_shift"]), jax.tree.leaves(corrected), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+    assert new["reward_shift"].class_steps.tolist() == [1, 1]
+
+
 def test_reward_shift_mask_changes_nothing_and_none_mode_is_zero():
     r = jnp.array([1.0, 2.0, jnp.nan, 100.0])
     y = jnp.array([True, False, True, False])
     m = jnp.array([True, True, False, False])
-    for mode in ("ema", "trl"):
+    for mode in ("ema", "ema_corrected", "trl"):
         s0 = L.reward_shift_init(mode)
         a = L.reward_shift_update(s0, r, y, m)
         b = L.reward_shift_update(s0, r[:2], y[:2])
@@ -297,3 +380,5 @@ def test_reward_shift_rejects_bad_options():
         L.reward_shift_init("median")
     with pytest.raises(ValueError, match="reward_shift_decay"):
         L.reward_shift_init("ema", decay=1.0)
+    with pytest.raises(ValueError, match="reward_shift_decay"):
+        L.reward_shift_init("ema_corrected", decay=-0.1)

@@ -68,9 +68,12 @@ class LossOptions:
     beta: float = _opt(0.1, "temperature of the implicit reward beta * (log pi - log pi_ref); for GRPO the KL "
                             "coefficient (online default 0.0, as TRL)")
     reward_shift: RewardShiftMode = _opt(
-        "ema", "delta: ema (paper: midpoint of class-mean EMAs), trl (TRL's running mean), none")
+        "ema", "delta: ema (paper: midpoint of class-mean EMAs), ema_corrected (the same, EMAs bias-corrected "
+               "as Adam's), trl (TRL's running mean), fixed (reward_shift_value), none")
     reward_shift_decay: float = _opt(
-        DEFAULT_REWARD_SHIFT_DECAY, "EMA decay of the class means per optimizer step (reward_shift=ema)")
+        DEFAULT_REWARD_SHIFT_DECAY, "EMA decay of the class means per optimizer step (reward_shift=ema, "
+                                    "ema_corrected)")
+    reward_shift_value: float = _opt(0.0, "the constant delta of reward_shift=fixed")
     label_smoothing: float = _opt(0.0, "conservative-DPO label smoothing (dpo only)")
     desirable_weight: float = _opt(1.0, "KTO weight of thumbs-up examples")
     undesirable_weight: float = _opt(1.0, "KTO weight of thumbs-down examples")

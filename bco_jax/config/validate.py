@@ -67,6 +67,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     mesh_why = mesh_problem(r.mesh)
     checks = [
         (0.0 <= l.reward_shift_decay < 1.0, "reward_shift_decay", "must be in [0, 1)"),
+        (l.reward_shift_value == 0.0 or (l.reward_shift == "fixed" and l.loss_type == "bco"), "reward_shift_value",
+         f"applies with reward_shift=fixed and loss_type=bco only; here reward_shift={l.reward_shift}, "
+         f"loss_type={l.loss_type}"),
         (l.beta > 0 or (l.loss_type in GRPO_LOSSES and l.beta == 0), "beta", "must be > 0 (0 only for GRPO)"),
         (l.loss_type not in GRPO_LOSSES or not cfg.data.packing, "packing", "not with GRPO"),
         (0.0 <= l.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
