@@ -111,9 +111,12 @@ class Scorer:
         return {f"val_{k}": v for k, v in self._success(model, self.val_prompts, seed, P.VAL_SAMPLES).items()}
 
     def test(self, model_dir: str, seed: int, beta: float, delta: float) -> dict:
+        return self.test_model(self.load_hf(model_dir), seed, beta, delta)
+
+    def test_model(self, model, seed: int, beta: float, delta: float, heldout: bool = True) -> dict:
+        """`test` of a model in memory; `heldout` False: success and KL only (a point of a curve)."""
         from bco_jax import scoring
 
-        model = self.load_hf(model_dir)
         policy = self.nnx.split(model)
         out = self._success(model, self.test_prompts, seed, P.TEST_SAMPLES)
         kls, oracle_rewards, n = [], [], 0
@@ -127,6 +130,8 @@ class Scorer:
             oracle_rewards.append(sampled["oracle_reward"] * sampled["samples"])
             n += sampled["samples"]
         out.update(kl=sum(kls) / n, kl_samples=n, kl_sample_success=sum(oracle_rewards) / n)
+        if not heldout:
+            return out
         fb = scoring.feedback_metrics(self.feedback, self.cfg, policy, self.reference, beta, delta, 200)
         out.update({f"heldout_{k}": v for k, v in fb.items()})
         return out
