@@ -91,3 +91,35 @@ def test_online_protocol_results_give_the_pinned_verdicts():
     assert set(by_task) == {"arithmetic", "interval"}
     assert report.check(by_task) == []
     assert len(report.claims(by_task)) == len(report.PINNED) == 18
+
+
+def test_round3_kl_budget_and_sweep_slope_against_hand_values():
+    """Part 1 reads the best success a run reaches within a KL budget, over its checkpoints and the
+    segments between them (KL is not monotone in steps); the sweep's slope is the least-squares slope of
+    success on delta, per seed."""
+    from experiments.oracle import round3 as R
+    from experiments.oracle import round3_report as RR
+
+    curve = [{"kl": 0.0, "success": 0.5}, {"kl": 1.0, "success": 0.7}, {"kl": 3.0, "success": 0.6},
+             {"kl": 2.0, "success": 0.9}]
+    assert RR.best_within(curve, 2.0) == pytest.approx(0.9)  # the later visit at 2 counts
+    assert RR.best_within(curve, 1.5) == pytest.approx(0.7)  # checkpoint at 1 beats the 1 -> 3 segment's 0.675
+    assert RR.best_within(curve, 0.25) == pytest.approx(0.55)  # on the segment 0 -> 1
+    assert RR.best_within(curve, 2.5) == pytest.approx(0.9)
+    assert RR.best_within([{"kl": 0.0, "success": 0.5}, {"kl": 4.0, "success": 0.9}, {"kl": 0.5, "success": 0.6}],
+                          1.0) == pytest.approx(0.9 - 0.3 * 3 / 3.5)  # 0 -> 4 gives 0.6 at KL 1, 4 -> 0.5 more
+    runs = [{"phase": "sweep", "method": R.fixed(d), "seed": s, "status": "ok", "success": 0.6 + (0.1 + s) * d}
+            for s in R.SEEDS for d in R.DELTAS]
+    slopes = RR.sweep_slopes({"runs": runs})
+    assert slopes == pytest.approx({s: 0.1 + s for s in R.SEEDS})
+
+
+def test_round3_results_give_the_pinned_verdicts():
+    """`experiments.oracle.round3 --check` on the shipped round3_<task>.json and round 2's results: every
+    verdict of the Holm family (76 intervals) is the one docs/results.md states."""
+    from experiments.oracle import round3_report as RR
+
+    by_task = RR.load()
+    assert set(by_task) == {"arithmetic", "interval"}
+    assert RR.mismatches(by_task) == []
+    assert sum(v != "inconclusive" for v in RR.PINNED.values()) == len(RR.PINNED) == 24

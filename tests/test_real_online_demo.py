@@ -48,9 +48,7 @@ def test_wilson_and_paired_intervals():
     assert many["pass_rate"] == 1.0 and many["prompt_bootstrap95"] == [1.0, 1.0]
 
 
-def test_gpu_script_reserves_offline_and_names_a_missing_half(tmp_path):
-    offline = subprocess.run(["bash", GPU_SH, "--part", "offline"], capture_output=True, text=True)
-    assert offline.returncode == 3 and "not yet built" in offline.stdout
+def test_gpu_script_names_a_missing_half():
     if os.path.exists(os.path.join(demo.ROOT, "outputs", "gpu_payload", "a")):
         pytest.skip("a payload is here (gpu.sh --split ran): the missing-half message is not reachable")
     online = subprocess.run(["bash", GPU_SH, "--part", "online"], capture_output=True, text=True)

@@ -264,3 +264,27 @@ def test_grpo_step_is_grpo_loss_over_the_whole_step_at_any_accumulation(models, 
         np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5, err_msg=f"accumulation {a}")
         moved = jax.tree.map(lambda old, n: old - n, params, new.params)
         assert_trees_close(moved, grads, rtol=2e-4, atol=1e-7)
+
+
+def test_fixed_shift_at_zero_trains_as_bce_and_elsewhere_shifts_every_reward(models):
+    """reward_shift=fixed through the jitted step: at 0 the update is BCE's bit for bit; at 0.3 the loss
+    is the BCO loss of the step's rewards around 0.3 (float64 by hand), and delta never moves."""
+    graphdef, params, ref = models
+    batches = [make_batch(s) for s in (3, 4)]
+    bce_state, bce_hist = run(models, batches, cfg=LossOptions(loss_type="bce"), shift_mode="none")
+    zero_state, zero_hist = run(models, batches, shift_mode="fixed")  # value 0.0
+    for a, b in zip(jax.tree.leaves(bce_state.params), jax.tree.leaves(zero_state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["loss"] for h in bce_hist] == [h["loss"] for h in zero_hist]
+
+    state = init_state(params, OPTIMIZER, L.reward_shift_init("fixed", value=0.3), 0)
+    state, metrics = jitted_step(graphdef, BCO)(state, ref, split(batches[0], 1))
+    args = seq_args(batches[0].main)
+    pol = np.asarray(sequence_logps(nnx.merge(graphdef, params), *args)[0], np.float64)
+    ref_lp = np.asarray(sequence_logps(nnx.merge(graphdef, ref), *args)[0], np.float64)
+    logits = 0.1 * (pol - ref_lp) - 0.3
+    y = np.asarray(batches[0].labels)
+    expected = np.mean(np.where(y, np.logaddexp(0, -logits), np.logaddexp(0, logits)))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert float(metrics["delta"]) == np.float32(0.3)
+    assert float(L.reward_shift_delta(state.reward_shift)) == np.float32(0.3)

