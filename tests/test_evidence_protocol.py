@@ -116,7 +116,7 @@ def test_round3_kl_budget_and_sweep_slope_against_hand_values():
 
 def test_round3_results_give_the_pinned_verdicts():
     """`experiments.oracle.round3 --check` on the shipped round3_<task>.json and round 2's results: every
-    verdict of the Holm family (76 intervals) is the one docs/results.md states."""
+    verdict of the Holm family (84 intervals) is the one docs/results.md states."""
     from experiments.oracle import round3_report as RR
 
     by_task = RR.load()

@@ -40,7 +40,7 @@ PINNED: dict[tuple[int, str, str], str] = {
     (3, "arithmetic", "bco_ema_corrected_gt_bce"): "did not hold",
     (3, "interval", "regime0.0001_bco_gt_sft"): "held", (3, "interval", "redraw_bco_gt_bce"): "did not hold",
 }
-FAMILY_SIZE = 76  # 28 round-2 claims + 48 round-3 comparisons
+FAMILY_SIZE = 84  # 28 round-2 claims + 56 round-3 comparisons
 
 
 def load() -> dict:
