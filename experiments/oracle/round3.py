@@ -8,11 +8,11 @@ scoring (`protocol.py`, `run_all.py`):
 
 Parts (the rates are round 2's selected ones unless said; 200 steps of 64 sequences unless said):
   curves  BCO and BCE, seeds 0-4, the policy scored (success, KL to SFT on the test prompts) every
-          CURVE_EVERY steps: success at matched KL, not only at the end (part 1).
+          CURVE_EVERY steps: the best success within a KL budget, not only at the end (part 1).
   regime  the paper's regime: 1 epoch of binary.jsonl (47 steps) at one small rate shared by every
           method (BCO, BCE, DPO, KTO), at each of REGIME_RATES, seeds 0-2 (part 2).
   shift   delta's estimators: the paper's Eq. 7 per step (reward_shift_decay 0) and the bias-corrected
-          EMA (reward_shift=ema_corrected), seeds 0-4; round 2's ema and trl runs beside them (part 3).
+          EMA (reward_shift=ema_corrected), seeds 0-4; part 1's ema and round 2's trl runs beside them (part 3).
   sweep   the causal test: delta held fixed at each of DELTAS (reward_shift=fixed) at BCO's rate,
           seeds 0-4; delta = 0 is BCE (part 4).
   redraw  seeds that redraw the feedback: seed s > 0 trains BCO and BCE on binary.jsonl sampled anew
