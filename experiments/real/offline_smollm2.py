@@ -27,21 +27,22 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 
 from experiments.real.online_smollm2 import (
     PROMPTS,
     ROOT,
-    _cpu_s,
     children_cpu_s,
     environment,
+    interval,
+    launch,
     paired,
     score,
+    score_cells,
     smollm2_path,
     test_records,
+    wait_ok,
     write,
 )
 
@@ -242,38 +243,19 @@ def train_keys(method: str, rate: str, seed: int, args, data_dir: str) -> list[s
 
 
 def start_run(name: str, keys: list[str], args) -> dict:
-    """Launch one training child (a fresh output dir); a thread copies its output to <work>/runs/<name>.log
-    and our stdout, reading its CPU time from /proc at each line."""
+    """Launch one training child (a fresh output dir), logging to <work>/runs/<name>.log."""
     out = os.path.join(args.work, "runs", name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cmd = [sys.executable, "-m", "bco_jax.train", "--model", args.model_path, *keys, "--output_dir", out]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    run = {"name": name, "proc": proc, "log": out + ".log", "out": out, "cmd": cmd, "t0": time.time(), "cpu_s": None}
-    run["pump"] = threading.Thread(target=_pump, args=(run,), daemon=True)
-    run["pump"].start()
-    return run
-
-
-def _pump(run: dict) -> None:
-    with open(run["log"], "w", encoding="utf-8") as log:
-        for line in run["proc"].stdout:
-            log.write(line)
-            log.flush()
-            print(f"[{run['name']}] {line}", end="", flush=True)
-            run["cpu_s"] = _cpu_s(run["proc"].pid) or run["cpu_s"]
+    return launch(name, cmd, out + ".log", out=out)
 
 
 def finish_run(run: dict) -> dict:
     """Wait for the child; its record: command, wall time, steps, the last logged metrics, final delta."""
     from bco_jax.run_dir import RunDir
 
-    code = run["proc"].wait()
-    run["pump"].join()
-    if code != 0:
-        raise SystemExit(f"error: {run['name']} exited {code}; see {run['log']}")
+    wait_ok(run)
     with open(RunDir(run["out"]).metrics, encoding="utf-8") as f:
         logged = [json.loads(line) for line in f]
     with open(RunDir(run["out"]).final_state, encoding="utf-8") as f:
@@ -301,10 +283,6 @@ def compare(result: dict, args) -> dict:
     return out
 
 
-def _interval(d: dict) -> str:
-    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-
-
 def table(result: dict) -> str:
     lines = ["| model | lr x epochs (steps) | pass rate | Wilson 95% | minus instruct (paired 95%) | KL to base "
              "(test) | train wall / CPU s |", "|---|---|---|---|---|---|---|"]
@@ -312,12 +290,9 @@ def table(result: dict) -> str:
         run = result["runs"].get(name, {})
         how = f"{run['learning_rate']:g} x {run['epochs']:g} ({run['optimizer_steps']})" if run else ""
         cost = f"{run['wall_s']:.0f} / {run['cpu_s']:.0f}" if run.get("cpu_s") is not None else ""
-        diff = _interval(s["minus_before"]) if "minus_before" in s else ""
-        kl = f"{s['kl_to_base']:.3f}" if "kl_to_base" in s else ""
-        lines.append(f"| {name} | {how} | {s['pass_rate']:.3f} ({s['passed']}/{s['answers']}) | "
-                     f"[{s['wilson95'][0]:.3f}, {s['wilson95'][1]:.3f}] | {diff} | {kl} | {cost} |")
+        lines.append(f"| {name} | {how} | {score_cells(s)} | {cost} |")
     for k, (name, d) in enumerate(result.get("comparisons", {}).items()):
-        lines.append(f"{'' if k else chr(10)}{name.replace('_minus_', ' minus ')}: {_interval(d)}"
+        lines.append(f"{'' if k else chr(10)}{name.replace('_minus_', ' minus ')}: {interval(d)}"
                      + (f" (McNemar {d['mcnemar']['only_first_passes']} / {d['mcnemar']['only_second_passes']},"
                         f" p = {d['mcnemar']['exact_p']:.2f})" if "mcnemar" in d else ""))
     return "\n".join(lines)

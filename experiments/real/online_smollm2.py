@@ -245,35 +245,54 @@ def _cpu_s(pid: int) -> float | None:
         return None
 
 
+def launch(name: str, cmd: list[str], log: str, on_line=None, **fields) -> dict:
+    """Start a child (output piped); a thread copies each line to `log` and, prefixed with [name], to our
+    stdout, keeps the child's CPU seconds in run["cpu_s"] and calls on_line(run, line). `fields` join the
+    returned record before the thread starts."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    run = {"name": name, "proc": proc, "log": log, "cmd": cmd, "t0": time.time(), "cpu_s": None, **fields}
+    run["pump"] = threading.Thread(target=_pump, args=(run, on_line), daemon=True)
+    run["pump"].start()
+    return run
+
+
+def _pump(run: dict, on_line) -> None:
+    with open(run["log"], "w", encoding="utf-8") as log:
+        for line in run["proc"].stdout:
+            log.write(line)
+            log.flush()
+            print(f"[{run['name']}] {line}", end="", flush=True)
+            run["cpu_s"] = _cpu_s(run["proc"].pid) or run["cpu_s"]
+            if on_line:
+                on_line(run, line)
+
+
+def wait_ok(run: dict) -> None:
+    """Wait for a launched child and its log; exit with one line naming it if it failed."""
+    code = run["proc"].wait()
+    run["pump"].join()
+    if code != 0:
+        raise SystemExit(f"error: {run['name']} exited {code}; see {run['log']}")
+
+
 def start_method(method: str, args, model_path: str) -> dict:
-    """Launch one method's online run (a fresh output dir); a thread copies its output to
-    <work>/<method>.log and our stdout, reading the child's CPU time at each round line."""
+    """Launch one method's online run (a fresh output dir) logging to <work>/<method>.log, with the
+    child's CPU and wall seconds at each round line."""
     out = os.path.join(args.work, method)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(args.work, exist_ok=True)
     cmd = [sys.executable, "-m", "experiments.real.keep_checkpoints", "--model", model_path,
            *method_keys(method, args), "--output_dir", out]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    print(f"[{method}] {' '.join(cmd)}", flush=True)
-    run = {"method": method, "proc": proc, "log": os.path.join(args.work, f"{method}.log"), "out": out,
-           "cmd": cmd, "t0": time.time(), "round_cpu_s": [], "round_wall_s": []}
-    run["pump"] = threading.Thread(target=_pump, args=(run,), daemon=True)
-    run["pump"].start()
-    return run
 
+    def at_round_end(run, line):
+        if ROUND_LINE.match(line):
+            run["round_cpu_s"].append(round(run["cpu_s"] or 0.0, 1))
+            run["round_wall_s"].append(round(time.time() - run["t0"], 1))
 
-def _pump(run: dict) -> None:
-    cpu = 0.0
-    with open(run["log"], "w", encoding="utf-8") as log:
-        for line in run["proc"].stdout:
-            log.write(line)
-            log.flush()
-            print(f"[{run['method']}] {line}", end="", flush=True)
-            cpu = _cpu_s(run["proc"].pid) or cpu
-            if ROUND_LINE.match(line):
-                run["round_cpu_s"].append(round(cpu, 1))
-                run["round_wall_s"].append(round(time.time() - run["t0"], 1))
+    return launch(method, cmd, os.path.join(args.work, f"{method}.log"), at_round_end, method=method, out=out,
+                  round_cpu_s=[], round_wall_s=[])
 
 
 def finish_method(run: dict) -> dict:
@@ -281,10 +300,7 @@ def finish_method(run: dict) -> dict:
     the CPU and wall seconds since its start at each round's end."""
     from bco_jax.run_dir import RunDir
 
-    code = run["proc"].wait()
-    run["pump"].join()
-    if code != 0:
-        raise SystemExit(f"error: {run['method']} exited {code}; see {run['log']}")
+    wait_ok(run)
     with open(RunDir(run["out"]).metrics, encoding="utf-8") as f:
         rounds = [json.loads(line) for line in f]
     for r, cpu_s, wall_s in zip(rounds, run["round_cpu_s"], run["round_wall_s"]):
@@ -324,15 +340,22 @@ def write(result: dict, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def interval(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+def score_cells(s: dict) -> str:
+    """A score's table cells: pass rate | Wilson 95% | minus before | KL to base."""
+    diff = interval(s["minus_before"]) if "minus_before" in s else ""
+    kl = f"{s['kl_to_base']:.3f}" if "kl_to_base" in s else ""
+    return (f"{s['pass_rate']:.3f} ({s['passed']}/{s['answers']}) | [{s['wilson95'][0]:.3f}, {s['wilson95'][1]:.3f}]"
+            f" | {diff} | {kl}")
+
+
 def table(result: dict) -> str:
     lines = ["| model | pass rate | Wilson 95% | minus before (paired 95%) | KL to base (test) |",
              "|---|---|---|---|---|"]
-    for name, s in result["scores"].items():
-        diff = s.get("minus_before")
-        cell = f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else ""
-        kl = f"{s['kl_to_base']:.3f}" if "kl_to_base" in s else ""
-        lines.append(f"| {name} | {s['pass_rate']:.3f} ({s['passed']}/{s['answers']}) | "
-                     f"[{s['wilson95'][0]:.3f}, {s['wilson95'][1]:.3f}] | {cell} | {kl} |")
+    lines += [f"| {name} | {score_cells(s)} |" for name, s in result["scores"].items()]
     return "\n".join(lines)
 
 
